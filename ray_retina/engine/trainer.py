@@ -1,0 +1,204 @@
+"""The driver side of a training run: data on disk, Ray up, the TorchTrainer built from config, MLflow run.
+
+`build_trainer` is shared by `ray-retina train` and by each Tune trial (which adds `TuneReportCallback`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray_retina.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def abs_storage(path: str) -> str:
+    """Ray wants an absolute local path or a URI."""
+    return path if _is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def ensure_data(cfg: Config) -> None:
+    """Make the synthetic set and its shards when the config asks for it and they are absent.
+
+    Real data sets are prepared explicitly with ``ray-retina prepare``; a missing manifest then is an error.
+    """
+    from ray_retina.data.shards import manifest_exists, write_shards
+    from ray_retina.data.synthetic import make_synthetic_coco
+
+    need = [s for s in (cfg.data.train_shards, cfg.data.val_shards) if not manifest_exists(s)]
+    if not need:
+        return
+    if cfg.data.synth is None:
+        raise FileNotFoundError(
+            f"no shard manifest at {', '.join(need)}: run `ray-retina prepare --annotations ... --images ... "
+            "--out ...` first, or set data.synth to make the synthetic set"
+        )
+    root = Path(cfg.data.root)
+    s = cfg.data.synth
+    if not (root / "annotations" / "instances_val.json").exists():
+        t0 = time.perf_counter()
+        make_synthetic_coco(
+            root, s.num_train, s.num_val, s.seed,
+            min_image_size=s.min_image_size, max_image_size=s.max_image_size,
+            min_object_size=s.min_object_size, max_object_size=s.max_object_size, max_objects=s.max_objects,
+        )  # fmt: skip
+        print(f"[ray-retina] synthetic COCO set: {s.num_train} train + {s.num_val} val images in {root} "
+              f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    for split, out in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards)):
+        if not manifest_exists(out):
+            write_shards(root / "annotations" / f"instances_{split}.json", root / split, out, cfg.data.rows_per_shard)
+            print(f"[ray-retina] prepared {split} shards in {out}")
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Connect to a running cluster (RAY_ADDRESS or `ray start`), else start a local one with an explicit
+    logical CPU count (run.ray_num_cpus) so that train workers and Ray Data tasks both fit."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if cfg.run.ray_num_cpus is not None:
+        kwargs["num_cpus"] = cfg.run.ray_num_cpus
+    ray.init(**kwargs)
+
+
+@dataclass
+class TrainOutcome:
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    run_name: str
+    mlflow_run_id: str | None
+    mlflow_uri: str | None
+    error: BaseException | None
+    seconds: float
+
+
+def default_run_name(cfg: Config) -> str:
+    return cfg.run.name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def val_files_of(cfg: Config) -> list[str]:
+    from ray_retina.data.shards import shard_files
+
+    files = shard_files(cfg.data.val_shards)
+    if cfg.data.val_max_images is not None:
+        from ray_retina.data.shards import read_manifest
+
+        m = read_manifest(cfg.data.val_shards)
+        per = max(1, int(m.get("rows_per_shard") or cfg.data.rows_per_shard))
+        files = files[: max(1, -(-cfg.data.val_max_images // per))]
+    return files
+
+
+def build_trainer(
+    cfg: Config,
+    *,
+    run_name: str,
+    mlflow_uri: str | None,
+    mlflow_run_id: str | None,
+    callbacks: list[Any] | None = None,
+):
+    """A TorchTrainer for `cfg`: scaling, storage, checkpoint retention (best by val/AP), failure policy."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ray_retina.data.pipeline import build_dataset
+    from ray_retina.data.shards import read_manifest
+    from ray_retina.engine.worker import train_loop_per_worker
+
+    manifest = read_manifest(cfg.data.train_shards)
+    cat_ids = sorted(int(c["id"]) for c in manifest["categories"])
+    storage = abs_storage(cfg.run.storage_path)
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    backend = sc.backend if sc.backend != "auto" else ("nccl" if sc.use_gpu else "gloo")
+    loop_config = {
+        "config": cfg.model_dump(mode="json"),
+        "num_classes": len(cat_ids),
+        "cat_ids": cat_ids,
+        "val_files": val_files_of(cfg),
+        "mlflow_uri": mlflow_uri,
+        "mlflow_run_id": mlflow_run_id,
+        "storage_path": storage,
+    }
+    train_ds = build_dataset(cfg.data.train_shards, cfg.data, train=True, seed=cfg.seed)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker=resources if sc.num_workers > 0 else None,
+            placement_strategy=sc.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.run.keep_checkpoints,
+                checkpoint_score_attribute="val/AP",
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=callbacks or [],
+        ),
+        datasets={"train": train_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def train(cfg: Config, *, run_name: str | None = None) -> TrainOutcome:
+    """Run a whole training: data, Ray, MLflow run, TorchTrainer.fit(), final summary in MLflow."""
+    from ray_retina import tracking
+
+    t0 = time.perf_counter()
+    ensure_data(cfg)
+    ensure_ray(cfg)
+    run_name = run_name or default_run_name(cfg)
+    uri = run_id = None
+    if cfg.tracking.enabled:
+        uri = tracking.resolve_tracking_uri(cfg)
+        run_id = tracking.find_run_by_name(uri, tracking.experiment_name(cfg), run_name) or tracking.create_run(
+            cfg, run_name=run_name, uri=uri
+        )
+    trainer = build_trainer(cfg, run_name=run_name, mlflow_uri=uri, mlflow_run_id=run_id)
+    result = trainer.fit()
+    ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
+    best = None
+    if result.best_checkpoints:
+        best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val/AP", -1.0))[0].path
+    outcome = TrainOutcome(
+        metrics=dict(result.metrics or {}),
+        checkpoint_path=ckpt_path,
+        run_name=run_name,
+        mlflow_run_id=run_id,
+        mlflow_uri=uri,
+        error=result.error,
+        seconds=time.perf_counter() - t0,
+    )
+    if run_id is not None and uri is not None:
+        log = tracking.RunLogger(uri, run_id)
+        tags = {"ray_retina.ray_run_name": run_name, "ray_retina.storage_path": abs_storage(cfg.run.storage_path)}
+        if ckpt_path:
+            tags["ray_retina.final_checkpoint"] = ckpt_path
+        if best:
+            tags["ray_retina.best_checkpoint"] = best
+        log.set_tags(tags)
+        log.end("FAILED" if result.error is not None else "FINISHED")
+    return outcome

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+
+import numpy as np
+import pytest
+
+from ray_retina.engine.evaluate import STAT_NAMES, coco_evaluate, format_stats
+
+
+def _gt(num_images: int = 20, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    cats = [{"id": 3, "name": "a"}, {"id": 17, "name": "b"}, {"id": 42, "name": "c"}]
+    images, anns = [], []
+    aid = 1
+    for i in range(1, num_images + 1):
+        images.append({"id": i, "file_name": f"{i}.jpg", "height": 400, "width": 500})
+        for _ in range(int(rng.integers(0, 6))):
+            w, h = rng.uniform(8, 200, size=2)
+            x, y = rng.uniform(0, 500 - w), rng.uniform(0, 400 - h)
+            anns.append({"id": aid, "image_id": i, "category_id": int(rng.choice([3, 17, 42])),
+                         "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h), "iscrowd": 0})  # fmt: skip
+            aid += 1
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def _noisy_dets(gt: dict, seed: int = 1) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    dets = []
+    for a in gt["annotations"]:
+        if rng.random() < 0.2:
+            continue  # a miss
+        x, y, w, h = a["bbox"]
+        jit = rng.normal(0, 0.08, size=4) * [w, h, w, h]
+        cat = a["category_id"] if rng.random() < 0.9 else 3
+        dets.append({"image_id": a["image_id"], "category_id": cat,
+                     "bbox": [x + jit[0], y + jit[1], max(1.0, w + jit[2]), max(1.0, h + jit[3])],
+                     "score": float(rng.uniform(0.05, 1.0))})  # fmt: skip
+    for i in range(30):  # false positives
+        dets.append({"image_id": int(rng.integers(1, 21)), "category_id": 17,
+                     "bbox": [float(rng.uniform(0, 300)), float(rng.uniform(0, 200)), 50.0, 40.0],
+                     "score": float(rng.uniform(0.05, 0.6))})  # fmt: skip
+    return dets
+
+
+def _pycocotools_reference(gt: dict, dets: list[dict]) -> np.ndarray:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        g = COCO()
+        g.dataset = copy.deepcopy(gt)
+        g.createIndex()
+        d = g.loadRes(copy.deepcopy(dets))
+        e = COCOeval(g, d, "bbox")
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    return np.asarray(e.stats)
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_perfect_detections_score_one(backend):
+    gt = _gt()
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+            for a in gt["annotations"]]  # fmt: skip
+    stats = coco_evaluate(gt, dets, backend=backend)
+    assert stats["AP"] == pytest.approx(1.0)
+    assert stats["AP50"] == pytest.approx(1.0)
+    assert stats["AR100"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_equals_pycocotools_reference(backend):
+    gt = _gt()
+    dets = _noisy_dets(gt)
+    ref = _pycocotools_reference(gt, dets)
+    stats = coco_evaluate(gt, dets, backend=backend)
+    assert list(stats) == list(STAT_NAMES)
+    np.testing.assert_allclose([stats[k] for k in STAT_NAMES], ref, atol=1e-12)
+    assert 0.2 < stats["AP50"] < 1.0
+
+
+def test_no_detections_is_zero_and_img_ids_restrict():
+    gt = _gt()
+    assert coco_evaluate(gt, [])["AP"] == 0.0
+    dets = _noisy_dets(gt)
+    sub = [d for d in dets if d["image_id"] <= 10]
+    part = coco_evaluate(gt, sub, img_ids=list(range(1, 11)))
+    gt10 = {**gt, "images": gt["images"][:10], "annotations": [a for a in gt["annotations"] if a["image_id"] <= 10]}
+    assert part == coco_evaluate(gt10, sub)
+
+
+def test_unknown_backend_and_table():
+    with pytest.raises(ValueError, match="unknown COCO eval backend"):
+        coco_evaluate(_gt(), _noisy_dets(_gt()), backend="nope")  # type: ignore[arg-type]
+    table = format_stats({k: 0.5 for k in STAT_NAMES})
+    assert "AP@[.50:.95]" in table and "50.00" in table
