@@ -43,9 +43,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from ray_retina.data.shards import write_shards
+    from ray_retina.data.shards import prepare_shards, validation_summary
 
-    manifest = write_shards(args.annotations, args.images, args.out, args.rows_per_shard)
+    manifest = prepare_shards(
+        args.annotations, args.images, args.out, rows_per_shard=args.rows_per_shard,
+        use_ray=not args.no_ray, verify_images=args.verify_images,
+    )  # fmt: skip
+    print(validation_summary(manifest))
     print(
         f"wrote {manifest['num_images']} images / {manifest['num_annotations']} annotations in "
         f"{manifest['num_shards']} shards to {args.out}"
@@ -126,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of the images named in the json")
     p.add_argument("--out", required=True, help="output folder (local path or URI)")
     p.add_argument("--rows-per-shard", type=int, default=256)
+    p.add_argument("--no-ray", action="store_true", help="write shards in this process instead of Ray tasks")
+    p.add_argument("--verify-images", action="store_true", help="fully decode every image while preparing")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train with Ray Train (default: the CPU demo, configs/smoke.yaml)")

@@ -18,6 +18,10 @@ from ray_retina.config import Config, apply_overrides, config_from_dict
 logger = logging.getLogger(__name__)
 
 TRIAL_TAG = "ray_retina.trial_id"
+# A custom resource that only Tune trial drivers ask for: a driver just waits on its TorchTrainer, so it
+# must not hold a CPU the trainers or Ray Data need. `ray-retina` declares it on the local Ray it starts;
+# on a cluster, add it to the head's `ray start --resources` (cluster/ does).
+TRIAL_RESOURCE = "ray_retina_trial"
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
@@ -102,8 +106,9 @@ def run_sweep(cfg: Config, *, sweep_name: str | None = None) -> SweepSummary:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from ray_retina import tracking
-    from ray_retina.engine.trainer import abs_storage, ensure_data, ensure_ray
+    from ray_retina.engine.trainer import abs_storage, ensure_data, ensure_ray, resolve_paths
 
+    cfg = resolve_paths(cfg)
     ensure_data(cfg)
     ensure_ray(cfg)
     sweep_name = sweep_name or f"{cfg.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -131,8 +136,14 @@ def run_sweep(cfg: Config, *, sweep_name: str | None = None) -> SweepSummary:
         "__mlflow_uri__": uri,
         "__parent_run_id__": parent_id,
     }
-    # The trial function only drives its TorchTrainer: it asks for no CPU, so the CPUs go to the trainers.
-    trainable = tune.with_resources(_trial, {"CPU": 0})
+    # The trial function only drives its TorchTrainer: it asks for the drivers' custom resource and no
+    # CPU, so the CPUs go to the trainers (a cluster without the resource: a hundredth of a CPU).
+    if ray.cluster_resources().get(TRIAL_RESOURCE, 0) >= 1:
+        driver_resources = {"CPU": 0, TRIAL_RESOURCE: 1}
+    else:
+        logger.warning("cluster has no %r resource; trial drivers take 0.01 CPU each", TRIAL_RESOURCE)
+        driver_resources = {"CPU": 0.01}
+    trainable = tune.with_resources(_trial, driver_resources)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,

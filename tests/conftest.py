@@ -30,7 +30,9 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from ray_retina.tune import TRIAL_RESOURCE
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, resources={TRIAL_RESOURCE: 64})
     yield ray
     ray.shutdown()
 

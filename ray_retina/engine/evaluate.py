@@ -37,8 +37,12 @@ def _classes(backend: Backend) -> tuple[type, type]:
     raise ValueError(f"unknown COCO eval backend {backend!r}; use 'faster_coco_eval' or 'pycocotools'")
 
 
-def _load_gt(coco_cls: type, gt: dict[str, Any]) -> Any:
-    api = coco_cls()
+def _quiet(*_args: Any, **_kwargs: Any) -> None:
+    pass
+
+
+def _load_gt(coco_cls: type, gt: dict[str, Any], backend: Backend) -> Any:
+    api = coco_cls(print_function=_quiet) if backend == "faster_coco_eval" else coco_cls()
     # pycocotools mutates the dataset it is given (loadRes, area fields): give each backend its own copy.
     api.dataset = copy.deepcopy(gt)
     api.dataset.setdefault("info", {})
@@ -66,10 +70,11 @@ def coco_evaluate(
     if not detections:
         stats = {k: 0.0 for k in STAT_NAMES}
         return (stats, None) if return_eval else stats
-    coco_gt = _load_gt(coco_cls, gt)
+    coco_gt = _load_gt(coco_cls, gt, backend)
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(copy.deepcopy(detections))
-        ev = eval_cls(coco_gt, coco_dt, iouType="bbox")
+        kw = {"print_function": _quiet} if backend == "faster_coco_eval" else {}
+        ev = eval_cls(coco_gt, coco_dt, iouType="bbox", **kw)
         if img_ids is not None:
             ev.params.imgIds = sorted(img_ids)
         ev.evaluate()

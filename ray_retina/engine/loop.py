@@ -139,17 +139,19 @@ class Engine:
         loss was not finite on some rank (counted; past `train.max_bad_steps` it raises)."""
         self.model.train()
         b = self.to_device(batch)
-        losses: dict[str, torch.Tensor] | None = None
         with self._autocast():
             outputs = self.model(b["images"])
-        try:
+        # Finiteness is agreed on by all ranks before the criterion (whose num_fg all-reduce every rank
+        # must join) and again on the loss, so that every rank skips the same steps.
+        finite = bool(torch.isfinite(outputs.cls_logits).all()) and bool(torch.isfinite(outputs.box_deltas).all())
+        losses: dict[str, torch.Tensor] | None = None
+        if _all_true(finite, self.device):
             # The criterion runs its math in fp32 whatever the autocast state.
             losses = self.criterion(outputs, b["gt_boxes"], b["gt_labels"], b["gt_crowd"])
             total = losses["loss_cls"] + losses["loss_box"]
-            finite = bool(torch.isfinite(total).item())
-        except FloatingPointError:
-            finite = False
-        if not _all_true(finite, self.device):
+            if not _all_true(bool(torch.isfinite(total).item()), self.device):
+                losses = None
+        if losses is None:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
             if self.bad_steps > self.cfg.train.max_bad_steps:

@@ -23,7 +23,27 @@ def _is_uri(path: str) -> bool:
 
 def abs_storage(path: str) -> str:
     """Ray wants an absolute local path or a URI."""
-    return path if _is_uri(path) else str(Path(path).expanduser().resolve())
+    return _abs(path)  # type: ignore[return-value]
+
+
+def _abs(path: str | None) -> str | None:
+    return path if path is None or _is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Local paths made absolute on the driver: Ray workers run in other working directories."""
+    from ray_retina.config import apply_overrides
+
+    return apply_overrides(
+        cfg,
+        {
+            "data.root": _abs(cfg.data.root),
+            "data.train_shards": _abs(cfg.data.train_shards),
+            "data.val_shards": _abs(cfg.data.val_shards),
+            "model.backbone_weights": _abs(cfg.model.backbone_weights),
+            "run.storage_path": _abs(cfg.run.storage_path),
+        },
+    )
 
 
 def ensure_data(cfg: Config) -> None:
@@ -31,8 +51,15 @@ def ensure_data(cfg: Config) -> None:
 
     Real data sets are prepared explicitly with ``ray-retina prepare``; a missing manifest then is an error.
     """
-    from ray_retina.data.shards import manifest_exists, write_shards
+    from ray_retina.data.shards import read_manifest, write_shards
     from ray_retina.data.synthetic import make_synthetic_coco
+
+    def manifest_exists(path: str) -> bool:
+        try:
+            read_manifest(path)
+            return True
+        except FileNotFoundError:
+            return False
 
     need = [s for s in (cfg.data.train_shards, cfg.data.val_shards) if not manifest_exists(s)]
     if not need:
@@ -69,7 +96,15 @@ def ensure_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    from ray_retina.tune import TRIAL_RESOURCE
+
+    # The trial-driver resource lets Tune trial drivers run without holding a CPU (see tune.py).
+    kwargs: dict[str, Any] = {
+        "address": "local",  # a new local instance, never an unrelated cluster left running on this host
+        "include_dashboard": False,
+        "log_to_driver": True,
+        "resources": {TRIAL_RESOURCE: 64},
+    }
     if cfg.run.ray_num_cpus is not None:
         kwargs["num_cpus"] = cfg.run.ray_num_cpus
     ray.init(**kwargs)
@@ -135,6 +170,7 @@ def build_trainer(
         "mlflow_uri": mlflow_uri,
         "mlflow_run_id": mlflow_run_id,
         "storage_path": storage,
+        "run_dir": f"{storage.rstrip('/')}/{run_name}",
     }
     train_ds = build_dataset(cfg.data.train_shards, cfg.data, train=True, seed=cfg.seed)
     return TorchTrainer(
@@ -168,6 +204,7 @@ def train(cfg: Config, *, run_name: str | None = None) -> TrainOutcome:
     from ray_retina import tracking
 
     t0 = time.perf_counter()
+    cfg = resolve_paths(cfg)
     ensure_data(cfg)
     ensure_ray(cfg)
     run_name = run_name or default_run_name(cfg)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from ray_retina.config import Config, config_from_dict
 from ray_retina.engine.evaluate import STAT_NAMES, coco_evaluate
-from ray_retina.engine.loop import Engine, seed_everything
+from ray_retina.engine.loop import Engine, NonFiniteLossError, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from ray_retina.data.pipeline import RetinaCollate
+    from ray_retina.data.pipeline import RetinaCollate, skipped_images
     from ray_retina.data.shards import coco_gt_from_shards
     from ray_retina.model import build_criterion, build_model, build_postprocessor
     from ray_retina.tracking import RunLogger
@@ -135,7 +135,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     period = cfg.train.eval_period
     window: dict[str, float] = {"loss_cls": 0.0, "loss_box": 0.0, "n": 0.0, "images": 0.0, "wait": 0.0}
     window_start = time.perf_counter()
-    skipped_images = 0
+    last_ckpt: str | None = None
 
     while engine.iteration < max_iters:
         seen_batch = False
@@ -151,7 +151,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             seen_batch = True
             window["wait"] += time.perf_counter() - t_wait
             _maybe_inject_failure(rank, engine.iteration, loop_config["storage_path"])
-            out = engine.train_step(batch)
+            try:
+                out = engine.train_step(batch)
+            except NonFiniteLossError as err:
+                last = ray.train.get_checkpoint() if last_ckpt is None else last_ckpt
+                where = getattr(last, "path", last) or "none (no eval period finished yet)"
+                raise NonFiniteLossError(f"{err}; last good checkpoint: {where}") from None
             window["images"] += batch["images"].shape[0]
             if out is not None:
                 window["loss_cls"] += out["loss_cls"]
@@ -176,12 +181,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         "train/images_per_s": window["images"] * world / max(elapsed, 1e-9),
                         "train/data_wait_s": window["wait"],
                         "train/bad_steps": float(engine.bad_steps),
-                        "data/skipped_images": float(skipped_images),
+                        "data/skipped_images": float(skipped_images() if rank == 0 else 0),
                         "iteration": float(it),
                         "epoch": float(engine.epoch),
                     }
                 )
-                _report(engine, metrics, rank, tracker)
+                last_ckpt = _report(engine, metrics, rank, tracker, loop_config.get("run_dir"))
                 window = dict.fromkeys(window, 0.0)
                 window_start = time.perf_counter()
             if engine.iteration >= max_iters:
@@ -196,7 +201,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         engine.epoch += 1
 
 
-def _report(engine: Engine, metrics: dict[str, float], rank: int, tracker: Any) -> None:
+def _report(engine: Engine, metrics: dict[str, float], rank: int, tracker: Any, run_dir: str | None) -> str | None:
+    """Report metrics + rank 0's checkpoint; returns where the checkpoint lands in storage."""
     import ray.train
 
     if tracker is not None:
@@ -206,9 +212,9 @@ def _report(engine: Engine, metrics: dict[str, float], rank: int, tracker: Any) 
         if rank == 0:
             torch.save(engine.state_dict(), Path(tmp) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(
-            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{engine.iteration:07d}"
-        )
+        name = f"checkpoint_{engine.iteration:07d}"
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    return f"{run_dir}/{name}" if run_dir else name
 
 
 __all__ = ["train_loop_per_worker", "evaluate_distributed", "CHECKPOINT_FILE", "STAT_NAMES"]
