@@ -1,0 +1,484 @@
+"""COCO json + image folder -> Parquet shards + manifest, on a local path or any pyarrow filesystem.
+
+One row per image (schema ``SHARD_SCHEMA``): the original encoded bytes (never re-encoded) and the
+per-object lists in COCO units. The manifest (``manifest.json``) is written last and atomically, so
+a directory with a manifest is a complete shard set and one without it is not; readers go through
+:func:`read_manifest` / :func:`shard_files` and never list the directory.
+
+Preparing is resumable: the plan (which image goes to which shard) is a pure function of the json
+and ``rows_per_shard``; every shard carries a fingerprint of its planned content in its Parquet
+metadata, so a rerun skips shards already written with the same content and rewrites the rest.
+Shards are written in parallel by Ray tasks (``prepare_shards``) or in-process (``write_shards``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ray_retina.data.coco import VALIDATION_REASONS, ImageRecord, build_records, load_coco
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_PATTERN = "part-{:05d}.parquet"
+SHARD_META_KEY = b"ray_retina.shard"
+ROW_GROUP_SIZE = 64  # rows per Parquet row group: small enough to read a few images without the rest
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("file_name", pa.string(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),  # the file's bytes as they are on disk
+        pa.field("ann_id", pa.list_(pa.int64()), nullable=False),
+        pa.field("bbox", pa.list_(pa.list_(pa.float32(), 4)), nullable=False),  # COCO XYWH
+        pa.field("category_id", pa.list_(pa.int64()), nullable=False),  # original COCO ids
+        pa.field("iscrowd", pa.list_(pa.int8()), nullable=False),
+        pa.field("area", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+META_COLUMNS = [f.name for f in SHARD_SCHEMA if f.name != "image"]
+
+
+# ----------------------------------------------------------------------------------------- filesystems
+
+
+def resolve_uri(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
+    """A local path (absolute or relative) or a URI (``file://``, ``s3://``, ``gs://``, ...) -> (fs, path)."""
+    uri = os.fspath(uri)
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join_uri(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+@contextlib.contextmanager
+def open_input(uri: str) -> Iterator[BinaryIO]:
+    fs, path = resolve_uri(uri)
+    with fs.open_input_stream(path) as f:
+        yield f  # type: ignore[misc]
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def _write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write so that ``path`` is either absent or complete.
+
+    Local disks: a temporary name in the same folder, then a rename. Object stores (S3, GCS) make
+    an object visible only when its upload completes, so a direct write is already atomic there.
+    """
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        os.replace(tmp, path)  # atomic on POSIX; fs.move may copy
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+# ----------------------------------------------------------------------------------------- manifest
+
+
+def read_manifest(shard_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a complete shard set (categories, counts, shard list, validation counts, ...).
+
+    Raises ``FileNotFoundError`` when there is none: the set is incomplete (prepare interrupted or
+    still running), and reading its shards would silently lose images.
+    """
+    fs, path = resolve_uri(shard_dir)
+    mpath = join_uri(path, MANIFEST_NAME)
+    try:
+        with fs.open_input_stream(mpath) as f:
+            manifest = json.loads(f.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no {MANIFEST_NAME} in {os.fspath(shard_dir)}: not a complete shard set "
+            "(run `ray-retina prepare`, or let an interrupted prepare finish)"
+        ) from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(
+            f"{mpath}: schema_version {manifest.get('schema_version')} but this code reads {SCHEMA_VERSION}; "
+            "prepare the shards again"
+        )
+    return manifest
+
+
+def manifest_exists(shard_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``shard_dir`` holds a complete shard set (its manifest is written last)."""
+    fs, path = resolve_uri(shard_dir)
+    return _exists(fs, join_uri(path, MANIFEST_NAME))
+
+
+def shard_files(shard_dir: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> list[str]:
+    """Paths (or URIs, keeping the scheme of ``shard_dir``) of the shards the manifest lists, in order."""
+    manifest = manifest if manifest is not None else read_manifest(shard_dir)
+    base = os.fspath(shard_dir)
+    if "://" not in base:
+        base = os.path.abspath(base)
+    return [join_uri(base, s["file"]) for s in manifest["shards"]]
+
+
+def validation_summary(manifest: dict[str, Any]) -> str:
+    """Human-readable lines: rows/annotations written, and every validation count with its meaning."""
+    lines = [
+        f"{manifest['num_images']} images, {manifest['num_annotations']} annotations in "
+        f"{manifest['num_shards']} shards"
+    ]
+    for reason, n in sorted(manifest["validation"].items()):
+        if n:
+            lines.append(f"  {reason:>26}: {n:>7}  {VALIDATION_REASONS.get(reason, '')}")
+    if not any(manifest["validation"].values()):
+        lines.append("  no records skipped, dropped or changed")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def write_shards(
+    annotations: str | os.PathLike[str],
+    images: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    rows_per_shard: int = 1000,
+) -> dict[str, Any]:
+    """Write the shards in this process (no Ray). Same output as :func:`prepare_shards`; returns the manifest."""
+    return prepare_shards(
+        annotations, images, out, rows_per_shard=rows_per_shard, use_ray=False, progress=False
+    )
+
+
+def prepare_shards(
+    annotations: str | os.PathLike[str],
+    images: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    rows_per_shard: int = 1000,
+    use_ray: bool = True,
+    num_cpus_per_task: float = 1.0,
+    verify_images: bool = False,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Prepare Parquet shards + manifest from a COCO json and its image folder; returns the manifest.
+
+    Args:
+        annotations: COCO json (``annotations/instances_train2017.json`` or any COCO-format file),
+            local path or URI.
+        images: folder the json's ``file_name`` entries are relative to (``train2017/``), path or URI.
+        out: output folder, a local path or any URI pyarrow understands (``file://``, ``s3://``,
+            ``gs://``; credentials as pyarrow finds them). Created if missing.
+        rows_per_shard: images per shard (the last shard holds the rest). Changing it re-plans
+            every shard, so a rerun with another value rewrites them all.
+        use_ray: write shards in parallel as Ray tasks (Ray is initialised if it is not yet);
+            ``False`` writes them one after another in this process.
+        num_cpus_per_task: CPUs each writing task asks Ray for (IO-bound: 0.5 packs two per core).
+        verify_images: fully decode every image while preparing (slow) instead of only checking
+            that the file is non-empty and has a readable image header; corrupt bytes that pass the
+            header check are otherwise dropped (and counted) by the training pipeline.
+        progress: progress as a bar on a terminal, plain log lines otherwise; ``None`` = on.
+
+    Validation is counted by reason (``coco.VALIDATION_REASONS``) into ``manifest["validation"]``
+    and printed as a summary; an unknown category id raises ``ValueError`` naming the annotation.
+
+    Resumable: rerunning with the same inputs skips shards already written (checked by a
+    fingerprint of their planned content) and writes only the missing ones. Any old manifest is
+    removed first and the new one written last (temp + rename), so an interrupted run never leaves
+    a manifest that lists missing shards.
+    """
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    t0 = time.time()
+    show = True if progress is None else progress
+    annotations, images, out = os.fspath(annotations), os.fspath(images), os.fspath(out)
+
+    coco = load_coco(annotations)
+    records, counts = build_records(coco)
+    chunks = [records[i : i + rows_per_shard] for i in range(0, len(records), rows_per_shard)]
+    plans = [
+        {
+            "index": i,
+            "file": SHARD_PATTERN.format(i),
+            "records": [asdict(r) for r in chunk],
+            "fingerprint": _fingerprint(chunk),
+        }
+        for i, chunk in enumerate(chunks)
+    ]
+
+    out_fs, out_path = resolve_uri(out)
+    out_fs.create_dir(out_path, recursive=True)
+    manifest_path = join_uri(out_path, MANIFEST_NAME)
+    if _exists(out_fs, manifest_path):
+        out_fs.delete_file(manifest_path)  # from here on the set is incomplete until we finish
+    _remove_stale(out_fs, out_path, {p["file"] for p in plans})
+
+    bar = _Progress(total=len(records), enabled=show)
+    results: list[dict[str, Any]] = []
+    if use_ray and plans:
+        import ray
+
+        remote = ray.remote(num_cpus=num_cpus_per_task, max_retries=3)(_write_shard)
+        pending = {remote.remote(p, images, out, verify_images): p["index"] for p in plans}
+        for p in plans:
+            p["records"] = None  # the tasks hold their copies; free the driver's
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                pending.pop(ref)
+                res = ray.get(ref)
+                results.append(res)
+                bar.update(res["planned_rows"], skipped=res["resumed"])
+    else:
+        for p in plans:
+            res = _write_shard(p, images, out, verify_images)
+            results.append(res)
+            bar.update(res["planned_rows"], skipped=res["resumed"])
+    bar.close()
+
+    results.sort(key=lambda r: r["index"])
+    for r in results:
+        counts.update(r["validation"])
+    manifest = {
+        "format": "ray-retina-shards",
+        "schema_version": SCHEMA_VERSION,
+        "source": {"annotations": annotations, "images": images},
+        "rows_per_shard": rows_per_shard,
+        "num_images": sum(r["num_rows"] for r in results),
+        "num_annotations": sum(r["num_annotations"] for r in results),
+        "num_shards": len(results),
+        "shards": [
+            {"file": r["file"], "num_rows": r["num_rows"], "num_annotations": r["num_annotations"]}
+            for r in results
+        ],
+        "categories": [
+            {
+                "id": int(c["id"]),
+                "name": c.get("name", str(c["id"])),
+                "supercategory": c.get("supercategory", ""),
+            }
+            for c in sorted(coco["categories"], key=lambda c: int(c["id"]))
+        ],
+        "validation": {k: int(counts.get(k, 0)) for k in VALIDATION_REASONS},
+        "info": coco.get("info", {}),
+        "licenses": coco.get("licenses", []),
+    }
+    _write_bytes_atomic(out_fs, manifest_path, json.dumps(manifest, indent=1).encode())
+    resumed = sum(r["resumed"] for r in results)
+    if show:
+        print(
+            f"prepared {out} in {time.time() - t0:.1f} s ({resumed} of {len(results)} shards already done)\n"
+            + validation_summary(manifest),
+            file=sys.stderr,
+        )
+    return manifest
+
+
+def _fingerprint(chunk: Sequence[ImageRecord]) -> str:
+    h = hashlib.sha256(f"schema{SCHEMA_VERSION}".encode())
+    for r in chunk:
+        h.update(json.dumps(asdict(r), sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def _remove_stale(fs: pafs.FileSystem, path: str, keep: set[str]) -> None:
+    """Delete shards of an earlier plan that this one does not have, and leftover temp files."""
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        name = info.base_name
+        if (name.startswith("part-") and name not in keep) or ".tmp-" in name:
+            logger.info("removing stale %s", info.path)
+            fs.delete_file(info.path)
+
+
+def _write_shard(plan: dict[str, Any], images: str, out: str, verify_images: bool) -> dict[str, Any]:
+    """Read one shard's images, validate them, write the shard. Runs in a Ray task or in-process."""
+    out_fs, out_path = resolve_uri(out)
+    path = join_uri(out_path, plan["file"])
+    records = plan["records"]
+    result = {"index": plan["index"], "file": plan["file"], "planned_rows": len(records)}
+
+    if _exists(out_fs, path):
+        meta = _read_shard_meta(out_fs, path)
+        if meta is not None and meta.get("fingerprint") == plan["fingerprint"]:
+            return {**result, **meta["stats"], "resumed": True}
+
+    img_fs, img_root = resolve_uri(images)
+    counts: Counter[str] = Counter()
+    rows: list[dict[str, Any]] = []
+    for rec in records:
+        try:
+            with img_fs.open_input_file(join_uri(img_root, rec["file_name"])) as f:
+                data = f.read()
+        except FileNotFoundError:
+            counts["image_missing"] += 1
+            continue
+        except OSError:
+            counts["image_unreadable"] += 1
+            continue
+        if not _readable_image(data, verify_images):
+            counts["image_unreadable"] += 1
+            continue
+        rows.append({**rec, "image": data})
+
+    table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+    stats = {
+        "num_rows": table.num_rows,
+        "num_annotations": sum(len(r["ann_id"]) for r in rows),
+        "validation": dict(counts),
+    }
+    meta = {"fingerprint": plan["fingerprint"], "stats": stats}
+    table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps(meta, sort_keys=True).encode()})
+    buf = io.BytesIO()
+    pq.write_table(
+        table,
+        buf,
+        row_group_size=ROW_GROUP_SIZE,
+        compression={c: ("NONE" if c == "image" else "SNAPPY") for c in SHARD_SCHEMA.names},
+        use_dictionary=[c for c in SHARD_SCHEMA.names if c != "image"],
+        write_statistics=[c for c in SHARD_SCHEMA.names if c != "image"],
+    )
+    _write_bytes_atomic(out_fs, path, buf.getvalue())
+    return {**result, **stats, "resumed": False}
+
+
+def _read_shard_meta(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
+    try:
+        with fs.open_input_file(path) as f:
+            schema = pq.read_schema(f)
+        return json.loads(schema.metadata[SHARD_META_KEY])
+    except Exception:  # unreadable or foreign file: rewrite it
+        return None
+
+
+def _readable_image(data: bytes, verify: bool) -> bool:
+    if not data:
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if verify:
+                im.load()
+        return True
+    except Exception:
+        return False
+
+
+# ----------------------------------------------------------------------------------------- reading back
+
+
+def read_shards_table(shard_dir: str | os.PathLike[str], columns: Sequence[str] | None = None) -> pa.Table:
+    """All shards of a complete set as one Arrow table (in manifest order); for tests and eval GT."""
+    manifest = read_manifest(shard_dir)
+    fs, _ = resolve_uri(shard_dir)
+    tables = []
+    for uri in shard_files(shard_dir, manifest):
+        _, path = resolve_uri(uri)
+        tables.append(pq.read_table(path, columns=list(columns) if columns else None, filesystem=fs))
+    if not tables:
+        return SHARD_SCHEMA.empty_table().select(list(columns) if columns else SHARD_SCHEMA.names)
+    return pa.concat_tables(tables).replace_schema_metadata(None)
+
+
+def coco_gt_from_shards(shard_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The COCO ground truth (images, annotations, categories) rebuilt from a shard set.
+
+    COCO eval of detections against this dict gives the same AP as against the json the shards were
+    prepared from (boxes are float32 in the shards; annotations come per image, in image order).
+    Images skipped while preparing are absent, and clipped boxes are the clipped ones.
+    """
+    manifest = read_manifest(shard_dir)
+    rows = read_shards_table(shard_dir, META_COLUMNS).to_pylist()
+    images, anns = [], []
+    for r in rows:
+        images.append(
+            {"id": r["image_id"], "file_name": r["file_name"], "height": r["height"], "width": r["width"]}
+        )
+        for ann_id, bbox, cat, crowd, area in zip(
+            r["ann_id"], r["bbox"], r["category_id"], r["iscrowd"], r["area"], strict=True
+        ):
+            anns.append(
+                {
+                    "id": ann_id,
+                    "image_id": r["image_id"],
+                    "category_id": cat,
+                    "bbox": [float(v) for v in bbox],
+                    "area": float(area),
+                    "iscrowd": int(crowd),
+                }
+            )
+    return {
+        "info": manifest.get("info", {}),
+        "licenses": manifest.get("licenses", []),
+        "images": images,
+        "annotations": anns,
+        "categories": manifest["categories"],
+    }
+
+
+# ----------------------------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """Rows/s and ETA: a redrawn bar on a terminal, a plain line every few seconds otherwise."""
+
+    LOG_EVERY_S = 10.0
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.done = self.resumed = 0
+        self.t0 = self.last_log = time.time()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, rows: int, *, skipped: bool = False) -> None:
+        self.done += rows
+        self.resumed += rows if skipped else 0
+        if not self.enabled:
+            return
+        now = time.time()
+        if not self.tty and now - self.last_log < self.LOG_EVERY_S and self.done < self.total:
+            return
+        self.last_log = now
+        written = self.done - self.resumed
+        rate = written / max(now - self.t0, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        frac = self.done / max(self.total, 1)
+        msg = f"{self.done}/{self.total} rows ({frac:.0%}), {rate:.0f} rows/s, ETA {_fmt_eta(eta)}"
+        if self.resumed:
+            msg += f", {self.resumed} already done"
+        if self.tty:
+            bar = "#" * int(30 * frac)
+            print(f"\rprepare [{bar:<30}] {msg}", end="", file=sys.stderr, flush=True)
+        else:
+            print(f"prepare: {msg}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def _fmt_eta(s: float) -> str:
+    if s == float("inf"):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

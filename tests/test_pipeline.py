@@ -1,0 +1,371 @@
+"""Decode/augment (plain functions), collate, and the Ray Data pipeline end to end on real shards."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from ray_retina.config import DataConfig
+from ray_retina.data.pipeline import (
+    AUGMENTED_COLUMNS,
+    RetinaCollate,
+    augment_batch,
+    build_dataset,
+    decode_image,
+    iter_eval_batches,
+)
+from ray_retina.data.shards import prepare_shards, read_shards_table, shard_files, write_shards
+from ray_retina.data.synthetic import make_synthetic_coco
+
+CATS = [3, 17, 42]
+
+
+def _jpeg(arr: np.ndarray, **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95, **save)
+    return buf.getvalue()
+
+
+def _batch(images: list[bytes], sizes: list[tuple[int, int]], boxes: list[list[list[float]]],
+           cats: list[list[int]], crowd: list[list[int]] | None = None, ids: list[int] | None = None) -> dict:  # fmt: skip
+    """A numpy batch shaped like a shard read: bytes, (h, w), per-object lists as object arrays."""
+    n = len(images)
+    crowd = crowd or [[0] * len(c) for c in cats]
+
+    def obj(items, dtype):
+        a = np.empty(n, dtype=object)
+        for i, x in enumerate(items):
+            a[i] = np.asarray(x, dtype=dtype)
+        return a
+
+    return {
+        "image_id": np.array(ids or list(range(1, n + 1)), dtype=np.int64),
+        "height": np.array([s[0] for s in sizes], dtype=np.int32),
+        "width": np.array([s[1] for s in sizes], dtype=np.int32),
+        "image": np.array(images, dtype=object),
+        "bbox": obj([np.asarray(b, np.float32).reshape(-1, 4) for b in boxes], np.float32),
+        "category_id": obj(cats, np.int64),
+        "iscrowd": obj(crowd, np.int8),
+    }
+
+
+def _two_tone(h: int, w: int, x_red: int) -> np.ndarray:
+    """Grey image with a red column band starting at x_red (5 px wide) to follow through flips."""
+    a = np.full((h, w, 3), 128, np.uint8)
+    a[:, x_red : x_red + 5] = (255, 0, 0)
+    return a
+
+
+TEST_KW = dict(train=False, max_size=1000, hflip_prob=0.0, cat_ids=CATS, seed=0)
+
+
+def test_resize_moves_boxes_by_hand_numbers():
+    # 100 x 200 (h x w), box xywh [10, 20, 30, 40] -> xyxy [10, 20, 40, 60]
+    b = _batch([_jpeg(_two_tone(100, 200, 50))], [(100, 200)], [[[10, 20, 30, 40]]], [[17]])
+    out = augment_batch(b, min_size_range=[50, 50], **TEST_KW)  # shorter side 100 -> 50: scale 0.5
+    assert set(out) == set(AUGMENTED_COLUMNS)
+    assert out["image"][0].shape == (50, 100, 3) and out["image"][0].dtype == np.uint8
+    np.testing.assert_allclose(out["gt_boxes"][0], [[5, 10, 20, 30]])
+    np.testing.assert_array_equal(out["gt_labels"][0], [1])  # 17 is the second sorted id
+    np.testing.assert_array_equal(out["image_size"][0], [50, 100])
+    np.testing.assert_array_equal(out["orig_size"][0], [100, 200])
+    assert out["scale"][0] == pytest.approx(0.5)
+
+    # Longer side capped: S = 100 would give 200 wide, max_size 150 -> scale 0.75 -> 75 x 150.
+    out = augment_batch(b, min_size_range=[100, 100], **{**TEST_KW, "max_size": 150})
+    assert out["image"][0].shape == (75, 150, 3)
+    np.testing.assert_allclose(out["gt_boxes"][0], [[7.5, 15, 30, 45]])
+    assert out["scale"][0] == pytest.approx(0.75)
+
+
+def test_flip_mirrors_pixels_and_boxes():
+    # Scale 1 (S = shorter side) so the numbers stay whole: W = 200, box x in [10, 40] -> [160, 190].
+    b = _batch(
+        [_jpeg(_two_tone(100, 200, 10))], [(100, 200)], [[[10, 20, 30, 40], [0, 0, 200, 100]]], [[3, 42]]
+    )
+    out = augment_batch(
+        b, train=True, min_size_range=[100, 100], max_size=1000, hflip_prob=1.0, cat_ids=CATS, seed=0
+    )
+    np.testing.assert_allclose(out["gt_boxes"][0], [[160, 20, 190, 60], [0, 0, 200, 100]])
+    np.testing.assert_array_equal(out["gt_labels"][0], [0, 2])
+    red = out["image"][0][50, :, 0] > 200
+    assert red[186:189].all() and not red[:180].any()  # band was at x 10..14, now at 185..189
+
+    out = augment_batch(
+        b, train=True, min_size_range=[100, 100], max_size=1000, hflip_prob=0.0, cat_ids=CATS, seed=0
+    )
+    np.testing.assert_allclose(out["gt_boxes"][0], [[10, 20, 40, 60], [0, 0, 200, 100]])
+
+
+def test_train_sizes_jitter_in_range_and_depend_on_seed_image_and_epoch():
+    imgs = [_jpeg(np.zeros((60 + i, 80, 3), np.uint8)) for i in range(12)]
+    b = _batch(imgs, [(60 + i, 80) for i in range(12)], [[]] * 12, [[]] * 12)
+    kw = dict(train=True, min_size_range=[40, 56], max_size=1000, hflip_prob=0.5, cat_ids=CATS)
+    e0 = augment_batch(b, seed=7, epoch=0, **kw)
+    shorter = [min(im.shape[:2]) for im in e0["image"]]
+    assert all(40 <= s <= 56 for s in shorter) and len(set(shorter)) > 3
+    again = augment_batch(b, seed=7, epoch=0, **kw)
+    assert [im.shape for im in again["image"]] == [im.shape for im in e0["image"]]
+    # the draws of an image do not depend on which batch it is in
+    alone = augment_batch({k: v[5:6] for k, v in b.items()}, seed=7, epoch=0, **kw)
+    assert alone["image"][0].shape == e0["image"][5].shape
+    e1 = augment_batch(b, seed=7, epoch=1, **kw)
+    assert [im.shape for im in e1["image"]] != [im.shape for im in e0["image"]]
+
+
+def test_zero_boxes_and_crowd_are_carried():
+    b = _batch([_jpeg(np.zeros((40, 40, 3), np.uint8))] * 2, [(40, 40)] * 2, [[], [[1, 2, 3, 4], [5, 5, 5, 5]]],
+               [[], [42, 3]], crowd=[[], [1, 0]])  # fmt: skip
+    out = augment_batch(b, min_size_range=[40, 40], **TEST_KW)
+    assert out["gt_boxes"][0].shape == (0, 4) and out["gt_labels"][0].shape == (0,)
+    np.testing.assert_array_equal(out["gt_crowd"][1], [True, False])
+    np.testing.assert_array_equal(out["gt_labels"][1], [2, 0])
+
+
+def test_unknown_category_is_an_error():
+    b = _batch([_jpeg(np.zeros((40, 40, 3), np.uint8))], [(40, 40)], [[[1, 2, 3, 4]]], [[99]])
+    with pytest.raises(ValueError, match="99"):
+        augment_batch(b, min_size_range=[40, 40], **TEST_KW)
+
+
+def test_collate_pads_images_and_targets():
+    imgs = np.empty(3, dtype=object)
+    imgs[0] = np.full((50, 70, 3), 1, np.uint8)
+    imgs[1] = np.full((100, 30, 3), 2, np.uint8)
+    imgs[2] = np.full((20, 20, 3), 3, np.uint8)
+    boxes, labels, crowd = (np.empty(3, dtype=object) for _ in range(3))
+    boxes[0], labels[0], crowd[0] = np.array([[1, 2, 3, 4]], np.float32), np.array([2]), np.array([False])
+    boxes[1], labels[1], crowd[1] = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool)
+    boxes[2] = np.array([[0, 0, 5, 5], [1, 1, 9, 9], [2, 2, 4, 4]], np.float32)
+    labels[2], crowd[2] = np.array([0, 1, 0]), np.array([False, True, False])
+    batch = {
+        "image": imgs, "gt_boxes": boxes, "gt_labels": labels, "gt_crowd": crowd,
+        "image_size": np.array([[50, 70], [100, 30], [20, 20]]), "orig_size": np.array([[100, 140], [100, 30], [40, 40]]),
+        "scale": np.array([0.5, 1.0, 0.5], np.float32), "image_id": np.array([7, 8, 9]),
+    }  # fmt: skip
+    out = RetinaCollate(size_divisibility=32)(batch)
+    assert out["images"].shape == (3, 3, 128, 96) and out["images"].dtype == torch.uint8
+    assert out["images"].is_contiguous()
+    assert (out["images"][0, :, :50, :70] == 1).all() and (out["images"][0, :, 50:, :] == 0).all()
+    assert (out["images"][1, :, :100, :30] == 2).all() and (out["images"][1, :, :, 30:] == 0).all()
+    assert out["image_sizes"].tolist() == [[50, 70], [100, 30], [20, 20]]
+    assert out["orig_sizes"].tolist() == [[100, 140], [100, 30], [40, 40]]
+    assert out["gt_boxes"].shape == (3, 3, 4) and out["gt_boxes"].dtype == torch.float32
+    assert out["gt_labels"].tolist() == [[2, -1, -1], [-1, -1, -1], [0, 1, 0]]
+    assert out["gt_crowd"].tolist() == [[False] * 3, [False] * 3, [False, True, False]]
+    assert out["gt_boxes"][0, 0].tolist() == [1, 2, 3, 4] and (out["gt_boxes"][1] == 0).all()
+    assert out["image_id"].tolist() == [7, 8, 9] and out["image_id"].dtype == torch.int64
+    assert out["scale"].dtype == torch.float32
+
+    # A batch without any object still has a GT axis of 1, all padding.
+    empty = {**batch, "gt_boxes": boxes[1:2], "gt_labels": labels[1:2], "gt_crowd": crowd[1:2], "image": imgs[1:2],
+             "orig_size": batch["orig_size"][1:2], "scale": batch["scale"][1:2], "image_id": batch["image_id"][1:2]}  # fmt: skip
+    out = RetinaCollate(size_divisibility=128)(empty)
+    assert out["images"].shape == (1, 3, 128, 128) and out["gt_labels"].tolist() == [[-1]]
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+
+def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _quadrants() -> np.ndarray:
+    """60 x 80 image: red top-left, green top-right, blue bottom-left, white bottom-right."""
+    a = np.zeros((60, 80, 3), np.uint8)
+    a[:30, :40] = (255, 0, 0)
+    a[:30, 40:] = (0, 255, 0)
+    a[30:, :40] = (0, 0, 255)
+    a[30:, 40:] = (255, 255, 255)
+    return a
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize(
+    "fmt,mode", [("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "P"), ("PNG", "L"), ("JPEG", "RGB"), ("JPEG", "L"),
+                 ("JPEG", "CMYK")],  # fmt: skip
+)
+def test_decode_any_mode_to_rgb(fmt, mode, fast):
+    src = _quadrants()
+    data = _encode(Image.fromarray(src).convert(mode), fmt)
+    out = decode_image(data, fast=fast)
+    assert out.shape == (60, 80, 3) and out.dtype == np.uint8
+    expect = np.asarray(Image.fromarray(src).convert(mode).convert("RGB"), dtype=int)
+    tol = 1 if fmt == "PNG" else 40  # JPEG blurs the colour edges a little
+    centres = [(15, 20), (15, 60), (45, 20), (45, 60)]
+    for y, x in centres:
+        assert np.abs(out[y, x].astype(int) - expect[y, x]).max() <= tol, (y, x, out[y, x], expect[y, x])
+
+
+def test_exif_orientation_is_applied_and_boxes_stay_in_display_frame():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display = stored rotated 90 degrees clockwise
+    data = _encode(Image.fromarray(_quadrants()), "JPEG", quality=95, exif=exif.tobytes())
+    out = decode_image(data)
+    assert out.shape == (80, 60, 3)  # 60 wide, 80 high on display
+    assert out[10, 50, 0] > 200 and out[10, 50, 1] < 60  # stored top-left red is now top-right
+    assert out[70, 10, 1] > 200 and out[70, 10, 0] > 200  # stored bottom-right white is now bottom-left
+    # the json describes the display frame (80 x 60 h x w); a box there is scaled, not rotated
+    b = _batch([data], [(80, 60)], [[[30, 0, 30, 40]]], [[3]])
+    aug = augment_batch(b, min_size_range=[30, 30], **TEST_KW)
+    assert aug["image"][0].shape == (40, 30, 3)
+    np.testing.assert_allclose(aug["gt_boxes"][0], [[15, 0, 30, 20]])
+    assert aug["image"][0][5, 25, 0] > 200  # the red quadrant is where the box is
+
+
+def test_reduced_scale_jpeg_decode_matches_full_decode():
+    big = np.kron(_quadrants(), np.ones((8, 8, 1), np.uint8))  # 480 x 640
+    data = _encode(Image.fromarray(big), "JPEG", quality=95)
+    for fast in (True, False):
+        small = decode_image(data, min_size=(100, 140), fast=fast)
+        assert small.shape[0] >= 100 and small.shape[1] >= 140 and small.shape[0] < 480  # DCT-scaled
+        assert small[20, 20, 0] > 200 and small[-20, -20].min() > 200
+
+
+def test_simplejpeg_and_pillow_agree():
+    pytest.importorskip("simplejpeg")
+    data = _encode(Image.fromarray(_quadrants()), "JPEG", quality=95)
+    a, b = decode_image(data, fast=True), decode_image(data, fast=False)
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() < 2
+
+
+@pytest.mark.skipif("ray.is_initialized()", reason="a Ray job counts skips in its named actor")
+def test_corrupt_rows_are_dropped_and_counted():
+    from ray_retina.data import pipeline
+
+    good = _jpeg(_quadrants())
+    before = pipeline.skipped_images()
+    b = _batch([good, good[: len(good) // 2], b"", b"\x00" * 100, good], [(60, 80)] * 5, [[[1, 1, 5, 5]]] * 5,
+               [[3]] * 5, ids=[11, 12, 13, 14, 15])  # fmt: skip
+    out = augment_batch(b, min_size_range=[60, 60], **TEST_KW)
+    assert out["image_id"].tolist() == [11, 15]  # truncated, zero-byte and garbage rows dropped
+    assert [len(x) for x in out["gt_boxes"]] == [1, 1]
+    assert pipeline.skipped_images() == before + 3
+    # all rows bad: an empty batch with the same columns
+    out = augment_batch({k: v[2:3] for k, v in b.items()}, min_size_range=[60, 60], **TEST_KW)
+    assert set(out) == set(AUGMENTED_COLUMNS) and all(len(v) == 0 for v in out.values())
+
+
+# ------------------------------------------------------------------------------------------------ Ray Data
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # address="local": always a fresh cluster of our own, never one another process started on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    p = make_synthetic_coco(root / "synth", num_train=36, num_val=10, seed=5)
+    write_shards(p.train_annotations, p.train_images, root / "train", rows_per_shard=6)
+    write_shards(p.val_annotations, p.val_images, root / "val", rows_per_shard=4)
+    return root
+
+
+def _data_cfg(**kw) -> DataConfig:
+    base = dict(train_min_size=[96, 128], test_min_size=128, max_size=256, batch_size=4, size_divisibility=32,
+                map_num_cpus=0.5, map_batch_size=4)  # fmt: skip
+    return DataConfig(**{**base, **kw})
+
+
+@pytest.mark.ray
+def test_streaming_split_covers_every_row_once_per_epoch(ray_cluster, shards):
+    ds = build_dataset(shards / "train", _data_cfg(), train=True, seed=0)
+    splits = ds.streaming_split(2, equal=True)  # as Ray Train splits a training set
+    seen: dict[int, list[tuple[list[int], list[tuple[int, int]]]]] = {}
+
+    def consume(rank: int) -> None:
+        seen[rank] = []
+        for _epoch in range(2):
+            ids, sizes = [], []
+            for b in splits[rank].iter_torch_batches(batch_size=4, collate_fn=RetinaCollate(32)):
+                assert b["images"].shape[2] % 32 == 0 and b["images"].shape[3] % 32 == 0
+                assert b["gt_labels"].shape == b["gt_boxes"].shape[:2] == b["gt_crowd"].shape
+                ids += b["image_id"].tolist()
+                sizes += [tuple(s) for s in b["image_sizes"].tolist()]
+            seen[rank].append((ids, sizes))
+
+    threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join(timeout=120) for t in threads]
+    expected = sorted(read_shards_table(shards / "train", ["image_id"]).column("image_id").to_pylist())
+    per_epoch_sizes = []
+    for epoch in range(2):
+        a, b = seen[0][epoch][0], seen[1][epoch][0]
+        assert a and b and not set(a) & set(b)  # each worker its own part
+        assert sorted(a + b) == expected  # every row exactly once
+        per_epoch_sizes.append(dict(zip(a + b, seen[0][epoch][1] + seen[1][epoch][1], strict=True)))
+    # the shorter side is re-drawn each epoch
+    assert sum(per_epoch_sizes[0][i] != per_epoch_sizes[1][i] for i in expected) > len(expected) // 2
+
+
+@pytest.mark.ray
+def test_val_dataset_is_deterministic_and_matches_eval_iterator(ray_cluster, shards):
+    cfg = _data_cfg()
+    ds = build_dataset(shards / "val", cfg, train=False, seed=0)
+    rows = {int(r["image_id"]): r for r in ds.take_all()}
+    assert len(rows) == 10
+    n = 0
+    for b in iter_eval_batches(shard_files(shards / "val"), cfg, batch_size=3):
+        for k, image_id in enumerate(b["image_id"].tolist()):
+            r = rows[image_id]
+            h, w = (int(v) for v in r["image_size"])
+            assert min(h, w) == 128 or max(h, w) == 256
+            np.testing.assert_array_equal(b["images"][k, :, :h, :w].permute(1, 2, 0).numpy(), r["image"])
+            g = len(r["gt_labels"])
+            np.testing.assert_allclose(b["gt_boxes"][k, :g].numpy(), r["gt_boxes"])
+            n += 1
+    assert n == 10
+    assert (
+        sum(len(b["image_id"]) for b in iter_eval_batches(shard_files(shards / "val"), cfg, max_images=5))
+        == 5
+    )
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """8 synthetic images, image 3's file cut in half (its JPEG header still reads)."""
+    root = tmp_path_factory.mktemp("damaged")
+    p = make_synthetic_coco(root / "synth", num_train=8, num_val=0, seed=9)
+    f = p.train_images / f"{3:012d}.jpg"
+    f.write_bytes(f.read_bytes()[:300])
+    return p
+
+
+@pytest.mark.ray
+def test_prepare_with_ray_tasks_equals_in_process(ray_cluster, damaged, tmp_path):
+    a = prepare_shards(damaged.train_annotations, damaged.train_images, tmp_path / "ray", rows_per_shard=3)
+    b = write_shards(damaged.train_annotations, damaged.train_images, tmp_path / "local", rows_per_shard=3)
+    assert a == b and a["num_images"] == 8 and a["num_shards"] == 3
+    for name in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "manifest.json"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+
+
+@pytest.mark.ray
+def test_undecodable_rows_are_skipped_and_counted_job_wide(ray_cluster, damaged, tmp_path):
+    from ray_retina.data.pipeline import skipped_images
+
+    write_shards(damaged.train_annotations, damaged.train_images, tmp_path / "s", rows_per_shard=3)
+    ds = build_dataset(tmp_path / "s", _data_cfg(), train=True, seed=1)
+    ids = [int(i) for b in ds.iter_batches(batch_size=4) for i in b["image_id"]]
+    assert sorted(ids) == [1, 2, 4, 5, 6, 7, 8]
+    assert skipped_images() == 1  # the named actor, readable from any process of the job
+    ids = [int(i) for b in ds.iter_batches(batch_size=4) for i in b["image_id"]]  # a second epoch
+    assert len(ids) == 7 and skipped_images() == 1  # distinct images, not skip events
