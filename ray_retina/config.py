@@ -146,8 +146,13 @@ class OptimConfig(_Section):
     step_gamma: float = Field(0.1, gt=0.0, le=1.0)
     warmup_iters: int = Field(500, ge=0)
     warmup_factor: float = Field(0.001, gt=0.0, le=1.0)
+    reference_batch: int | None = Field(None, ge=1)
+    """When set, max_iters / steps / warmup_iters are given for this global batch (the paper's 16) and are
+    rescaled to the actual global batch at run time (linear scaling rule: same number of images seen)."""
     clip_grad_norm: float | None = None
     amp: Literal["none", "bf16", "fp16"] = "none"
+    compile: bool = False
+    """torch.compile the model (GPU runs; same code path otherwise)."""
 
     @model_validator(mode="after")
     def _steps(self) -> OptimConfig:
@@ -171,6 +176,8 @@ class TrainConfig(_Section):
 class ScalingConfig(_Section):
     num_workers: int = Field(2, ge=0)
     """0 runs the training function in the driver process (fast unit tests)."""
+    min_workers: int | None = Field(None, ge=1)
+    """Elastic training: run with anywhere from min_workers to num_workers workers (Ray Train V2)."""
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, ge=0.0)
@@ -252,6 +259,24 @@ def _format_validation(err: ValidationError, source: str) -> str:
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def resolve(cfg: Config) -> Config:
+    """The config as it will run: lr made explicit (linear scaling from the paper's 0.01 per 16 images) and
+    a schedule given for `optim.reference_batch` rescaled to the global batch. Logged and checkpointed."""
+    o = cfg.optim
+    upd: dict[str, Any] = {"optim.lr": cfg.lr}
+    if o.reference_batch is not None:
+        f = o.reference_batch / cfg.global_batch
+        upd.update(
+            {
+                "optim.max_iters": max(1, round(o.max_iters * f)),
+                "optim.steps": [max(1, round(s * f)) for s in o.steps],
+                "optim.warmup_iters": round(o.warmup_iters * f),
+                "optim.reference_batch": None,
+            }
+        )
+    return apply_overrides(cfg, upd)
 
 
 def config_from_dict(d: dict[str, Any], source: str = "<dict>") -> Config:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -161,7 +162,9 @@ class Engine:
                     "with a lower optim.lr or gradient clipping (optim.clip_grad_norm)"
                 )
             self.iteration += 1
-            self.scheduler.step()
+            with warnings.catch_warnings():  # the schedule follows the iteration, stepped or skipped
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
             return None
         assert losses is not None
         self.optimizer.zero_grad(set_to_none=True)

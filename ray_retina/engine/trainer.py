@@ -31,11 +31,12 @@ def _abs(path: str | None) -> str | None:
 
 
 def resolve_paths(cfg: Config) -> Config:
-    """Local paths made absolute on the driver: Ray workers run in other working directories."""
-    from ray_retina.config import apply_overrides
+    """The config as workers run it: local paths absolute (Ray workers run in other working directories),
+    lr and schedule resolved for the global batch (config.resolve)."""
+    from ray_retina.config import apply_overrides, resolve
 
     return apply_overrides(
-        cfg,
+        resolve(cfg),
         {
             "data.root": _abs(cfg.data.root),
             "data.train_shards": _abs(cfg.data.train_shards),
@@ -138,6 +139,47 @@ def val_files_of(cfg: Config) -> list[str]:
     return files
 
 
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
+def cleanup_unregistered_checkpoints(storage: str, run_name: str) -> list[str]:
+    """Delete checkpoint directories of a run that Ray uploaded but never registered (the run died between
+    the upload and the registration), so that neither a resume nor a user picks up a half-reported state.
+    Registered checkpoints are the ones in Ray Train's checkpoint manager snapshot. Returns what was removed."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage) if _is_uri(storage) else (pafs.LocalFileSystem(), storage)
+    run_dir = f"{root.rstrip('/')}/{run_name}"
+    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
+        return []
+    registered: set[str] = set()
+    snap = f"{run_dir}/{SNAPSHOT_FILE}"
+    if fs.get_file_info(snap).type == pafs.FileType.File:
+        with fs.open_input_stream(snap) as f:
+            state = json.loads(f.read())
+        registered = {r["checkpoint_dir_name"] for r in state.get("checkpoint_results", [])}
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(run_dir)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            if info.base_name not in registered:
+                fs.delete_dir(info.path)
+                removed.append(info.path)
+    if removed:
+        logger.warning("removed %d unregistered checkpoint dir(s) of run %s: %s", len(removed), run_name, removed)
+    return removed
+
+
+def _worker_env() -> dict[str, Any] | None:
+    """Environment the driver passes on to train workers: only the test-only fault-injection hook."""
+    from ray_retina.engine.worker import FAIL_ENV
+
+    if os.environ.get(FAIL_ENV):
+        return {"env_vars": {FAIL_ENV: os.environ[FAIL_ENV]}}
+    return None
+
+
 def build_trainer(
     cfg: Config,
     *,
@@ -157,6 +199,7 @@ def build_trainer(
     manifest = read_manifest(cfg.data.train_shards)
     cat_ids = sorted(int(c["id"]) for c in manifest["categories"])
     storage = abs_storage(cfg.run.storage_path)
+    cleanup_unregistered_checkpoints(storage, run_name)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
@@ -178,7 +221,7 @@ def build_trainer(
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend=backend),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=sc.num_workers,
+            num_workers=(sc.min_workers, sc.num_workers) if sc.min_workers else sc.num_workers,
             use_gpu=sc.use_gpu,
             resources_per_worker=resources if sc.num_workers > 0 else None,
             placement_strategy=sc.placement_strategy,
@@ -193,6 +236,7 @@ def build_trainer(
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=callbacks or [],
+            worker_runtime_env=_worker_env(),
         ),
         datasets={"train": train_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

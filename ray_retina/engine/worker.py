@@ -111,6 +111,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model, move_to_device=device) if world > 1 else model.to(device)
+    if cfg.optim.compile:
+        model = torch.compile(model)
     engine = Engine(
         cfg, model, build_criterion(cfg, num_classes), build_postprocessor(cfg), device, loop_config["cat_ids"]
     )
