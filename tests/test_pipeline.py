@@ -260,7 +260,6 @@ def test_corrupt_rows_are_dropped_and_counted():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
 
     if ray.is_initialized():
         ray.shutdown()
