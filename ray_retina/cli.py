@@ -98,8 +98,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ray_retina.tune import run_sweep
 
     cfg = load_config(_config_path(args.config, DEFAULT_TUNE_CONFIG), args.overrides)
-    summary = run_sweep(cfg)
+    summary = run_sweep(cfg, preset=args.preset, resume=args.resume, sweep_name=args.name)
     print(summary.table)
+    print(f"\nsweep directory: {summary.path}  (resume an interrupted sweep with --resume {summary.path})")
+    if summary.parent_run_id:
+        print(f"MLflow parent run: {summary.parent_run_id}: select its child runs in the UI and press Compare")
     return 0 if summary.num_errors == 0 else 1
 
 
@@ -141,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="ASHA sweep over the focal parameters with Ray Tune")
     _add_config_args(p, DEFAULT_TUNE_CONFIG)
+    p.add_argument("--preset", choices=["paper-table1"], default=None,
+                   help="paper-table1: gamma in {0,.1,.2,.5,1,2,5} with the paper's alpha for each, as a grid")
+    p.add_argument("--resume", metavar="SWEEP_DIR", default=None, help="restore an interrupted sweep (Tuner.restore)")
+    p.add_argument("--name", default=None, help="sweep name (default: config name + time)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("eval", help="COCO AP of a checkpoint on val shards")

@@ -2,15 +2,18 @@
 
 Train V2 pattern: Tune runs a function trainable per trial; that function builds the trial's TorchTrainer
 with ``TuneReportCallback`` (a Trainer passed to ``Tuner`` fails under Train V2). Each trial is a child
-MLflow run of the sweep's parent run; ASHA reads ``val/AP`` (mode max) after every eval round.
+MLflow run of the sweep's parent run; ASHA reads ``val/AP`` (mode max) after every eval round
+(``training_iteration`` counts eval rounds, since every round is exactly one ``ray.train.report``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ray_retina.config import Config, apply_overrides, config_from_dict
@@ -22,6 +25,20 @@ TRIAL_TAG = "ray_retina.trial_id"
 # must not hold a CPU the trainers or Ray Data need. `ray-retina` declares it on the local Ray it starts;
 # on a cluster, add it to the head's `ray start --resources` (cluster/ does).
 TRIAL_RESOURCE = "ray_retina_trial"
+FOCAL_PAIR = "__focal_pair__"
+
+# Paper Table 1b (R50-FPN, 600 px, COCO minival): gamma with the best alpha for it, and the AP reached.
+PAPER_TABLE1 = [
+    # (gamma, alpha, AP)
+    (0.0, 0.75, 31.1),
+    (0.1, 0.75, 31.4),
+    (0.2, 0.75, 31.9),
+    (0.5, 0.50, 32.9),
+    (1.0, 0.25, 33.7),
+    (2.0, 0.25, 34.0),
+    (5.0, 0.25, 32.2),
+]
+PRESETS = ("paper-table1",)
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
@@ -43,8 +60,27 @@ def search_space(cfg: Config) -> dict[str, Any]:
             raise ValueError(
                 f"tune.search_space.{key}: type must be uniform, loguniform, choice or grid, got {kind!r}"
             )
-        apply_overrides(cfg, {key: spec.get("low", (spec.get("values") or [None])[0])})  # the key must exist
+        probe = spec.get("low", (spec.get("values") or [None])[0])
+        apply_overrides(cfg, {key: probe})  # fails now, naming the key, if the key is not a config key
     return space
+
+
+def preset_space(preset: str) -> dict[str, Any]:
+    """The search space of a preset. paper-table1: gamma with the alpha the paper pairs with it, as a grid."""
+    from ray import tune
+
+    if preset == "paper-table1":
+        return {FOCAL_PAIR: tune.grid_search([[g, a] for g, a, _ in PAPER_TABLE1])}
+    raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+
+
+def trial_overrides(trial_params: dict[str, Any]) -> dict[str, Any]:
+    """The dotted config overrides of one trial (a focal pair expands to loss.gamma and loss.alpha)."""
+    params = {k: v for k, v in trial_params.items() if not k.startswith("__")}
+    if FOCAL_PAIR in trial_params:
+        gamma, alpha = trial_params[FOCAL_PAIR]
+        params.update({"loss.gamma": float(gamma), "loss.alpha": float(alpha)})
+    return params
 
 
 def _trial(trial_params: dict[str, Any]) -> None:
@@ -56,14 +92,14 @@ def _trial(trial_params: dict[str, Any]) -> None:
     from ray_retina.engine.trainer import build_trainer
 
     base = config_from_dict(trial_params["__base__"])
-    params = {k: v for k, v in trial_params.items() if not k.startswith("__")}
+    params = trial_overrides(trial_params)
     cfg = apply_overrides(base, params)
-    ctx = ray.tune.get_context()
-    trial_id = ctx.get_trial_id()
+    trial_id = ray.tune.get_context().get_trial_id()
     run_name = f"{trial_params['__sweep__']}-{trial_id}"
     uri = trial_params["__mlflow_uri__"]
     run_id = None
     if uri:
+        # A restored trial finds its run again by name: one MLflow run per trial, whatever the restarts.
         run_id = tracking.find_run_by_name(uri, tracking.experiment_name(cfg), run_name) or tracking.create_run(
             cfg, run_name=run_name, uri=uri, parent_run_id=trial_params["__parent_run_id__"],
             tags={TRIAL_TAG: trial_id, **{f"sweep.{k}": str(v) for k, v in params.items()}},
@@ -79,29 +115,76 @@ def _trial(trial_params: dict[str, Any]) -> None:
 
 
 @dataclass
+class TrialRow:
+    trial_id: str
+    params: dict[str, Any]
+    ap: float | None
+    rounds: int
+    iterations: int
+    stopped_early: bool
+    error: str | None
+
+
+@dataclass
 class SweepSummary:
     table: str
+    rows: list[TrialRow]
     best_params: dict[str, Any] | None
     best_ap: float | None
     num_trials: int
     num_errors: int
     parent_run_id: str | None
     total_iterations: int
+    path: str
+    artifacts: list[str] = field(default_factory=list)
 
 
 def max_concurrent(cfg: Config) -> int:
-    """Trials that fit at once: cluster CPUs / (workers x CPUs per worker + one data task)."""
+    """Trials that fit at once: cluster CPUs / (workers x CPUs per worker + one data task), and GPUs alike."""
     import ray
 
     if cfg.tune.max_concurrent_trials is not None:
         return cfg.tune.max_concurrent_trials
-    total = ray.cluster_resources().get("CPU", 1.0)
-    per_trial = max(1, cfg.scaling.num_workers) * cfg.scaling.cpus_per_worker + cfg.data.map_num_cpus
-    return max(1, int(total // per_trial))
+    res = ray.cluster_resources()
+    workers = max(1, cfg.scaling.num_workers)
+    n = int(res.get("CPU", 1.0) // (workers * cfg.scaling.cpus_per_worker + cfg.data.map_num_cpus))
+    if cfg.scaling.use_gpu:
+        n = min(n, int(res.get("GPU", 0.0) // (workers * cfg.scaling.gpus_per_worker)))
+    return max(1, n)
 
 
-def run_sweep(cfg: Config, *, sweep_name: str | None = None) -> SweepSummary:
+def _search_alg(cfg: Config) -> Any:
+    if cfg.tune.search_alg == "random":
+        return None  # Tune's BasicVariantGenerator: random sampling (and grids)
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as err:  # pragma: no cover - depends on the optional extra
+        raise ImportError("tune.search_alg=optuna needs the optuna extra: pip install 'ray-retina[optuna]'") from err
+    return OptunaSearch(seed=cfg.seed)
+
+
+def _rounds(cfg: Config) -> int:
+    return cfg.tune.max_t or max(1, math.ceil(cfg.optim.max_iters / cfg.train.eval_period))
+
+
+def _trainable():
     import ray
+    from ray import tune
+
+    # The trial function only drives its TorchTrainer: it asks for the drivers' custom resource and no
+    # CPU, so the CPUs go to the trainers (a cluster without the resource: a hundredth of a CPU).
+    if ray.cluster_resources().get(TRIAL_RESOURCE, 0) >= 1:
+        driver_resources = {"CPU": 0, TRIAL_RESOURCE: 1}
+    else:
+        logger.warning("cluster has no %r resource; trial drivers take 0.01 CPU each", TRIAL_RESOURCE)
+        driver_resources = {"CPU": 0.01}
+    return tune.with_resources(_trial, driver_resources)
+
+
+def run_sweep(
+    cfg: Config, *, sweep_name: str | None = None, preset: str | None = None, resume: str | None = None
+) -> SweepSummary:
+    """Run (or, with `resume` = the sweep's directory, restore and finish) a sweep; summarise it in MLflow."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -111,10 +194,20 @@ def run_sweep(cfg: Config, *, sweep_name: str | None = None) -> SweepSummary:
     cfg = resolve_paths(cfg)
     ensure_data(cfg)
     ensure_ray(cfg)
-    sweep_name = sweep_name or f"{cfg.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    space = search_space(cfg)
-    rounds = cfg.tune.max_t or max(1, math.ceil(cfg.optim.max_iters / cfg.train.eval_period))
-    if cfg.tune.scheduler == "asha":
+    if resume:
+        tuner = tune.Tuner.restore(resume, trainable=_trainable(), resume_errored=True)
+        results = tuner.fit()
+        space_keys = _space_keys(results)
+        any_cfg = next(iter(results)).config if len(results) else {}
+        return _summarize(
+            results, space_keys, _rounds(cfg), any_cfg.get("__mlflow_uri__"), any_cfg.get("__parent_run_id__"),
+            path=resume, preset=any_cfg.get("__preset__"),
+        )  # fmt: skip
+
+    sweep_name = sweep_name or f"{cfg.name}-{preset or 'sweep'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    space = preset_space(preset) if preset else search_space(cfg)
+    rounds = _rounds(cfg)
+    if cfg.tune.scheduler == "asha" and not preset:
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
             max_t=rounds,
@@ -122,105 +215,170 @@ def run_sweep(cfg: Config, *, sweep_name: str | None = None) -> SweepSummary:
             reduction_factor=cfg.tune.reduction_factor,
         )
     else:
-        scheduler = FIFOScheduler()
+        scheduler = FIFOScheduler()  # a preset is an ablation: every grid point runs to the end
 
     uri = parent_id = None
     if cfg.tracking.enabled:
         uri = tracking.resolve_tracking_uri(cfg)
-        parent_id = tracking.create_run(cfg, run_name=sweep_name, uri=uri, tags={"ray_retina.kind": "sweep"})
-
+        parent_id = tracking.create_run(
+            cfg, run_name=sweep_name, uri=uri,
+            tags={"ray_retina.kind": "sweep", "ray_retina.preset": preset or "", "ray_retina.scheduler": cfg.tune.scheduler},
+        )  # fmt: skip
     param_space = {
         **space,
         "__base__": cfg.model_dump(mode="json"),
         "__sweep__": sweep_name,
         "__mlflow_uri__": uri,
         "__parent_run_id__": parent_id,
+        "__preset__": preset,
     }
-    # The trial function only drives its TorchTrainer: it asks for the drivers' custom resource and no
-    # CPU, so the CPUs go to the trainers (a cluster without the resource: a hundredth of a CPU).
-    if ray.cluster_resources().get(TRIAL_RESOURCE, 0) >= 1:
-        driver_resources = {"CPU": 0, TRIAL_RESOURCE: 1}
-    else:
-        logger.warning("cluster has no %r resource; trial drivers take 0.01 CPU each", TRIAL_RESOURCE)
-        driver_resources = {"CPU": 0.01}
-    trainable = tune.with_resources(_trial, driver_resources)
+    storage = abs_storage(cfg.run.storage_path)
     tuner = tune.Tuner(
-        trainable,
+        _trainable(),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=cfg.tune.metric,
             mode=cfg.tune.mode,
             scheduler=scheduler,
-            num_samples=cfg.tune.num_samples,
+            search_alg=_search_alg(cfg) if not preset else None,
+            num_samples=1 if preset else cfg.tune.num_samples,
             max_concurrent_trials=max_concurrent(cfg),
         ),
-        run_config=tune.RunConfig(name=sweep_name, storage_path=abs_storage(cfg.run.storage_path)),
+        run_config=tune.RunConfig(name=sweep_name, storage_path=storage),
     )
     results = tuner.fit()
-    summary = _summarize(results, list(space), rounds, uri, parent_id)
-    logger.info("sweep %s done on %s", sweep_name, ray.cluster_resources())
-    return summary
+    return _summarize(results, list(space), rounds, uri, parent_id, path=f"{storage}/{sweep_name}", preset=preset)
 
 
-def _summarize(results: Any, keys: list[str], rounds: int, uri: str | None, parent_id: str | None) -> SweepSummary:
-    from ray_retina import tracking
+def _space_keys(results: Any) -> list[str]:
+    keys: set[str] = set()
+    for r in results:
+        keys.update(k for k in (r.config or {}) if not k.startswith("__") or k == FOCAL_PAIR)
+    return sorted(keys)
 
+
+def _rows(results: Any, keys: list[str], rounds: int) -> list[TrialRow]:
     rows = []
-    total_iters = 0
-    num_errors = 0
     for r in results:
         m = r.metrics or {}
-        cfg_ = {k: r.config.get(k) for k in keys}
-        ap = m.get("val/AP")
-        n_rounds = int(m.get("training_iteration", 0))
-        total_iters += int(m.get("iteration", 0))
-        num_errors += r.error is not None
-        rows.append((cfg_, ap, n_rounds, m.get("trial_id", ""), r.error))
-    rows.sort(key=lambda x: -1.0 if x[1] is None else -x[1])
-    head = "| trial | " + " | ".join(keys) + " | val/AP | rounds | stopped early |"
-    lines = [head, "|" + "---|" * (len(keys) + 4)]
-    for params, ap, n, tid, err in rows:
-        vals = " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in params.values())
-        ap_s = "error" if err is not None else ("n/a" if ap is None else f"{ap:.4f}")
-        lines.append(f"| {tid} | {vals} | {ap_s} | {n} | {'yes' if n < rounds else 'no'} |")
-    table = "\n".join(lines)
-    best = rows[0] if rows and rows[0][1] is not None else None
+        cfg_ = r.config or {}
+        params = trial_overrides({k: cfg_.get(k) for k in keys})
+        n = int(m.get("training_iteration", 0))
+        rows.append(
+            TrialRow(
+                trial_id=str(m.get("trial_id") or Path(r.path).name),
+                params=params,
+                ap=m.get("val/AP"),
+                rounds=n,
+                iterations=int(m.get("iteration", 0)),
+                stopped_early=r.error is None and n < rounds,
+                error=None if r.error is None else f"{type(r.error).__name__}: {r.error}"[:300],
+            )
+        )
+    rows.sort(key=lambda x: -1.0 if x.ap is None else -x.ap)
+    return rows
+
+
+def markdown_table(rows: list[TrialRow]) -> str:
+    keys = sorted({k for r in rows for k in r.params})
+    lines = ["| trial | " + " | ".join(keys) + " | val/AP | rounds | iterations | stopped early |"]
+    lines.append("|" + "---|" * (len(keys) + 5))
+    for r in rows:
+        vals = " | ".join(f"{r.params.get(k):.4g}" if isinstance(r.params.get(k), float) else str(r.params.get(k)) for k in keys)
+        ap = "error" if r.error else ("n/a" if r.ap is None else f"{r.ap:.4f}")
+        lines.append(f"| {r.trial_id} | {vals} | {ap} | {r.rounds} | {r.iterations} | {'yes' if r.stopped_early else 'no'} |")
+    return "\n".join(lines)
+
+
+def paper_table(rows: list[TrialRow]) -> str:
+    """Our AP per (gamma, alpha) beside the paper's Table 1b."""
+    ours = {(round(r.params["loss.gamma"], 3), round(r.params["loss.alpha"], 3)): r.ap for r in rows if r.ap is not None}
+    lines = ["| gamma | alpha | our val/AP | paper AP (R50-FPN, 600 px, COCO) |", "|---|---|---|---|"]
+    for g, a, ap in PAPER_TABLE1:
+        v = ours.get((round(g, 3), round(a, 3)))
+        lines.append(f"| {g} | {a} | {'n/a' if v is None else f'{100 * v:.1f}'} | {ap} |")
+    return "\n".join(lines)
+
+
+def _summarize(
+    results: Any, keys: list[str], rounds: int, uri: str | None, parent_id: str | None, *, path: str, preset: str | None
+) -> SweepSummary:
+    from ray_retina import tracking
+
+    rows = _rows(results, keys, rounds)
+    table = markdown_table(rows)
+    if preset == "paper-table1":
+        table += "\n\n" + paper_table(rows)
+    best = rows[0] if rows and rows[0].ap is not None else None
+    num_errors = sum(r.error is not None for r in rows)
+    artifacts: list[str] = []
     if uri and parent_id:
-        _close_children(uri, parent_id, rounds, results)
+        _close_children(uri, parent_id, rounds, rows, best)
         log = tracking.RunLogger(uri, parent_id)
         log.log_text(table, "sweep_summary.md")
+        with tempfile.TemporaryDirectory() as tmp:
+            artifacts = _sweep_plots(rows, Path(tmp), preset)
+            for a in artifacts:
+                log.log_artifact(a, "plots")
+        artifacts = [f"plots/{Path(a).name}" for a in artifacts]
         if best:
-            log.log_metrics({"best/val/AP": best[1]}, step=0)
-            log.set_tags({"ray_retina.best_trial": best[3]})
+            log.log_metrics({"best/val/AP": best.ap, "sweep/total_iterations": sum(r.iterations for r in rows)}, step=0)
+            log.set_tags({"ray_retina.best_trial": best.trial_id, "ray_retina.best_params": best.params})
         log.end("FINISHED" if num_errors == 0 else "FAILED")
     return SweepSummary(
         table=table,
-        best_params=best[0] if best else None,
-        best_ap=best[1] if best else None,
+        rows=rows,
+        best_params=best.params if best else None,
+        best_ap=best.ap if best else None,
         num_trials=len(rows),
         num_errors=num_errors,
         parent_run_id=parent_id,
-        total_iterations=total_iters,
+        total_iterations=sum(r.iterations for r in rows),
+        path=path,
+        artifacts=artifacts,
     )
 
 
-def _close_children(uri: str, parent_id: str, rounds: int, results: Any) -> None:
-    """Tag each trial's run with its ASHA outcome; a trial stopped by the scheduler is killed mid-fit, so
-    its run would stay RUNNING: close it as KILLED (stopped early) here."""
+def _sweep_plots(rows: list[TrialRow], out: Path, preset: str | None) -> list[str]:
+    """Parallel coordinates and AP-vs-parameter scatter plots (and AP vs gamma for the paper preset)."""
+    try:
+        from ray_retina import plots
+    except ImportError:  # pragma: no cover
+        return []
+    data = [{**r.params, "val/AP": r.ap} for r in rows if r.ap is not None]
+    if not data:
+        return []
+    params = sorted({k for r in rows for k in r.params})
+    paths = []
+    try:
+        paths.append(str(plots.parallel_coordinates(data, params, "val/AP", out / "parallel_coordinates.png")))
+        paths.append(str(plots.ap_vs_param_scatter(data, params, "val/AP", out / "ap_vs_params.png")))
+        if preset == "paper-table1":
+            paths.append(str(plots.ap_vs_gamma_with_paper(data, PAPER_TABLE1, out / "ap_vs_gamma.png")))
+    except Exception as err:  # noqa: BLE001 - a plot must never fail a finished sweep
+        logger.warning("sweep plots failed: %s", err)
+    return paths
+
+
+def _close_children(uri: str, parent_id: str, rounds: int, rows: list[TrialRow], best: TrialRow | None) -> None:
+    """Tag each trial's run with its ASHA outcome. A trial stopped by the scheduler is killed mid-fit, so its
+    run would stay RUNNING: close it here as KILLED (stopped early), or FINISHED / FAILED."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    by_trial = {str((r.metrics or {}).get("trial_id")): r for r in results}
+    by_trial = {r.trial_id: r for r in rows}
     parent = client.get_run(parent_id)
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000
     )
     for run in children:
-        tid = run.data.tags.get(TRIAL_TAG)
+        tid = run.data.tags.get(TRIAL_TAG, "")
         r = by_trial.get(tid)
-        n = int((r.metrics or {}).get("training_iteration", 0)) if r is not None else 0
-        stopped = r is not None and r.error is None and n < rounds
-        client.set_tag(run.info.run_id, "stopped_early", str(stopped).lower())
-        client.set_tag(run.info.run_id, "last_round", str(n))
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status="KILLED" if stopped else "FINISHED")
+        if r is None:
+            continue
+        client.set_tag(run.info.run_id, "stopped_early", str(r.stopped_early).lower())
+        client.set_tag(run.info.run_id, "last_round", str(r.rounds))
+        client.set_tag(run.info.run_id, "best_trial", str(best is not None and tid == best.trial_id).lower())
+        status = "FAILED" if r.error else ("KILLED" if r.stopped_early else "FINISHED")
+        if run.info.status == "RUNNING" or (r.stopped_early and run.info.status != "KILLED"):
+            client.set_terminated(run.info.run_id, status=status)

@@ -1,0 +1,72 @@
+"""The sweep's pieces that need no cluster: search space, presets, trial overrides, summary tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_retina.config import Config, ConfigError, apply_overrides
+from ray_retina.tune import (
+    FOCAL_PAIR,
+    PAPER_TABLE1,
+    TrialRow,
+    markdown_table,
+    paper_table,
+    preset_space,
+    search_space,
+    trial_overrides,
+)
+
+
+def test_search_space_types_and_bounds():
+    cfg = apply_overrides(
+        Config(),
+        {"tune.search_space": {
+            "loss.gamma": {"type": "uniform", "low": 0.0, "high": 5.0},
+            "model.prior": {"type": "loguniform", "low": 0.001, "high": 0.1},
+            "loss.alpha": {"type": "choice", "values": [0.25, 0.5]},
+            "optim.lr": {"type": "grid", "values": [0.01, 0.02]},
+        }},
+    )  # fmt: skip
+    space = search_space(cfg)
+    assert space["loss.gamma"].lower == 0.0 and space["loss.gamma"].upper == 5.0
+    assert space["model.prior"].lower == 0.001
+    assert space["loss.alpha"].categories == [0.25, 0.5]
+    assert space["optim.lr"] == {"grid_search": [0.01, 0.02]}
+    samples = [space["model.prior"].sample() for _ in range(200)]
+    assert all(0.001 <= s <= 0.1 for s in samples)
+    assert sum(s < 0.01 for s in samples) > 60  # log-uniform: half the mass below the geometric middle
+
+
+def test_search_space_rejects_unknown_keys_and_types():
+    bad_key = apply_overrides(Config(), {"tune.search_space": {"loss.gama": {"type": "uniform", "low": 0, "high": 1}}})
+    with pytest.raises(ConfigError, match=r"loss\.gama"):
+        search_space(bad_key)
+    bad_type = apply_overrides(Config(), {"tune.search_space": {"loss.gamma": {"type": "normal"}}})
+    with pytest.raises(ValueError, match="tune.search_space.loss.gamma"):
+        search_space(bad_type)
+
+
+def test_paper_preset_is_the_papers_grid():
+    space = preset_space("paper-table1")
+    grid = space[FOCAL_PAIR]["grid_search"]
+    assert [g for g, _ in grid] == [0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
+    assert dict(map(tuple, grid))[2.0] == 0.25 and dict(map(tuple, grid))[0.0] == 0.75
+    over = trial_overrides({FOCAL_PAIR: [0.5, 0.5], "optim.lr": 0.01, "__base__": {}})
+    assert over == {"loss.gamma": 0.5, "loss.alpha": 0.5, "optim.lr": 0.01}
+    cfg = apply_overrides(Config(), over)
+    assert (cfg.loss.gamma, cfg.loss.alpha) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_space("table2")
+
+
+def test_tables():
+    rows = [
+        TrialRow("t1", {"loss.gamma": 2.0, "loss.alpha": 0.25}, 0.40, 3, 300, False, None),
+        TrialRow("t0", {"loss.gamma": 0.0, "loss.alpha": 0.75}, 0.31, 1, 100, True, None),
+    ]
+    md = markdown_table(rows)
+    assert "| t1 | 0.25 | 2 | 0.4000 | 3 | 300 | no |" in md
+    assert "| t0 | 0.75 | 0 | 0.3100 | 1 | 100 | yes |" in md
+    pt = paper_table(rows)
+    assert "| 2.0 | 0.25 | 40.0 | 34.0 |" in pt and "| 0.0 | 0.75 | 31.0 | 31.1 |" in pt
+    assert pt.count("\n") == len(PAPER_TABLE1) + 1
