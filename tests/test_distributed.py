@@ -24,7 +24,9 @@ def two_node_cluster():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
+    # The probe functions below live in this test module: workers import it from the tests folder.
+    tests_dir = str(Path(__file__).resolve().parent)
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
     yield cluster
     ray.shutdown()
     cluster.shutdown()
@@ -58,7 +60,9 @@ def _ddp_probe(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(rank)  # different init per rank: DDP must broadcast rank 0's weights
     model = ray.train.torch.prepare_model(build_model(cfg, 3), move_to_device=torch.device("cpu"))
-    engine = Engine(cfg, model, build_criterion(cfg, 3), build_postprocessor(cfg), torch.device("cpu"), [3, 17, 42])
+    engine = Engine(
+        cfg, model, build_criterion(cfg, 3), build_postprocessor(cfg), torch.device("cpu"), [3, 17, 42]
+    )
     for i in range(3):
         assert engine.train_step(_batch(100 * rank + i)) is not None
     flat = torch.cat([p.detach().flatten() for p in unwrap(engine.model).parameters()])
@@ -82,10 +86,13 @@ def _eval_probe(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model = build_model(cfg, 3)
     model.load_state_dict(torch.load(config["weights"], weights_only=True))
-    engine = Engine(cfg, model, build_criterion(cfg, 3), build_postprocessor(cfg), torch.device("cpu"), config["cat_ids"])
+    engine = Engine(
+        cfg, model, build_criterion(cfg, 3), build_postprocessor(cfg), torch.device("cpu"), config["cat_ids"]
+    )
     gt = coco_gt_from_shards(cfg.data.val_shards) if rank == 0 else None
     stats = evaluate_distributed(engine, cfg, config["val_files"], gt, rank, world)
-    ray.train.report(stats)
+    (Path(config["out"]) / f"stats_{world}_{rank}.json").write_text(json.dumps(stats))
+    ray.train.report({})
 
 
 def _run(fn, loop_config: dict, workers: int, storage: Path, name: str):
@@ -120,7 +127,7 @@ def test_distributed_eval_equals_single_worker(two_node_cluster, tmp_path):
     from ray_retina.model import build_model
 
     cfg = resolve_paths(
-        tiny_config(tmp_path, f"sqlite:///{tmp_path / 'm.db'}", **{"postprocess.score_thresh": 0.0})
+        tiny_config(tmp_path, f"sqlite:///{tmp_path / 'm.db'}", **{"postprocess.score_thresh": 0.0, "data.rows_per_shard": 3})
     )
     ensure_data(cfg)
     torch.manual_seed(0)
@@ -129,11 +136,14 @@ def test_distributed_eval_equals_single_worker(two_node_cluster, tmp_path):
     cat_ids = sorted(c["id"] for c in read_manifest(cfg.data.val_shards)["categories"])
     loop_config = {
         "cfg": cfg.model_dump(mode="json"), "weights": str(weights), "cat_ids": cat_ids,
-        "val_files": shard_files(cfg.data.val_shards),
+        "val_files": shard_files(cfg.data.val_shards), "out": str(tmp_path),
     }  # fmt: skip
     assert len(loop_config["val_files"]) >= 2  # both ranks get shards
-    one = _run(_eval_probe, loop_config, 1, tmp_path / "runs", "eval1").metrics
-    two = _run(_eval_probe, loop_config, 2, tmp_path / "runs", "eval2").metrics
+    _run(_eval_probe, loop_config, 1, tmp_path / "runs", "eval1")
+    _run(_eval_probe, loop_config, 2, tmp_path / "runs", "eval2")
+    one = json.loads((tmp_path / "stats_1_0.json").read_text())
+    two = json.loads((tmp_path / "stats_2_0.json").read_text())
+    assert json.loads((tmp_path / "stats_2_1.json").read_text()) == two  # every rank gets rank 0's stats
     assert one["val/num_images"] == two["val/num_images"] == 8
     assert one["val/num_detections"] == two["val/num_detections"] > 0
     for k in ("val/AP", "val/AP50", "val/AP75", "val/AR100"):

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from _model_utils import boxes_image, small_cfg
 from ray_retina import plots
 from ray_retina.engine.evaluate import coco_evaluate
 from ray_retina.model import build_criterion, build_model
+
+from _model_utils import boxes_image, small_cfg
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -99,7 +100,9 @@ def test_pr_curves_from_real_cocoeval(tmp_path, backend):
     gt = _tiny_gt()
     dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
             for a in gt["annotations"]]  # fmt: skip
-    dets.append({"image_id": 2, "category_id": 17, "bbox": [70, 5, 30, 30], "score": 0.95})  # a false positive
+    dets.append(
+        {"image_id": 2, "category_id": 17, "bbox": [70, 5, 30, 30], "score": 0.95}
+    )  # a false positive
     stats, ev = coco_evaluate(gt, dets, backend=backend, return_eval=True)
     data = plots.pr_curve_data(ev)
     assert data.cat_ids == [3, 17, 42]
@@ -126,9 +129,17 @@ def test_detection_grid(tmp_path):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((64, 96), (80, 64), (96, 96))]
     dets = [
-        {"boxes": np.array([[5, 5, 40, 30], [10, 20, 60, 60]]), "scores": np.array([0.9, 0.2]), "labels": np.array([0, 1])},
+        {
+            "boxes": np.array([[5, 5, 40, 30], [10, 20, 60, 60]]),
+            "scores": np.array([0.9, 0.2]),
+            "labels": np.array([0, 1]),
+        },
         {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)},
-        {"boxes": torch.tensor([[1.0, 2.0, 50.0, 70.0]]), "scores": torch.tensor([0.55]), "labels": torch.tensor([2])},
+        {
+            "boxes": torch.tensor([[1.0, 2.0, 50.0, 70.0]]),
+            "scores": torch.tensor([0.55]),
+            "labels": torch.tensor([2]),
+        },
     ]
     gts = [
         {"boxes": np.array([[6, 4, 42, 31], [0, 0, 0, 0]]), "labels": np.array([0, -1])},
@@ -158,7 +169,9 @@ def test_figure4_from_model(tmp_path):
     batch = {"images": images.to(torch.uint8), "gt_boxes": gt_boxes, "gt_labels": gt_labels,
              "gt_crowd": torch.zeros_like(gt_labels, dtype=torch.bool)}  # fmt: skip
     model.train()
-    out = plots.figure4_from_model(model, criterion, [batch], 2.0, 0.25, tmp_path / "fig4.png", max_anchors=300)
+    out = plots.figure4_from_model(
+        model, criterion, [batch], 2.0, 0.25, tmp_path / "fig4.png", max_anchors=300
+    )
     assert _is_png(out)
     assert model.training  # the mode is restored
     with pytest.raises(ValueError, match="no batches"):
@@ -168,7 +181,7 @@ def test_figure4_from_model(tmp_path):
 def _sweep_rows():
     rng = np.random.default_rng(0)
     rows = []
-    for i in range(8):
+    for _ in range(8):
         rows.append({
             "loss.gamma": float(rng.uniform(0, 5)), "loss.alpha": str(rng.choice(["0.25", "0.5", "0.75"])),
             "model.prior": float(10 ** rng.uniform(-3, -1)), "optim.lr": float(10 ** rng.uniform(-4, -2)),

@@ -50,6 +50,7 @@ AUGMENTED_COLUMNS = [
 EXIF_ORIENTATION = 0x0112
 EXIF_FORMATS = ("JPEG", "MPO", "TIFF", "WEBP", "PNG")  # formats that can carry an EXIF orientation
 COUNTER_ACTOR = "ray_retina_data_counters"  # named actor (per Ray job) holding the skipped-image counts
+MAP_BATCHES_PER_TASK = 4  # map batches per Ray Data decode task: enough work per task, yet many tasks
 MAX_SKIP_WARNINGS = 20  # per process; every skip is still counted
 
 
@@ -240,6 +241,7 @@ def _ray_data_epoch() -> int:
 
 _local_skipped: set[int] = set()
 _warned = 0
+_counter_handle: Any = None
 
 
 def _warn_skip(image_id: int, err: Exception) -> None:
@@ -272,8 +274,10 @@ def ensure_skip_counter() -> None:
     """Create the job's named counter actor if needed (``build_dataset`` calls this on the driver)."""
     import ray
 
+    global _counter_handle
     if ray.is_initialized():
-        _counter_class().options(name=COUNTER_ACTOR, get_if_exists=True).remote()
+        # Keep the handle: a named actor still dies when the last handle of its creator goes away.
+        _counter_handle = _counter_class().options(name=COUNTER_ACTOR, get_if_exists=True).remote()
 
 
 def _count_skipped(ids: list[int]) -> None:
@@ -282,9 +286,12 @@ def _count_skipped(ids: list[int]) -> None:
         import ray
 
         if ray.is_initialized():
-            ray.get_actor(COUNTER_ACTOR).add.remote(ids)
+            # Wait for it (rare path): the count is in before this batch's rows reach any consumer.
+            ray.get(ray.get_actor(COUNTER_ACTOR).add.remote(ids), timeout=30)
     except ValueError:  # no counter actor: build_dataset was not used; the local count still holds
         pass
+    except Exception as e:  # never let counting break the data pipeline
+        logger.warning("could not record skipped images %s: %s", ids, e)
 
 
 def skipped_images() -> int:
@@ -416,14 +423,19 @@ def build_dataset(
     if train and seed is None:
         shuffle = "files"
     fs, _ = resolve_uri(paths[0])
-    ds = ray.data.read_parquet(
-        [resolve_uri(p)[1] for p in paths], filesystem=fs, columns=READ_COLUMNS, shuffle=shuffle
+    batch_size = int(_cfg(data_cfg, "map_batch_size", 8))
+    ds = ray.data.read_parquet([resolve_uri(p)[1] for p in paths], filesystem=fs, shuffle=shuffle)
+    # Ray packs small Parquet files into one read block (one map task: no parallelism) and large
+    # ones into blocks of hundreds of images (long tasks, coarse balance): cut the encoded rows into
+    # blocks of a few map batches so the decode tasks spread over every CPU Ray Data has.
+    ds = ds.select_columns(READ_COLUMNS).repartition(
+        target_num_rows_per_block=batch_size * MAP_BATCHES_PER_TASK
     )
     return ds.map_batches(
         augment_batch,
         fn_kwargs=augment_kwargs(data_cfg, train=train, cat_ids=cat_ids, seed=seed),
         batch_format="numpy",
-        batch_size=int(_cfg(data_cfg, "map_batch_size", 8)),
+        batch_size=batch_size,
         num_cpus=float(_cfg(data_cfg, "map_num_cpus", 1.0)),
     )
 
@@ -469,10 +481,12 @@ def iter_eval_batches(
                     yield collate(_take(pending, bs))
                 if max_images is not None and seen >= max_images:
                     break
+        # Batches never span two files: a file's images are then batched (and so padded) the same way
+        # whichever rank reads it, and the detections do not depend on the number of workers.
+        if pending.get("image_id"):
+            yield collate(_take(pending, len(pending["image_id"])))
         if max_images is not None and seen >= max_images:
             break
-    if pending.get("image_id"):
-        yield collate(_take(pending, len(pending["image_id"])))
 
 
 def _take(pending: dict[str, list[Any]], n: int) -> dict[str, np.ndarray]:

@@ -100,5 +100,10 @@ class BackboneWithFPN(nn.Module):
 
 
 def num_groups(channels: int, preferred: int = 32) -> int:
-    """GroupNorm groups: 32 (the GN paper's choice) when it divides the channels, else the gcd."""
-    return math.gcd(channels, preferred)
+    """GroupNorm groups: 32 (the GN paper's choice) when it divides the channels, else the gcd; at least 2
+    channels per group, so that a 1x1 map (P7 of a small image) of a single image still normalises over
+    more than one value (GroupNorm raises otherwise, and a 1-value group would normalise to 0)."""
+    g = math.gcd(channels, preferred)
+    while g > 1 and channels // g < 2:
+        g //= 2
+    return g
