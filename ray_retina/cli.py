@@ -1,4 +1,4 @@
-"""`ray-retina` console script: synth, prepare, train, tune, eval.
+"""`ray-retina` console script: synth, prepare, train, tune, eval, predict.
 
 ``ray-retina train`` with no arguments runs the CPU demo (configs/smoke.yaml): synthetic COCO set, shards,
 2 Ray Train workers, COCO AP, MLflow.
@@ -112,8 +112,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ray_retina.engine.evaluate import format_stats
     from ray_retina.predict import evaluate_checkpoint
 
-    stats = evaluate_checkpoint(args.checkpoint, args.shards, device=torch.device(args.device))
+    stats = evaluate_checkpoint(
+        args.checkpoint, args.shards, device=torch.device(args.device), backend=args.backend, plots_dir=args.plots
+    )
     print(format_stats(stats))
+    if args.plots:
+        print(f"plots: {args.plots}/pr_curves.png, detections.png, focal_loss_cdf.png")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ray_retina.predict import predict
+
+    out = predict(
+        args.checkpoint, args.input, args.out, score_thresh=args.score_thresh, batch_size=args.batch_size,
+        num_actors=args.actors, use_gpu=args.gpu,
+    )  # fmt: skip
+    print(f"detections: {out}; images with boxes drawn: {args.out}/images/")
     return 0
 
 
@@ -154,7 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--shards", required=True)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="faster_coco_eval", choices=["faster_coco_eval", "pycocotools"])
+    p.add_argument("--plots", default=None, metavar="DIR", help="write PR curves, detections and Figure 4 here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="batch inference with Ray Data: COCO-results json + drawn images")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, checkpoint.pt or a run dir (latest)")
+    p.add_argument("--input", required=True, help="folder of images (jpg/png) or a shard folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--actors", type=int, default=1, help="model replicas (Ray Data actor pool)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per model replica")
+    p.set_defaults(func=cmd_predict)
     return ap
 
 

@@ -586,3 +586,25 @@ def parallel_coordinates(
         ax.spines[s].set_visible(False)
     ax.set_title(f"Sweep: {int(ok.sum())} trials, coloured by {metric}", pad=22)
     return _save(fig, out_path)
+
+
+def ap_vs_gamma_with_paper(
+    rows: Sequence[Mapping[str, Any]],
+    paper: Sequence[tuple[float, float, float]],
+    out_path: PathLike,
+    metric: str = "val/AP",
+) -> Path:
+    """The paper-table1 ablation: our AP vs gamma beside the paper's Table 1b (gamma, alpha, AP in percent)."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    ours = sorted((float(r["loss.gamma"]), 100.0 * float(r[metric])) for r in rows if r.get(metric) is not None)
+    if ours:
+        ax.plot([g for g, _ in ours], [a for _, a in ours], "o-", color="tab:blue", label=f"ours ({metric} x 100)")
+    ax.plot([g for g, _, _ in paper], [ap for _, _, ap in paper], "s--", color="tab:gray",
+            label="paper Table 1b (R50-FPN, 600 px, COCO)")  # fmt: skip
+    for g, a, ap in paper:
+        ax.annotate(f"a={a}", (g, ap), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set_xlabel("focal loss gamma (with the paper's alpha)")
+    ax.set_ylabel("AP")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out_path)

@@ -178,6 +178,50 @@ def _coco_records(
 
 
 @torch.no_grad()
+def write_run_pictures(
+    model: torch.nn.Module,
+    criterion: Any,
+    postprocess: Any,
+    cfg: Any,
+    cat_ids: list[int],
+    categories: list[dict[str, Any]],
+    val_files: list[str],
+    coco_eval: Any,
+    out_dir: str | os.PathLike[str],
+) -> list[Path]:
+    """The pictures of a finished run: per-class PR curves (from its COCO eval), a grid of val images with
+    predicted and true boxes, and the paper's Figure 4 for the model, as PNGs in `out_dir`."""
+    from ray_retina import plots
+    from ray_retina.data.pipeline import iter_eval_batches
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+    written = [plots.pr_curves(coco_eval, categories, out / "pr_curves.png")]
+    images, preds, truths = [], [], []
+    with torch.no_grad():
+        for batch in iter_eval_batches(val_files, cfg.data, max_images=GRID_IMAGES, cat_ids=cat_ids):
+            per_image = postprocess(model(batch["images"].to(device).float()), batch["image_sizes"].to(device))
+            for i, d in enumerate(per_image):
+                h, w = batch["image_sizes"][i].tolist()
+                images.append(batch["images"][i, :, :h, :w].permute(1, 2, 0).numpy())
+                preds.append({k: v.float().cpu().numpy() if k != "labels" else v.cpu().numpy() for k, v in d.items()})
+                truths.append({"boxes": batch["gt_boxes"][i].numpy(), "labels": batch["gt_labels"][i].numpy()})
+    written.append(
+        plots.detection_grid(images, preds, truths, [names.get(c, str(c)) for c in cat_ids], out / "detections.png",
+                             score_thresh=0.3, max_images=GRID_IMAGES)
+    )  # fmt: skip
+    batches = iter_eval_batches(val_files, cfg.data, max_images=FIGURE4_IMAGES, cat_ids=cat_ids)
+    written.append(
+        plots.figure4_from_model(model, criterion, batches, cfg.loss.gamma, cfg.loss.alpha, out / "focal_loss_cdf.png")
+    )
+    model.train(was_training)
+    return written
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike[str],
     shards: str | os.PathLike[str],

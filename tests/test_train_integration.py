@@ -36,6 +36,8 @@ def test_train_two_workers_end_to_end(ray_local, tmp_path, mlflow_uri):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/pr_curves.png", "plots/detections.png", "plots/focal_loss_cdf.png"}
 
     import torch
 

@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, BinaryIO
 
@@ -40,6 +41,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "part-{:05d}.parquet"
 SHARD_META_KEY = b"ray_retina.shard"
+IO_THREADS = 8  # concurrent image reads per shard-writing task
 ROW_GROUP_SIZE = 64  # rows per Parquet row group: small enough to read a few images without the rest
 
 SHARD_SCHEMA = pa.schema(
@@ -325,22 +327,27 @@ def _write_shard(plan: dict[str, Any], images: str, out: str, verify_images: boo
             return {**result, **meta["stats"], "resumed": True}
 
     img_fs, img_root = resolve_uri(images)
-    counts: Counter[str] = Counter()
-    rows: list[dict[str, Any]] = []
-    for rec in records:
+
+    def load(rec: dict[str, Any]) -> bytes | str:
+        """The file's bytes, or the validation reason it is skipped for."""
         try:
             with img_fs.open_input_file(join_uri(img_root, rec["file_name"])) as f:
                 data = f.read()
         except FileNotFoundError:
-            counts["image_missing"] += 1
-            continue
+            return "image_missing"
         except OSError:
-            counts["image_unreadable"] += 1
-            continue
-        if not _readable_image(data, verify_images):
-            counts["image_unreadable"] += 1
-            continue
-        rows.append({**rec, "image": data})
+            return "image_unreadable"
+        return data if _readable_image(data, verify_images) else "image_unreadable"
+
+    counts: Counter[str] = Counter()
+    rows: list[dict[str, Any]] = []
+    # Threads overlap the reads: little gain on a local disk, much on an object store's latency.
+    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+        for rec, data in zip(records, pool.map(load, records), strict=True):
+            if isinstance(data, str):
+                counts[data] += 1
+            else:
+                rows.append({**rec, "image": data})
 
     table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
     stats = {

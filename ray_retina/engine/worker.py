@@ -63,10 +63,17 @@ def _maybe_inject_failure(rank: int, iteration: int, storage: str) -> None:
 
 
 def evaluate_distributed(
-    engine: Engine, cfg: Config, val_files: list[str], gt: dict[str, Any] | None, rank: int, world: int
+    engine: Engine,
+    cfg: Config,
+    val_files: list[str],
+    gt: dict[str, Any] | None,
+    rank: int,
+    world: int,
+    keep_eval: list[Any] | None = None,
 ) -> dict[str, float]:
     """Each rank runs detection on its share of the val shard files; rank 0 computes COCO AP on the union.
-    Returns the 12 stats on every rank (broadcast), keyed ``val/AP`` ... ``val/ARl``."""
+    Returns the 12 stats on every rank (broadcast), keyed ``val/AP`` ... ``val/ARl``. On rank 0 the
+    COCOeval object is appended to `keep_eval` when given (for the PR-curve pictures)."""
     from ray_retina.data.pipeline import iter_eval_batches
 
     my_files = val_files[rank::world]
@@ -80,7 +87,9 @@ def evaluate_distributed(
     if rank == 0:
         assert gt is not None
         ids = sorted(set(all_ids))
-        stats = coco_evaluate(gt, all_dets, backend=cfg.train.eval_backend, img_ids=ids)
+        stats, ev = coco_evaluate(gt, all_dets, backend=cfg.train.eval_backend, img_ids=ids, return_eval=True)
+        if keep_eval is not None:
+            keep_eval.append(ev)
         stats = {f"val/{k}": v for k, v in stats.items()}
         stats["val/num_images"] = float(len(ids))
         stats["val/num_detections"] = float(len(all_dets))
@@ -172,7 +181,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
             if it % period == 0 or it >= max_iters:
                 elapsed = time.perf_counter() - window_start
-                metrics = evaluate_distributed(engine, cfg, loop_config["val_files"], gt, rank, world)
+                final = engine.iteration >= max_iters
+                coco_eval: list[Any] = []
+                metrics = evaluate_distributed(engine, cfg, loop_config["val_files"], gt, rank, world, coco_eval)
+                if final and tracker is not None:
+                    _log_pictures(engine, cfg, loop_config, gt, coco_eval[0] if coco_eval else None, tracker)
                 n = max(window["n"], 1.0)
                 metrics.update(
                     {
@@ -201,6 +214,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 f"{world} workers x data.batch_size"
             )
         engine.epoch += 1
+
+
+def _log_pictures(engine: Engine, cfg: Config, loop_config: dict[str, Any], gt: Any, coco_eval: Any, tracker: Any) -> None:
+    """Rank 0, last eval round: PR curves, detections on val images and Figure 4 as MLflow artifacts."""
+    from ray_retina.engine.loop import unwrap
+    from ray_retina.predict import write_run_pictures
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = write_run_pictures(
+                unwrap(engine.model), engine.criterion, engine.postprocessor, cfg, loop_config["cat_ids"],
+                gt["categories"], loop_config["val_files"], coco_eval, tmp,
+            )  # fmt: skip
+            for p in paths:
+                tracker.log_artifact(p, "plots")
+    except Exception as err:  # noqa: BLE001 - pictures must never fail a finished run
+        logger.warning("run pictures failed: %s", err)
 
 
 def _report(engine: Engine, metrics: dict[str, float], rank: int, tracker: Any, run_dir: str | None) -> str | None:
