@@ -52,7 +52,8 @@ def get_or_create_experiment(uri: str, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        # Open in the MLflow UI's "Model training" view (runs table, Compare) rather than the GenAI one.
+        return client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception:  # another process created it between our two calls
         exp = client.get_experiment_by_name(name)
         if exp is None:

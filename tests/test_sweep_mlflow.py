@@ -1,0 +1,150 @@
+"""Issue 6: a 4-trial ASHA sweep against a real `mlflow server`, checked through MlflowClient, and the
+MLflow UI driven in headless Chromium to compare the trials."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from _train_utils import ROOT, tiny_config
+from conftest import free_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+PARAMS = ("loss.gamma", "loss.alpha", "model.prior", "optim.lr")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server: SQLite backend, local artifact store, 127.0.0.1 on a free port."""
+    d = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = open(d / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_local, mlflow_server, tmp_path_factory):
+    from ray_retina.tune import run_sweep
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    cfg = tiny_config(
+        tmp, mlflow_server, name="it_sweep",
+        **{"scaling.num_workers": 1, "data.batch_size": 8, "optim.max_iters": 24, "optim.steps": [24],
+           "train.eval_period": 6, "postprocess.score_thresh": 0.0,
+           "tune.search_space": {"loss.gamma": {"type": "uniform", "low": 0.0, "high": 5.0},
+                                 "loss.alpha": {"type": "uniform", "low": 0.1, "high": 0.9},
+                                 "model.prior": {"type": "loguniform", "low": 0.001, "high": 0.1},
+                                 "optim.lr": {"type": "loguniform", "low": 0.0003, "high": 0.003}},
+           "tune.num_samples": 4, "tune.grace_period": 1, "tune.reduction_factor": 2,
+           "tune.max_concurrent_trials": 2},
+    )  # fmt: skip
+    return run_sweep(cfg, sweep_name="it-sweep")
+
+
+def test_sweep_in_mlflow(sweep, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    assert sweep.num_trials == 4 and sweep.num_errors == 0
+    assert any(r.stopped_early for r in sweep.rows), "ASHA stopped no trial early"
+    assert any(r.rounds == 4 for r in sweep.rows), "no trial ran all its eval rounds"
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(sweep.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}'"
+    )
+    assert len(children) == 4
+    by_trial = {r.trial_id: r for r in sweep.rows}
+    for child in children:
+        row = by_trial[child.data.tags["ray_retina.trial_id"]]
+        for key in PARAMS:
+            assert float(child.data.params[key]) == pytest.approx(row.params[key])
+        hist = client.get_metric_history(child.info.run_id, "val/AP")
+        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == [6 * (i + 1) for i in range(row.rounds)]
+        assert child.data.tags["stopped_early"] == str(row.stopped_early).lower()
+        assert child.info.status == ("KILLED" if row.stopped_early else "FINISHED")
+        if not row.stopped_early:
+            names = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
+            assert "plots/focal_loss_cdf.png" in names and "plots/pr_curves.png" in names
+    best = [c for c in children if c.data.tags["best_trial"] == "true"]
+    assert len(best) == 1 and parent.data.tags["ray_retina.best_trial"] == best[0].data.tags["ray_retina.trial_id"]
+    parent_files = {a.path for a in client.list_artifacts(sweep.parent_run_id)}
+    assert "sweep_summary.md" in parent_files
+    plots = {a.path for a in client.list_artifacts(sweep.parent_run_id, "plots")}
+    assert {"plots/parallel_coordinates.png", "plots/ap_vs_params.png"} <= plots
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium (.ci/run installs it)")
+def test_compare_trials_in_mlflow_ui(sweep, mlflow_server):
+    """Open the sweep's experiment, select the 4 child runs, press Compare: params and val/AP are shown."""
+    from mlflow.tracking import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    client = MlflowClient(mlflow_server)
+    exp_id = client.get_run(sweep.parent_run_id).info.experiment_id
+    shot = ROOT / "docs" / "mlflow_compare.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(f"{mlflow_server}/#/experiments/{exp_id}/runs", wait_until="networkidle")
+        page.get_by_text("it-sweep", exact=True).first.wait_for(timeout=60_000)
+        _select_child_runs(page)
+        page.get_by_role("button", name="Compare", exact=True).click()
+        page.wait_for_url("**/compare-runs**", timeout=60_000)
+        page.get_by_text("val/AP").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(1500)  # let the parallel-coordinates plot draw before the screenshot
+        body = page.inner_text("body")
+        for key in PARAMS:
+            assert key in body, key
+        assert "val/AP" in body
+        shot.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(shot), full_page=False)
+        browser.close()
+    assert shot.stat().st_size > 10_000
+
+
+def _select_child_runs(page) -> None:
+    """Expand the parent run's row (MLflow 3 nests child runs) and tick the row-selection checkboxes of the
+    4 children. The runs table is an ag-grid: rows 1..4 under the parent at row 0."""
+    page.locator("button[data-component-id*='runnamecellrenderer']").first.click()
+    page.get_by_text("it-sweep-", exact=False).nth(3).wait_for(timeout=30_000)
+    for row in range(1, 5):
+        page.locator(f"[row-index='{row}'] input.ag-checkbox-input").first.check()
