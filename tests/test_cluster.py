@@ -277,7 +277,7 @@ def test_launcher_passes_ray_up_offline_checks(launcher):
     prepared = prepare_config(copy.deepcopy(launcher))
     validate_config(prepared)
     assert prepared["head_node_type"] == "head.cpu"
-    assert prepared["available_node_types"]["head.cpu"]["resources"] == {"CPU": 0}
+    assert prepared["available_node_types"]["head.cpu"]["resources"] == {"CPU": 0, "ray_retina_trial": 64}
 
 
 @pytest.mark.parametrize("config", ["configs/retinanet_r50_fpn_1x_coco.yaml", "configs/tune_focal_gpu.yaml"])
