@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from ray_retina.config import (
     PAPER_LR,
@@ -79,7 +80,7 @@ def test_flatten_round_trips_through_overrides():
 
 def test_config_is_frozen():
     cfg = Config()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.loss.gamma = 1.0  # type: ignore[misc]
 
 

@@ -38,7 +38,7 @@ def _noisy_dets(gt: dict, seed: int = 1) -> list[dict]:
         dets.append({"image_id": a["image_id"], "category_id": cat,
                      "bbox": [x + jit[0], y + jit[1], max(1.0, w + jit[2]), max(1.0, h + jit[3])],
                      "score": float(rng.uniform(0.05, 1.0))})  # fmt: skip
-    for i in range(30):  # false positives
+    for _ in range(30):  # false positives
         dets.append({"image_id": int(rng.integers(1, 21)), "category_id": 17,
                      "bbox": [float(rng.uniform(0, 300)), float(rng.uniform(0, 200)), 50.0, 40.0],
                      "score": float(rng.uniform(0.05, 0.6))})  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from _train_utils import tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
