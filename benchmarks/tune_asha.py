@@ -120,6 +120,19 @@ def sweep(scheduler: str, args: argparse.Namespace, url: str, out: Path) -> dict
     }
 
 
+def from_results(sweep_dir: Path, rounds: int) -> dict[str, float]:
+    """The FIFO numbers of a finished sweep, from Tune's per-trial result.json files."""
+    iters, best, n = 0, 0.0, 0
+    for f in sweep_dir.glob("_trial_*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if rows:
+            iters += int(rows[-1]["iteration"])
+            best = max(best, max(r["val/AP"] for r in rows[-1:]))
+            n += 1
+    return {"total_iterations": iters, "best_ap": best, "errors": 0, "seconds": float("nan"), "stopped_early": 0,
+            "trials": n}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=8)
@@ -127,6 +140,8 @@ def main() -> None:
     ap.add_argument("--eval-period", type=int, default=10)
     ap.add_argument("--reports", type=int, default=30)
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "tune"))
+    ap.add_argument("--reuse-fifo", default=None, metavar="SWEEP_DIR",
+                    help="take the FIFO numbers from a finished FIFO sweep's Tune directory")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,8 +156,9 @@ def main() -> None:
         print(f"tracking per report ({track['metrics_per_report']} metrics): ours {1000 * track['ours_s']:.1f} ms, "
               f"Ray MLflowLoggerCallback path {1000 * track['ray_callback_s']:.1f} ms, "
               f"ratio {track['ray_callback_s'] / track['ours_s']:.1f}x")  # fmt: skip
-        ray.init(address="local", num_cpus=4, include_dashboard=False, resources={TRIAL_RESOURCE: 16})
-        fifo = sweep("fifo", args, url, out)
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                 resources={TRIAL_RESOURCE: 16})  # fmt: skip
+        fifo = from_results(Path(args.reuse_fifo), args.rounds) if args.reuse_fifo else sweep("fifo", args, url, out)
         asha = sweep("asha", args, url, out)
         ray.shutdown()
     finally:

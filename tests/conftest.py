@@ -32,7 +32,11 @@ def ray_local():
         ray.shutdown()
     from ray_retina.tune import TRIAL_RESOURCE
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, resources={TRIAL_RESOURCE: 64})
+    # The dashboard (127.0.0.1) serves the state API that Ray Train's placement-group cleaner needs.
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+        log_to_driver=False, resources={TRIAL_RESOURCE: 64},
+    )  # fmt: skip
     yield ray
     ray.shutdown()
 

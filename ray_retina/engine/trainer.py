@@ -102,7 +102,11 @@ def ensure_ray(cfg: Config) -> None:
     # The trial-driver resource lets Tune trial drivers run without holding a CPU (see tune.py).
     kwargs: dict[str, Any] = {
         "address": "local",  # a new local instance, never an unrelated cluster left running on this host
-        "include_dashboard": False,
+        # The dashboard serves Ray's state API, which Ray Train's PlacementGroupCleaner needs to see that a
+        # trial's controller died (ASHA stopping a trial): without it the trial's worker placement group
+        # leaks and later trials wait forever for its CPUs. Local only (127.0.0.1).
+        "include_dashboard": True,
+        "dashboard_host": "127.0.0.1",
         "log_to_driver": True,
         "resources": {TRIAL_RESOURCE: 64},
     }
