@@ -16,7 +16,7 @@ IOU = torch.tensor([[1.0, 0.5, 0.0], [1 / 3, 0.5, 0.0], [0.25, 0.5, 0.0], [0.0, 
 
 
 def test_iou_3x4_by_hand():
-    torch.testing.assert_close(pairwise_iou(ANCHORS, GT[None])[0], IOU)
+    torch.testing.assert_close(pairwise_iou(ANCHORS, GT[None])[0], IOU.T)  # (B, G, R) layout
 
 
 def test_matches_3x4_by_hand():

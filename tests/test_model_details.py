@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torchvision
-from _model_utils import boxes_image, small_cfg
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -22,6 +21,8 @@ from ray_retina.model import (
 from ray_retina.model.backbone import BackboneWithFPN
 from ray_retina.model.box_coder import BoxCoder
 from ray_retina.model.matcher import Matcher
+
+from _model_utils import boxes_image, small_cfg
 
 
 @pytest.mark.parametrize("p6_from", ["c5", "p5"])

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from _model_utils import boxes_image, small_cfg
 
 from ray_retina.model import (
     HeadOutputs,
@@ -14,6 +13,8 @@ from ray_retina.model import (
     build_model,
     build_postprocessor,
 )
+
+from _model_utils import boxes_image, small_cfg
 
 
 @pytest.fixture(scope="module")

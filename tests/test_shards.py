@@ -186,7 +186,10 @@ def make_messy_coco(root):
         "licenses": [],
         "images": images,
         "annotations": anns,
-        "categories": [{"id": 1, "name": "a", "supercategory": "x"}, {"id": 5, "name": "b", "supercategory": "x"}],
+        "categories": [
+            {"id": 1, "name": "a", "supercategory": "x"},
+            {"id": 5, "name": "b", "supercategory": "x"},
+        ],
     }
     path = root / "instances.json"
     path.write_text(json.dumps(coco))
@@ -241,7 +244,9 @@ def test_file_uri_in_and_out(synth, tmp_path):
     files = shard_files(out)
     assert files[0].startswith("file://") and (tmp_path / "uri_out" / "part-00000.parquet").exists()
     local = write_shards(synth.val_annotations, synth.val_images, tmp_path / "local_out", rows_per_shard=5)
-    assert {k: v for k, v in local.items() if k != "source"} == {k: v for k, v in manifest.items() if k != "source"}
+    assert {k: v for k, v in local.items() if k != "source"} == {
+        k: v for k, v in manifest.items() if k != "source"
+    }
     assert coco_gt_from_shards(out) == coco_gt_from_shards(tmp_path / "local_out")
 
 

@@ -42,7 +42,7 @@ MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "part-{:05d}.parquet"
 SHARD_META_KEY = b"ray_retina.shard"
 IO_THREADS = 8  # concurrent image reads per shard-writing task
-ROW_GROUP_SIZE = 64  # rows per Parquet row group: small enough to read a few images without the rest
+ROW_GROUP_SIZE = 16  # rows per Parquet row group = images per Ray Data decode task (reader "row_groups")
 
 SHARD_SCHEMA = pa.schema(
     [

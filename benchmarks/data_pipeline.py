@@ -1,0 +1,254 @@
+"""Decode + augment throughput on the same shards: single process vs torch DataLoader vs Ray Data.
+
+    .venv/bin/python benchmarks/data_pipeline.py [--images 240] [--repeats 3] [--cpus 2] [--no-simplejpeg]
+
+All three run the same function (``ray_retina.data.pipeline.augment_batch``, training mode: decode,
+shorter side drawn from ``--train-min-size``, longer side capped, flip) over the same Parquet shards
+and hand the augmented rows to the consuming process, which only counts them:
+
+  (a) single process: a plain loop, reading the shards with pyarrow in this process (the per-core limit)
+  (b) torch DataLoader, ``--cpus`` workers, an IterableDataset giving each worker its share of the files
+      (augmented numpy batches handed to the main process as they are)
+  (c) our Ray Data pipeline (``build_dataset``) on a local Ray with ``--cpus`` CPUs, iterated with
+      ``iter_batches`` in the driver (``--compare-readers``: also its ``read_parquet`` variant)
+
+Each figure is the median of ``--repeats`` full passes, run in interleaved rounds after one warm-up
+pass each (Ray's and the DataLoader's start-up is outside the timing; a Ray pass includes its
+per-epoch execution start, also reported as the time to the first batch).
+The data set: synthetic COCO-format shapes at COCO-like sizes (``--image-size``), JPEG.
+Target (issue 4): Ray Data >= 0.8x the DataLoader and >= 1.6x the single process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+
+def _args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=240)
+    ap.add_argument("--image-size", type=int, nargs=2, default=[480, 640], help="source sides, min max")
+    ap.add_argument("--train-min-size", type=int, nargs=2, default=[640, 800], help="shorter side jitter")
+    ap.add_argument("--max-size", type=int, default=1333)
+    ap.add_argument("--rows-per-shard", type=int, default=64)
+    ap.add_argument("--map-batch-size", type=int, default=4)
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument(
+        "--map-num-cpus", type=float, default=1.0, help="Ray CPUs per decode task (data.map_num_cpus)"
+    )
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--no-simplejpeg", action="store_true", help="decode with Pillow even if simplejpeg is there"
+    )
+    ap.add_argument(
+        "--compare-readers", action="store_true", help="also time build_dataset(reader='read_parquet')"
+    )
+    ap.add_argument("--workdir", default="bench_out/data_pipeline")
+    ap.add_argument("--json", default=None, help="write the results here too")
+    return ap.parse_args()
+
+
+def _prepare(args: argparse.Namespace) -> Path:
+    from ray_retina.data.shards import manifest_exists, write_shards
+    from ray_retina.data.synthetic import make_synthetic_coco
+
+    lo, hi = args.image_size
+    root = Path(args.workdir) / f"n{args.images}_s{lo}-{hi}_r{args.rows_per_shard}"
+    shards = root / "shards"
+    if not manifest_exists(shards):
+        p = make_synthetic_coco(root / "coco", args.images, 0, seed=0, min_image_size=lo, max_image_size=hi,
+                                max_object_size=min(96, lo))  # fmt: skip
+        write_shards(p.train_annotations, p.train_images, shards, rows_per_shard=args.rows_per_shard)
+    return shards
+
+
+def _kwargs(args: argparse.Namespace, shards: Path) -> dict:
+    from ray_retina.data.pipeline import augment_kwargs
+    from ray_retina.data.shards import read_manifest
+
+    cat_ids = [c["id"] for c in read_manifest(shards)["categories"]]
+    return augment_kwargs(_data_cfg(args), train=True, cat_ids=cat_ids, seed=0)
+
+
+def _data_cfg(args: argparse.Namespace) -> SimpleNamespace:
+    return SimpleNamespace(
+        train_min_size=list(args.train_min_size), test_min_size=args.train_min_size[0], max_size=args.max_size,
+        hflip_prob=0.5, map_batch_size=args.map_batch_size, map_num_cpus=args.map_num_cpus, size_divisibility=128,
+    )  # fmt: skip
+
+
+def iter_augmented(files: list[str], kwargs: dict, batch_size: int):
+    """Read shard files with pyarrow and augment them, in the calling process."""
+    import pyarrow.parquet as pq
+
+    from ray_retina.data.pipeline import READ_COLUMNS, augment_batch
+
+    for path in files:
+        for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=READ_COLUMNS):
+            rows = {c: rb.column(c).to_numpy(zero_copy_only=False) for c in READ_COLUMNS}
+            yield augment_batch(rows, **kwargs)
+
+
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, user + system CPU seconds) of a live process, from /proc (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def descendants(root: int) -> set[int]:
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (st := _proc_stat(int(entry))) is not None:
+            parent[int(entry)] = st[0]
+    out, frontier = set(), {root}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - out
+        out |= frontier
+    return out
+
+
+def cpu_seconds(pids: set[int]) -> float:
+    return sum(st[1] for pid in pids if (st := _proc_stat(pid)) is not None)
+
+
+def count_pass(batches) -> tuple[int, float]:
+    """Consume one pass; returns (images, seconds until the first batch)."""
+    t0 = time.perf_counter()
+    n, first = 0, None
+    for b in batches:
+        if first is None:
+            first = time.perf_counter() - t0
+        n += len(b["image_id"])
+    return n, first or 0.0
+
+
+def single_pass(files: list[str], kwargs: dict, args: argparse.Namespace):
+    return lambda: count_pass(iter_augmented(files, kwargs, args.map_batch_size))
+
+
+def dataloader_pass(files: list[str], kwargs: dict, args: argparse.Namespace):
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+    class Shards(IterableDataset):
+        def __iter__(self):
+            info = get_worker_info()
+            mine = files if info is None else files[info.id :: info.num_workers]
+            # numpy batches cross to the main process pickled through a pipe: for images of this size
+            # that is faster here than torch tensors through shared memory (one shm file per tensor)
+            yield from iter_augmented(mine, kwargs, args.map_batch_size)
+
+    torch.set_num_threads(1)
+    loader = DataLoader(Shards(), batch_size=None, num_workers=args.cpus, persistent_workers=True,
+                        prefetch_factor=4)  # fmt: skip
+
+    def run():
+        out = count_pass(loader)
+        _LOADER_PIDS.update(w.pid for w in loader._iterator._workers)  # persistent: alive between passes
+        return out
+
+    return run
+
+
+_LOADER_PIDS: set[int] = set()
+
+
+def ray_pass(shards: Path, args: argparse.Namespace, reader: str):
+    import ray
+
+    from ray_retina.data.pipeline import build_dataset
+
+    if not ray.is_initialized():
+        env = {"RAY_RETINA_NO_SIMPLEJPEG": "1"} if args.no_simplejpeg else {}
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env})  # fmt: skip
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+    ds = build_dataset(shards, _data_cfg(args), train=True, seed=0, reader=reader)
+    return lambda: count_pass(ds.iter_batches(batch_size=None))
+
+
+def main() -> None:
+    args = _args()
+    if args.no_simplejpeg:
+        os.environ["RAY_RETINA_NO_SIMPLEJPEG"] = "1"
+    from ray_retina.data import pipeline
+    from ray_retina.data.shards import shard_files
+
+    shards = _prepare(args)
+    files = shard_files(shards)
+    kwargs = _kwargs(args, shards)
+    decoder = "simplejpeg" if pipeline._use_simplejpeg() else "Pillow"
+    print(f"{args.images} images {args.image_size[0]}-{args.image_size[1]} px in {len(files)} shards, "
+          f"shorter side {args.train_min_size}, max {args.max_size}, decoder {decoder}, {os.cpu_count()} cores here, "
+          f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr)  # fmt: skip
+
+    passes = {
+        "single process": single_pass(files, kwargs, args),
+        f"torch DataLoader, {args.cpus} workers": dataloader_pass(files, kwargs, args),
+        f"Ray Data, {args.cpus} CPUs": ray_pass(shards, args, "row_groups"),
+    }
+    if args.compare_readers:
+        passes[f"Ray Data read_parquet, {args.cpus} CPUs"] = ray_pass(shards, args, "read_parquet")
+    # Interleaved rounds (a, b, c, a, b, c, ...) after one warm-up pass each, so that a change in the
+    # machine's load hits all three alike.
+    for run in passes.values():
+        run()
+    # CPU seconds of the processes doing each variant's work (this process included): the cost per
+    # image, which other processes' load on a shared machine changes far less than the wall clock.
+    me = os.getpid()
+    ray_pids = descendants(me) - _LOADER_PIDS
+    procs = {name: {me} | (_LOADER_PIDS if "DataLoader" in name else ray_pids if "Ray" in name else set())
+             for name in passes}  # fmt: skip
+    results = {name: {"runs": [], "first_batch_s": [], "cpu_ms_per_image": []} for name in passes}
+    for _ in range(args.repeats):
+        for name, run in passes.items():
+            c0, t0 = cpu_seconds(procs[name]), time.perf_counter()
+            n, first = run()
+            wall, cpu = time.perf_counter() - t0, cpu_seconds(procs[name]) - c0
+            results[name]["runs"].append(n / wall)
+            results[name]["first_batch_s"].append(first)
+            results[name]["cpu_ms_per_image"].append(1000 * cpu / n)
+    for name, r in results.items():
+        r["images_per_s"] = statistics.median(r["runs"])
+        r["cpu_ms"] = statistics.median(r["cpu_ms_per_image"])
+        print(f"  {name:<34} {r['images_per_s']:7.1f} images/s  (runs: {', '.join(f'{x:.1f}' for x in r['runs'])}; "
+              f"first batch after {statistics.median(r['first_batch_s']):.2f} s; {r['cpu_ms']:.1f} CPU ms/image)",
+              file=sys.stderr)  # fmt: skip
+
+    single, loader, ray_ = (r["images_per_s"] for r in list(results.values())[:3])
+    ratios = {
+        "ray_vs_dataloader": ray_ / loader,
+        "ray_vs_single": ray_ / single,
+        "dataloader_vs_single": loader / single,
+    }
+    print("\n| pipeline | images/s | vs single process | CPU ms / image | images/s per busy core |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, r in results.items():
+        print(f"| {name} | {r['images_per_s']:.1f} | {r['images_per_s'] / single:.2f}x | {r['cpu_ms']:.1f} | "
+              f"{1000 / r['cpu_ms']:.1f} |")  # fmt: skip
+    ok_loader, ok_single = ratios["ray_vs_dataloader"] >= 0.8, ratios["ray_vs_single"] >= 1.6
+    print(f"\nRay Data / DataLoader = {ratios['ray_vs_dataloader']:.2f}x (target >= 0.8: {'met' if ok_loader else 'MISSED'}); "
+          f"Ray Data / single = {ratios['ray_vs_single']:.2f}x (target >= 1.6: {'met' if ok_single else 'MISSED'})")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "decoder": decoder, "results": results,
+                                               "ratios": ratios}, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
