@@ -147,6 +147,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     window: dict[str, float] = {"loss_cls": 0.0, "loss_box": 0.0, "n": 0.0, "images": 0.0, "wait": 0.0}
     window_start = time.perf_counter()
     last_ckpt: str | None = None
+    last_lr = engine.optimizer.param_groups[0]["lr"]
 
     while engine.iteration < max_iters:
         seen_batch = False
@@ -170,6 +171,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 raise NonFiniteLossError(f"{err}; last good checkpoint: {where}") from None
             window["images"] += batch["images"].shape[0]
             if out is not None:
+                last_lr = out["lr"]
                 window["loss_cls"] += out["loss_cls"]
                 window["loss_box"] += out["loss_box"]
                 window["n"] += 1
@@ -191,7 +193,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     {
                         "train/loss_cls": window["loss_cls"] / n,
                         "train/loss_box": window["loss_box"] / n,
-                        "train/lr": engine.optimizer.param_groups[0]["lr"],
+                        "train/lr": last_lr,  # the lr of the last step, as the per-step curve logs it
                         # images/s over all workers: each rank processed the same number of batches.
                         "train/images_per_s": window["images"] * world / max(elapsed, 1e-9),
                         "train/data_wait_s": window["wait"],
