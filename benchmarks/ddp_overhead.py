@@ -140,15 +140,16 @@ def _ddp_worker(rank: int, world: int, port: int, job: dict[str, Any], queue) ->
 
 
 def run_workers(world: int, job: dict[str, Any]) -> tuple[list[float], list[float]]:
-    """Per-step wall times (max over ranks: a DDP step ends when the slowest rank's does) and CPU times
-    (mean over ranks) of `job` on `world` processes."""
+    """Per-step wall and CPU times of `job` on `world` processes, each the mean over ranks. (Not the max:
+    the ranks meet inside a step, so the time one rank's step waits at the first collective is the tail of
+    the other's previous step; the max would count that skew twice.)"""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
     mp.start_processes(_ddp_worker, args=(world, port, job, queue), nprocs=world, start_method="spawn")
     per_rank = dict(queue.get() for _ in range(world))
     steps = list(zip(*per_rank.values(), strict=True))
-    return [max(w for w, _ in st) for st in steps], [sum(c for _, c in st) / world for st in steps]
+    return [sum(w for w, _ in st) / world for st in steps], [sum(c for _, c in st) / world for st in steps]
 
 
 def _fmt(x: float) -> str:
@@ -244,10 +245,11 @@ def prepare_bare_batches(cfg, world: int, steps: int, out_dir: Path) -> tuple[li
 
 class TreeCpuSampler:
     """CPU seconds (user + system) used by the processes below this one (the local Ray instance: GCS,
-    raylet, train workers, Ray Data tasks, agents), sampled every `interval` s in a thread.
+    raylet, agents, train workers, Ray Data tasks), per kind of process, sampled every `interval` s in a
+    thread.
 
     On a shared machine the wall time of a step moves with everyone else's load; the CPU time the Ray
-    cluster spends per step does not. A process that exits keeps the CPU of its last sample.
+    instance spends per step moves much less. A process that exits keeps the CPU of its last sample.
     """
 
     TICK = os.sysconf("SC_CLK_TCK")
@@ -256,12 +258,30 @@ class TreeCpuSampler:
         import threading
 
         self.interval = interval
-        self.samples: list[tuple[float, float]] = []  # (unix time, cpu seconds of the tree so far)
-        self._last: dict[int, float] = {}
+        self.samples: list[tuple[float, dict[str, float]]] = []  # (unix time, cpu s so far per kind)
+        self._last: dict[int, tuple[str, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _scan(self) -> float:
+    @staticmethod
+    def kind(pid: int) -> str:
+        """'RayTrainWorker', 'raylet', 'gcs_server', 'dashboard/agent.py', ... from the command line."""
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").replace("\0", " ").split()
+        except OSError:
+            return "?"
+        if not argv:
+            return "?"
+        if argv[0].startswith("ray::"):  # Ray workers rename themselves: ray::<actor or task>[.<method>]
+            return argv[0][5:].split(".")[0].split("(")[0]
+        exe = argv[0].rsplit("/", 1)[-1]
+        if exe.startswith("python") and len(argv) > 1:
+            script = next((a for a in argv[1:] if not a.startswith("-")), "")
+            return "/".join(script.rsplit("/", 2)[-2:]) or exe
+        return exe
+
+    def _scan(self) -> dict[str, float]:
         me = os.getpid()
         parent: dict[int, int] = {}
         cpu: dict[int, float] = {}
@@ -281,8 +301,12 @@ class TreeCpuSampler:
             while p not in (0, 1, me) and seen < 64:
                 p, seen = parent.get(p, 0), seen + 1
             if p == me and pid != me:
-                self._last[pid] = c
-        return sum(self._last.values())
+                # An idle Ray worker that picks up a task renames itself: the kind of its latest title.
+                self._last[pid] = (self.kind(pid), c)
+        total: dict[str, float] = {}
+        for k, c in self._last.values():
+            total[k] = total.get(k, 0.0) + c
+        return total
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -297,18 +321,21 @@ class TreeCpuSampler:
         self._stop.set()
         self._thread.join()
 
-    def at(self, t: float) -> float:
-        """CPU seconds of the tree at unix time `t`, interpolated between samples."""
+    def at(self, t: float) -> dict[str, float]:
+        """CPU seconds per kind at unix time `t`, interpolated between samples."""
         import bisect
 
         times = [x for x, _ in self.samples]
         i = bisect.bisect_left(times, t)
-        if i == 0:
-            return self.samples[0][1]
-        if i >= len(times):
-            return self.samples[-1][1]
+        if i == 0 or i >= len(times):
+            return dict(self.samples[0 if i == 0 else -1][1])
         (t0, c0), (t1, c1) = self.samples[i - 1], self.samples[i]
-        return c0 + (c1 - c0) * (t - t0) / max(t1 - t0, 1e-9)
+        a = (t - t0) / max(t1 - t0, 1e-9)
+        return {k: c0.get(k, 0.0) + (c1.get(k, 0.0) - c0.get(k, 0.0)) * a for k in c0.keys() | c1.keys()}
+
+    def between(self, t0: float, t1: float) -> dict[str, float]:
+        a, b = self.at(t0), self.at(t1)
+        return {k: b.get(k, 0.0) - a.get(k, 0.0) for k in a.keys() | b.keys()}
 
 
 def ray_window_times(uri: str, run_id: str, cfg) -> list[dict[str, float]]:  # noqa: ANN001
@@ -401,7 +428,10 @@ def part_b(args: argparse.Namespace) -> dict[str, float]:
     bare = statistics.mean(bare_before + bare_after)
     # CPU of the whole Ray instance from the report that ends window 1 to the last one (windows 2.., with
     # their evals, reports and checkpoints) against the bare loop's CPU of the same steps on both ranks.
-    ray_cpu = (sampler.at(measured[-1]["t_end"]) - sampler.at(measured[0]["t_start"])) / steps
+    by_kind = {
+        k: v / steps for k, v in sampler.between(measured[0]["t_start"], measured[-1]["t_end"]).items()
+    }
+    ray_cpu = sum(by_kind.values())
     bare_cpu = world * statistics.mean(cpu_before + cpu_after)
 
     smoke_period = smoke_config().train.eval_period
@@ -431,6 +461,8 @@ def part_b(args: argparse.Namespace) -> dict[str, float]:
           f"in one process: {prep_s * 1000:.0f} ms (Ray Data does it beside the workers)")  # fmt: skip
     print(f"{'cpu, all processes (ray: whole instance)':<38}{_fmt(bare_cpu)}{_fmt(ray_cpu)}"
           f"{100 * (ray_cpu - bare_cpu) / bare_cpu:>9.1f}%   (ray includes eval/report/checkpoint every {period})")  # fmt: skip
+    shown = sorted(((v, k) for k, v in by_kind.items() if v >= 0.002), reverse=True)
+    print("  ray cpu per step by process: " + ", ".join(f"{k} {v * 1000:.0f} ms" for v, k in shown))
     overhead = (ray_step - bare) / bare
     print(f"target: Ray Train loop overhead <= 5% of the step: {'met' if overhead <= 0.05 else 'NOT met'} "
           f"({100 * overhead:.1f}% per training step; {100 * (at_smoke - bare) / bare:.1f}% with smoke's "

@@ -232,7 +232,8 @@ def main() -> None:
             for part in ("step", "net", "out") if clock_name != "direct" else ("out",):
                 label = {"step": "step", "net": "network", "out": "outside"}[part] + f" ({clock_name})"
                 tv_t, our_t = m[f"{part}_tv"], m[f"{part}_ours"]
-                print(f"{name:<22}{label:<16}{tv_t:>12.3f}{our_t:>10.3f}{tv_t / max(our_t, 1e-9):>8.2f}x")
+                ratio = f"{tv_t / our_t:>8.2f}x" if our_t > 0 and tv_t > 0 else f"{'n/a':>9}"
+                print(f"{name:<22}{label:<16}{tv_t:>12.3f}{our_t:>10.3f}{ratio}")
                 name = ""
         m, d = med["wall"], med["direct"]
         verdicts.append(f"{s}: step faster {'met' if m['step_ours'] < m['step_tv'] else 'NOT met'}, "
