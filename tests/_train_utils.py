@@ -9,9 +9,8 @@ from ray_retina.config import Config, apply_overrides, load_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tiny_config(tmp: Path, mlflow_uri: str, **over) -> Config:
-    """A few-second RetinaNet on a tiny synthetic set: the whole path, not a toy of it."""
-    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+def tiny_overrides(tmp: Path, mlflow_uri: str, **over) -> dict[str, object]:
+    """The dotted-key overrides of configs/smoke.yaml that make `tiny_config` (also passed as `--set`)."""
     base = {
         "name": "it_train",
         "data.root": str(tmp / "synth"),
@@ -37,4 +36,9 @@ def tiny_config(tmp: Path, mlflow_uri: str, **over) -> Config:
         "tracking.tracking_uri": mlflow_uri,
     }  # fmt: skip
     base.update(over)
-    return apply_overrides(cfg, base)
+    return base
+
+
+def tiny_config(tmp: Path, mlflow_uri: str, **over) -> Config:
+    """A few-second RetinaNet on a tiny synthetic set: the whole path, not a toy of it."""
+    return apply_overrides(load_config(ROOT / "configs" / "smoke.yaml"), tiny_overrides(tmp, mlflow_uri, **over))

@@ -83,6 +83,22 @@ def test_equals_pycocotools_reference(backend):
     assert 0.2 < stats["AP50"] < 1.0
 
 
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_inputs_left_untouched_and_repeatable(backend):
+    """coco_evaluate copies only one dict level deep: the caller's GT and detections must come back as they
+    went in (COCOeval adds keys to GT annotations, loadRes to result dicts), even with a crowd box and a
+    GT with segmentation, and a second call on the same objects gives the same stats."""
+    gt = _gt()
+    gt["annotations"][0]["iscrowd"] = 1
+    gt["annotations"][1]["segmentation"] = [[1.0, 1.0, 9.0, 1.0, 9.0, 9.0]]
+    dets = _noisy_dets(gt)
+    gt0, dets0 = copy.deepcopy(gt), copy.deepcopy(dets)
+    first = coco_evaluate(gt, dets, backend=backend)
+    assert gt == gt0
+    assert dets == dets0
+    assert coco_evaluate(gt, dets, backend=backend) == first
+
+
 def test_no_detections_is_zero_and_img_ids_restrict():
     gt = _gt()
     assert coco_evaluate(gt, [])["AP"] == 0.0

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from _train_utils import tiny_overrides
+
 ROOT = Path(__file__).resolve().parent.parent
 # The venv's bin (not resolved: .venv/bin/python is a symlink to the base interpreter). Ray workers and the
 # job's `python` entrypoint use the interpreter of the raylet, so it must come first on PATH.
@@ -224,33 +226,21 @@ def ray_head() -> Iterator[Head]:
 
 
 def _overrides(tmp: Path, mlflow_uri: str) -> list[str]:
-    """tests/test_train_integration.py::tiny_config as `--set` arguments (values as JSON, which YAML reads)."""
-    values = {
-        "name": "it_job",
-        "run.name": "job-run",
-        "data.root": str(tmp / "synth"),
-        "data.train_shards": str(tmp / "synth" / "shards" / "train"),
-        "data.val_shards": str(tmp / "synth" / "shards" / "val"),
-        "data.synth": {"num_train": 32, "num_val": 8, "seed": 1, "min_image_size": 96, "max_image_size": 128,
-                       "min_object_size": 16, "max_object_size": 56, "max_objects": 3},
-        "data.rows_per_shard": 8,
-        "data.train_min_size": [96, 96],
-        "data.test_min_size": 96,
-        "data.max_size": 128,
-        "data.batch_size": 4,
-        "model.fpn_channels": 32,
-        "model.head_convs": 1,
-        "optim.lr": 0.002,
-        # One epoch (32 images / 2 workers / 4 per batch) with two eval periods: every pass of the training
-        # data re-runs the Ray Data pipeline, the slowest part of a tiny run on 2 cores.
-        "optim.max_iters": 4,
-        "optim.steps": [4],
-        "optim.warmup_iters": 1,
-        "train.eval_period": 2,
-        "train.log_period": 1,
-        "run.storage_path": str(tmp / "runs"),
-        "tracking.tracking_uri": mlflow_uri,
-    }  # fmt: skip
+    """`tiny_config` as `--set` arguments (values as JSON, which YAML reads)."""
+    values = tiny_overrides(
+        tmp,
+        mlflow_uri,
+        name="it_job",
+        **{
+            "run.name": "job-run",
+            # One epoch (32 images / 2 workers / 4 per batch) with two eval periods: every pass of the
+            # training data re-runs the Ray Data pipeline, the slowest part of a tiny run on 2 cores.
+            "optim.max_iters": 4,
+            "optim.steps": [4],
+            "optim.warmup_iters": 1,
+            "train.eval_period": 2,
+        },
+    )
     out: list[str] = []
     for k, v in values.items():
         out += ["--set", f"{k}={json.dumps(v)}"]

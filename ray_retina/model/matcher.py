@@ -49,6 +49,27 @@ def pairwise_iou(anchors: Tensor, boxes: Tensor) -> Tensor:
     return inter.div_(union)
 
 
+def max_first(iou: Tensor) -> tuple[Tensor, Tensor]:
+    """``iou.max(dim=1)`` of a (B, G, R) IoU tensor (values >= 0): the max over G and the *first* G index
+    reaching it, as ``torch.max`` returns on ties.
+
+    On CPU ``max(dim=1)`` with indices runs ~15x slower than ``amax`` (a strided reduction that tracks
+    indices). A non-negative float32 orders like its int32 bit pattern, so (bits << 32) | (G - 1 - g) is
+    an int64 key whose amax over G gives the largest IoU and, among equal IoUs, the smallest g: one
+    vectorised reduction, exact.
+    """
+    if iou.device.type != "cpu" or iou.dtype != torch.float32:
+        return iou.max(dim=1)
+    g = iou.shape[1]
+    rev = torch.arange(g - 1, -1, -1, dtype=torch.int64, device=iou.device).view(1, g, 1)
+    key = iou.contiguous().view(torch.int32).to(torch.int64)
+    key.bitwise_left_shift_(32).bitwise_or_(rev)
+    m = key.amax(dim=1)
+    idx = (g - 1) - (m & 0xFFFFFFFF)
+    vals = (m >> 32).to(torch.int32).view(torch.float32)
+    return vals, idx
+
+
 class Matcher:
     """Batched IoU matcher. Call with anchors (R, 4), gt_boxes (B, G, 4), gt_valid (B, G) bool and
     optionally gt_crowd (B, G) bool; returns ``matched_idxs`` (B, R) int64 in [0, G) (0 where nothing
@@ -100,7 +121,7 @@ class Matcher:
         cached: Tensor | None = None
         for lo, hi in chunks:
             iou = pairwise_iou(anchors, match_boxes[:, lo:hi])  # (B, g, R)
-            vals, idx = iou.max(dim=1)  # first max on ties, as torch.max / torchvision
+            vals, idx = max_first(iou)  # first max on ties, as torch.max / torchvision
             if lo == 0:
                 best_iou, best_idx = vals, idx
             else:
@@ -122,7 +143,10 @@ class Matcher:
             low_quality = torch.zeros((b, r), dtype=torch.bool, device=device)
             for lo, hi in chunks:
                 iou = cached if cached is not None else pairwise_iou(anchors, match_boxes[:, lo:hi])
-                low_quality |= (iou == gt_best_ok[:, lo:hi, None]).any(dim=1)
+                # iou <= gt_best everywhere, so "iou == gt_best for some GT" is "max(iou - gt_best) >= 0"
+                # (a float difference is 0 exactly when the operands are equal): one fast reduction
+                # instead of a (B, G, R) bool tensor and any().
+                low_quality |= (iou - gt_best_ok[:, lo:hi, None]).amax(dim=1) >= 0
             labels[low_quality] = FOREGROUND
 
         if bool(crowd.any()):
