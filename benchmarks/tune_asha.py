@@ -111,6 +111,7 @@ def sweep(scheduler: str, args: argparse.Namespace, url: str, out: Path) -> dict
     )  # fmt: skip
     t0 = time.perf_counter()
     s = run_sweep(cfg, sweep_name=f"bench-{scheduler}")
+    print(f"\n{scheduler.upper()} sweep ({s.path}):\n{s.table}\n", flush=True)
     return {
         "total_iterations": s.total_iterations,
         "best_ap": s.best_ap or 0.0,

@@ -155,7 +155,11 @@ def max_concurrent(cfg: Config) -> int:
 
 def _search_alg(cfg: Config) -> Any:
     if cfg.tune.search_alg == "random":
-        return None  # Tune's BasicVariantGenerator: random sampling (and grids)
+        # Tune's own random sampling (and grids), seeded from the config: the same `seed` draws the same
+        # trials, so two sweeps (e.g. ASHA against FIFO) compare the same points.
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=cfg.seed)
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as err:  # pragma: no cover - depends on the optional extra
@@ -222,7 +226,8 @@ def run_sweep(
         uri = tracking.resolve_tracking_uri(cfg)
         parent_id = tracking.create_run(
             cfg, run_name=sweep_name, uri=uri,
-            tags={"ray_retina.kind": "sweep", "ray_retina.preset": preset or "", "ray_retina.scheduler": cfg.tune.scheduler},
+            tags={"ray_retina.kind": "sweep", "ray_retina.preset": preset or "", "ray_retina.scheduler": cfg.tune.scheduler,
+                  "ray_retina.search_alg": "grid" if preset else cfg.tune.search_alg},
         )  # fmt: skip
     param_space = {
         **space,
@@ -240,7 +245,7 @@ def run_sweep(
             metric=cfg.tune.metric,
             mode=cfg.tune.mode,
             scheduler=scheduler,
-            search_alg=_search_alg(cfg) if not preset else None,
+            search_alg=_search_alg(cfg) if not preset else None,  # a preset: a grid, in order
             num_samples=1 if preset else cfg.tune.num_samples,
             max_concurrent_trials=max_concurrent(cfg),
         ),

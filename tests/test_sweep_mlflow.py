@@ -71,7 +71,9 @@ def sweep(ray_local, mlflow_server, tmp_path_factory):
                                  "model.prior": {"type": "loguniform", "low": 0.001, "high": 0.1},
                                  "optim.lr": {"type": "loguniform", "low": 0.0003, "high": 0.003}},
            "tune.num_samples": 4, "tune.grace_period": 1, "tune.reduction_factor": 2,
-           "tune.max_concurrent_trials": 2},
+           "tune.max_concurrent_trials": 2,
+           # Optuna's TPE here (the random default runs in test_tune_resume and the benchmark).
+           "tune.search_alg": "optuna"},
     )  # fmt: skip
     return run_sweep(cfg, sweep_name="it-sweep")
 
@@ -85,6 +87,11 @@ def test_sweep_in_mlflow(sweep, mlflow_server):
     client = MlflowClient(mlflow_server)
     parent = client.get_run(sweep.parent_run_id)
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags["ray_retina.search_alg"] == "optuna"
+    # Optuna suggested four distinct points inside the space.
+    gammas = {round(r.params["loss.gamma"], 9) for r in sweep.rows}
+    assert len(gammas) == 4 and all(0.0 <= g <= 5.0 for g in gammas)
+    assert all(0.0003 <= r.params["optim.lr"] <= 0.003 for r in sweep.rows)
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}'"
     )

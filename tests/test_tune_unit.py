@@ -70,3 +70,26 @@ def test_tables():
     pt = paper_table(rows)
     assert "| 2.0 | 0.25 | 40.0 | 34.0 |" in pt and "| 0.0 | 0.75 | 31.0 | 31.1 |" in pt
     assert pt.count("\n") == len(PAPER_TABLE1) + 1
+
+
+def test_random_search_is_seeded_by_the_config():
+    """The same `seed` draws the same trials (what lets the ASHA and FIFO benchmark compare the same points);
+    another seed draws others."""
+    from ray.tune.experiment import Experiment
+
+    from ray_retina.tune import _search_alg
+
+    cfg = apply_overrides(
+        Config(), {"seed": 3, "tune.search_space": {"loss.gamma": {"type": "uniform", "low": 0.0, "high": 5.0},
+                                                    "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}},
+    )  # fmt: skip
+
+    def draw(c):
+        gen = _search_alg(c)
+        gen.add_configurations([Experiment("x", run=lambda _: None, config=search_space(c), num_samples=4)])
+        return [(t.config["loss.gamma"], t.config["optim.lr"]) for t in (gen.next_trial() for _ in range(4))]
+
+    first = draw(cfg)
+    assert draw(cfg) == first
+    assert len(set(first)) == 4 and all(0 <= g <= 5 and 1e-4 <= lr <= 1e-2 for g, lr in first)
+    assert draw(apply_overrides(cfg, {"seed": 4})) != first
