@@ -153,13 +153,14 @@ def max_concurrent(cfg: Config) -> int:
     return max(1, n)
 
 
-def _search_alg(cfg: Config) -> Any:
+def _search_alg(cfg: Config, max_concurrent_trials: int) -> Any:
     if cfg.tune.search_alg == "random":
         # Tune's own random sampling (and grids), seeded from the config: the same `seed` draws the same
         # trials, so two sweeps (e.g. ASHA against FIFO) compare the same points.
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=cfg.seed)
+        # (Tune ignores TuneConfig.max_concurrent_trials for a generator passed in: it takes it here.)
+        return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=max_concurrent_trials)
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as err:  # pragma: no cover - depends on the optional extra
@@ -238,6 +239,7 @@ def run_sweep(
         "__preset__": preset,
     }
     storage = abs_storage(cfg.run.storage_path)
+    concurrent = max_concurrent(cfg)
     tuner = tune.Tuner(
         _trainable(),
         param_space=param_space,
@@ -245,9 +247,9 @@ def run_sweep(
             metric=cfg.tune.metric,
             mode=cfg.tune.mode,
             scheduler=scheduler,
-            search_alg=_search_alg(cfg) if not preset else None,  # a preset: a grid, in order
+            search_alg=_search_alg(cfg, concurrent) if not preset else None,  # a preset: a grid, in order
             num_samples=1 if preset else cfg.tune.num_samples,
-            max_concurrent_trials=max_concurrent(cfg),
+            max_concurrent_trials=None if cfg.tune.search_alg == "random" and not preset else concurrent,
         ),
         run_config=tune.RunConfig(name=sweep_name, storage_path=storage),
     )

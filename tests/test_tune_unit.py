@@ -85,11 +85,12 @@ def test_random_search_is_seeded_by_the_config():
     )  # fmt: skip
 
     def draw(c):
-        gen = _search_alg(c)
+        gen = _search_alg(c, 8)
         gen.add_configurations([Experiment("x", run=lambda _: None, config=search_space(c), num_samples=4)])
         return [(t.config["loss.gamma"], t.config["optim.lr"]) for t in (gen.next_trial() for _ in range(4))]
 
     first = draw(cfg)
     assert draw(cfg) == first
+    assert _search_alg(cfg, 3).max_concurrent == 3  # Tune would ignore TuneConfig's limit for it
     assert len(set(first)) == 4 and all(0 <= g <= 5 and 1e-4 <= lr <= 1e-2 for g, lr in first)
     assert draw(apply_overrides(cfg, {"seed": 4})) != first
