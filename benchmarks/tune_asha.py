@@ -1,6 +1,6 @@
 """ASHA vs FIFO on the same 8-trial focal search (same space, same seed), and MLflow tracking cost per report.
 
-    .venv/bin/python benchmarks/tune_asha.py [--trials 8] [--rounds 6] [--eval-period 10] [--out bench_out/tune]
+    .venv/bin/python benchmarks/tune_asha.py [--trials 8] [--rounds 6] [--eval-period 20] [--reduction-factor 4] [--out bench_out/tune]
 
 Prints: total training iterations of each sweep and their ratio (target ASHA / FIFO <= 0.4), the best
 val/AP of each (target: ASHA within 0.02 of FIFO), and the time per eval-period report of our tracking
@@ -101,11 +101,11 @@ def sweep(scheduler: str, args: argparse.Namespace, url: str, out: Path) -> dict
             "data.synth": {"num_train": 128, "num_val": 32, "seed": 0, "min_image_size": 96, "max_image_size": 128,
                            "min_object_size": 16, "max_object_size": 56, "max_objects": 3},
             "data.train_min_size": [96, 96], "data.test_min_size": 96, "data.max_size": 128,
-            "data.batch_size": 8, "model.fpn_channels": 32, "model.head_convs": 1,
+            "data.batch_size": 8, "data.deterministic": True, "model.fpn_channels": 32, "model.head_convs": 1,
             "optim.max_iters": args.rounds * args.eval_period, "optim.steps": [args.rounds * args.eval_period],
             "optim.warmup_iters": 5, "train.eval_period": args.eval_period, "train.log_period": args.eval_period,
             "tune.num_samples": args.trials, "tune.scheduler": scheduler, "tune.grace_period": 1,
-            "tune.reduction_factor": 3, "tune.max_concurrent_trials": 2, "seed": 0,
+            "tune.reduction_factor": args.reduction_factor, "tune.max_concurrent_trials": 2, "seed": 0,
             "run.storage_path": str(out / "runs"), "tracking.tracking_uri": url,
         },
     )  # fmt: skip
@@ -138,7 +138,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--eval-period", type=int, default=10)
+    ap.add_argument("--eval-period", type=int, default=20)
+    ap.add_argument("--reduction-factor", type=int, default=4, help="ASHA's (Ray's default: 4)")
     ap.add_argument("--reports", type=int, default=30)
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "tune"))
     ap.add_argument("--reuse-fifo", default=None, metavar="SWEEP_DIR",

@@ -62,6 +62,10 @@ class DataConfig(_Section):
     prefetch_batches: int = Field(2, ge=0)
     shuffle_buffer: int = Field(0, ge=0)
     """Local shuffle buffer in rows for training (0: only the file order is shuffled per epoch)."""
+    deterministic: bool = False
+    """Deliver the training rows in the seeded order (Ray Data ``preserve_order``) instead of the order the
+    decode tasks finish in, so that the same config and seed train on the same batches: reproducible
+    trials (e.g. comparing sweeps). Costs some throughput (a slow task holds back the ones after it)."""
     val_max_images: int | None = None
     """Evaluate on the first N val images only (None: all)."""
 

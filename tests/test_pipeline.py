@@ -348,6 +348,35 @@ def test_streaming_split_covers_every_row_once_per_epoch(ray_cluster, shards):
 
 
 @pytest.mark.ray
+def test_deterministic_training_order_repeats_for_a_seed(ray_cluster, shards):
+    """data.deterministic: the same seed gives the same row order, epoch by epoch, however the parallel
+    decode tasks finish (reproducible trials); each epoch still visits the rows in a new order."""
+    cfg = _data_cfg(deterministic=True)
+
+    def two_epochs(seed: int) -> list[list[int]]:
+        ds = build_dataset(shards / "train", cfg, train=True, seed=seed)
+        assert ds.context.execution_options.preserve_order
+        return [[int(i) for b in ds.iter_batches(batch_size=4) for i in b["image_id"]] for _ in range(2)]
+
+    first = two_epochs(0)
+    assert two_epochs(0) == first
+    assert sorted(first[0]) == sorted(first[1]) and first[0] != first[1]
+    assert not build_dataset(shards / "train", _data_cfg(), train=True, seed=0).context.execution_options.preserve_order
+
+
+def test_ray_train_ingest_keeps_deterministic_order():
+    """Ray Train replaces a data set's execution options with its ingest defaults: ours must carry
+    data.deterministic through (the options Ray Train resolves for "train")."""
+    from ray_retina.config import Config, apply_overrides
+    from ray_retina.engine.trainer import ingest_config
+
+    on = ingest_config(apply_overrides(Config(), {"data.deterministic": True}))
+    off = ingest_config(Config())
+    assert on._resolve_execution_options("train").preserve_order is True
+    assert off._resolve_execution_options("train").preserve_order is False
+
+
+@pytest.mark.ray
 def test_val_dataset_is_deterministic_and_matches_eval_iterator(ray_cluster, shards):
     cfg = _data_cfg()
     ds = build_dataset(shards / "val", cfg, train=False, seed=0)

@@ -451,6 +451,7 @@ def build_dataset(
         if not fragments:
             raise ValueError(f"{os.fspath(shard_dir)}: the shards hold no rows")
         ds = ray.data.from_items(fragments, override_num_blocks=len(fragments))
+        _preserve_order(ds, data_cfg)
         if train:
             ds = ds.randomize_block_order(seed=order_seed)
         return ds.map_batches(
@@ -471,6 +472,7 @@ def build_dataset(
         )
     fs, _ = resolve_uri(paths[0])
     ds = ray.data.read_parquet([resolve_uri(p)[1] for p in paths], filesystem=fs, shuffle=shuffle)
+    _preserve_order(ds, data_cfg)
     # Ray packs small Parquet files into one read block (one map task: no parallelism) and large
     # ones into blocks of hundreds of images (long tasks, coarse balance): cut the encoded rows into
     # blocks of a few map batches so the decode tasks spread over every CPU Ray Data has.
@@ -480,6 +482,13 @@ def build_dataset(
     return ds.map_batches(
         augment_batch, fn_kwargs=aug, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus
     )
+
+
+def _preserve_order(ds: Any, data_cfg: Any) -> None:
+    """``data.deterministic``: this data set's rows come out in the (seeded) order, not in the order the
+    parallel tasks finish (set on the data set's own context, not the process-wide one)."""
+    if bool(_cfg(data_cfg, "deterministic", False)):
+        ds.context.execution_options.preserve_order = True
 
 
 def read_and_augment(

@@ -243,8 +243,18 @@ def build_trainer(
             worker_runtime_env=_worker_env(),
         ),
         datasets={"train": train_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ingest_config(cfg),
     )
+
+
+def ingest_config(cfg: Config) -> Any:
+    """Ray Train's DataConfig: split "train" across the workers. Ray Train replaces each data set's execution
+    options with its ingest defaults, so ``data.deterministic`` (preserve_order) is passed here too."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = options.preserve_order or cfg.data.deterministic
+    return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": options})
 
 
 def train(cfg: Config, *, run_name: str | None = None) -> TrainOutcome:
