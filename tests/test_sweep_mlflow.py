@@ -131,7 +131,9 @@ def test_compare_trials_in_mlflow_ui(sweep, mlflow_server):
             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
         )
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.goto(f"{mlflow_server}/#/experiments/{exp_id}/runs", wait_until="networkidle")
+        # "load", not "networkidle": the UI keeps polling, so the network may never stay quiet for 500 ms
+        # (it timed out once in CI); the waits on the page's text below are the readiness checks.
+        page.goto(f"{mlflow_server}/#/experiments/{exp_id}/runs", wait_until="load", timeout=60_000)
         page.get_by_text("it-sweep", exact=True).first.wait_for(timeout=60_000)
         _select_child_runs(page)
         page.get_by_role("button", name="Compare", exact=True).click()
