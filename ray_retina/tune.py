@@ -153,19 +153,22 @@ def max_concurrent(cfg: Config) -> int:
     return max(1, n)
 
 
-def _search_alg(cfg: Config, max_concurrent_trials: int) -> Any:
-    if cfg.tune.search_alg == "random":
-        # Tune's own random sampling (and grids), seeded from the config: the same `seed` draws the same
-        # trials, so two sweeps (e.g. ASHA against FIFO) compare the same points.
+def _search_alg(cfg: Config, max_concurrent_trials: int, *, grid: bool = False) -> Any:
+    """The searcher, carrying its own concurrency limit (so TuneConfig.max_concurrent_trials stays unset).
+
+    Random search and grids (`grid`: a preset) use Tune's BasicVariantGenerator seeded from the config:
+    the same `seed` draws the same trials, so two sweeps (e.g. ASHA against FIFO) compare the same points.
+    """
+    if grid or cfg.tune.search_alg == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        # (Tune ignores TuneConfig.max_concurrent_trials for a generator passed in: it takes it here.)
         return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=max_concurrent_trials)
     try:
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as err:  # pragma: no cover - depends on the optional extra
         raise ImportError("tune.search_alg=optuna needs the optuna extra: pip install 'ray-retina[optuna]'") from err
-    return OptunaSearch(seed=cfg.seed)
+    return ConcurrencyLimiter(OptunaSearch(seed=cfg.seed), max_concurrent=max_concurrent_trials)
 
 
 def _rounds(cfg: Config) -> int:
@@ -239,7 +242,6 @@ def run_sweep(
         "__preset__": preset,
     }
     storage = abs_storage(cfg.run.storage_path)
-    concurrent = max_concurrent(cfg)
     tuner = tune.Tuner(
         _trainable(),
         param_space=param_space,
@@ -247,9 +249,8 @@ def run_sweep(
             metric=cfg.tune.metric,
             mode=cfg.tune.mode,
             scheduler=scheduler,
-            search_alg=_search_alg(cfg, concurrent) if not preset else None,  # a preset: a grid, in order
+            search_alg=_search_alg(cfg, max_concurrent(cfg), grid=preset is not None),
             num_samples=1 if preset else cfg.tune.num_samples,
-            max_concurrent_trials=None if cfg.tune.search_alg == "random" and not preset else concurrent,
         ),
         run_config=tune.RunConfig(name=sweep_name, storage_path=storage),
     )
