@@ -32,6 +32,12 @@ def _jpeg(arr: np.ndarray, **save) -> bytes:
     return buf.getvalue()
 
 
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _batch(images: list[bytes], sizes: list[tuple[int, int]], boxes: list[list[list[float]]],
            cats: list[list[int]], crowd: list[list[int]] | None = None, ids: list[int] | None = None) -> dict:  # fmt: skip
     """A numpy batch shaped like a shard read: bytes, (h, w), per-object lists as object arrays."""
@@ -101,6 +107,50 @@ def test_flip_mirrors_pixels_and_boxes():
         b, train=True, min_size_range=[100, 100], max_size=1000, hflip_prob=0.0, cat_ids=CATS, seed=0
     )
     np.testing.assert_allclose(out["gt_boxes"][0], [[10, 20, 40, 60], [0, 0, 200, 100]])
+
+
+def test_batch_images_are_packed_views_that_ray_blocks_share_without_copy():
+    rng = np.random.default_rng(0)
+    arrs = [rng.integers(0, 255, (40 + 8 * i, 56 - 4 * i, 3), dtype=np.uint8) for i in range(3)]
+    b = _batch([_png(a) for a in arrs], [a.shape[:2] for a in arrs], [[]] * 3, [[]] * 3)
+    kw = dict(train=True, min_size_range=[40, 40], max_size=1000, cat_ids=CATS, seed=0)
+    flipped = augment_batch(b, hflip_prob=1.0, **kw)["image"]
+    plain = augment_batch(b, hflip_prob=0.0, **kw)
+    for img, f, p in zip(arrs, flipped, plain["image"], strict=True):
+        resized = np.asarray(Image.fromarray(img).resize(p.shape[1::-1], Image.BILINEAR))
+        np.testing.assert_array_equal(p, resized)  # the packed copy is the Pillow resize, exactly
+        np.testing.assert_array_equal(f, resized[:, ::-1])  # and its mirror image when flipped
+    # One buffer, image after image: Ray Data's numpy -> Arrow conversion keeps it as it is (no concatenation).
+    base = plain["image"][0].base
+    assert all(im.base is base and im.flags.c_contiguous for im in plain["image"])
+    from ray.data.block import BlockAccessor
+
+    block = BlockAccessor.batch_to_block(plain)
+    col = block.column("image")
+    assert col.num_chunks == 1
+    data = col.chunk(0).storage.field("data").buffers()[-1]
+    assert data.address == base.ctypes.data and data.size >= sum(im.nbytes for im in plain["image"])
+
+
+def test_pixel_buffers_are_reused_only_when_nothing_refers_to_them():
+    from ray_retina.data.pipeline import _BufferPool
+
+    pool = _BufferPool(max_buffers=2)
+    a = pool.take(1000)
+    addr = a.ctypes.data
+    view = a[10:20].reshape(2, 5)
+    del a
+    b = pool.take(500)  # the first buffer is still referred to (through `view`): a second one
+    assert b.ctypes.data != addr
+    del view
+    c = pool.take(800)  # free again, and big enough: the same memory
+    assert c.ctypes.data == addr
+    c[:] = 7
+    d = pool.take(4000)  # both in use: a new array outside the pool (full)
+    assert d.ctypes.data not in (addr, b.ctypes.data) and len(pool.buffers) == 2
+    del b, c, d
+    e = pool.take(4000)  # a free one too small is replaced by a larger one
+    assert e.size == 4000 and len(pool.buffers) == 2 and any(x.size == 4000 for x in pool.buffers)
 
 
 def test_train_sizes_jitter_in_range_and_depend_on_seed_image_and_epoch():
@@ -305,6 +355,8 @@ def test_read_and_augment_is_augment_batch_over_a_row_group(shards):
         "seed": 0,
     }
     frags = {"path": np.array(files[:2], dtype=object), "row_group": np.array([0, 0])}
+    whole = list(read_and_augment(frags, augment=kw))
+    assert [len(b["image_id"]) for b in whole] == [4, 4]  # default: a row group per augment call
     out = list(read_and_augment(frags, augment=kw, batch_size=3))
     assert [len(b["image_id"]) for b in out] == [3, 1, 3, 1]  # streamed per map batch
     ids = [int(i) for b in out for i in b["image_id"]]
@@ -312,8 +364,9 @@ def test_read_and_augment_is_augment_batch_over_a_row_group(shards):
     assert ids == table.column("image_id").to_pylist()[:8]
     first = augment_batch({c: table.column(c).to_numpy(zero_copy_only=False)[:3] for c in
                            ["image_id", "height", "width", "image", "bbox", "category_id", "iscrowd"]}, **kw)  # fmt: skip
-    for a, b in zip(first["image"], out[0]["image"], strict=True):
+    for a, b, c in zip(first["image"], out[0]["image"], whole[0]["image"][:3], strict=True):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
 
 
 @pytest.mark.ray
