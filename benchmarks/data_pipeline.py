@@ -10,7 +10,11 @@ and hand the augmented rows to the consuming process, which only counts them:
   (b) torch DataLoader, ``--cpus`` workers, an IterableDataset giving each worker its share of the files
       (augmented numpy batches handed to the main process as they are)
   (c) our Ray Data pipeline (``build_dataset``) on a local Ray with ``--cpus`` CPUs, iterated with
-      ``iter_batches`` in the driver (``--compare-readers``: also its ``read_parquet`` variant)
+      ``iter_batches`` in the driver, each decode task asking ``--map-num-cpus`` (0.5: two tasks per
+      core; also timed with 1 CPU per task, as an extra row; ``--compare-readers``: also its
+      ``read_parquet`` variant). Ray Data's executor notices finished tasks by polling (``ray.wait``
+      with a 0.1 s timeout), so with one task per CPU each core idles between the end of one task
+      (one row group, ~0.2 s here) and the start of the next; two tasks per core fill those gaps.
 
 Each figure is the median of ``--repeats`` full passes, run in interleaved rounds after one warm-up
 pass each (Ray's and the DataLoader's start-up is outside the timing; a Ray pass includes its
@@ -41,8 +45,9 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--map-batch-size", type=int, default=4)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument(
-        "--map-num-cpus", type=float, default=1.0, help="Ray CPUs per decode task (data.map_num_cpus)"
-    )
+        "--map-num-cpus", type=float, default=0.5,
+        help="Ray CPUs per decode task (data.map_num_cpus); 1.0 is also timed, as an extra row",
+    )  # fmt: skip
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--no-simplejpeg", action="store_true", help="decode with Pillow even if simplejpeg is there"
@@ -121,8 +126,73 @@ def descendants(root: int) -> set[int]:
     return out
 
 
-def cpu_seconds(pids: set[int]) -> float:
-    return sum(st[1] for pid in pids if (st := _proc_stat(pid)) is not None)
+class CpuMeter:
+    """CPU seconds used during a pass by a process and all its descendants, including processes that
+    start or end during the pass (Ray starts and kills idle workers as it goes): a thread samples /proc
+    every 20 ms and keeps, per pid, the CPU time when first and last seen."""
+
+    def __init__(self, root: int, *, exclude: set[int] | None = None, only: set[int] | None = None) -> None:
+        import threading
+
+        self.root, self.exclude, self.only = root, exclude or set(), only
+        self._stop = threading.Event()
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self, *, first_pass: bool) -> None:
+        pids = self.only if self.only is not None else ({self.root} | descendants(self.root)) - self.exclude
+        for pid in pids:
+            if (st := _proc_stat(pid)) is not None:
+                # a process first seen after the start was born during the pass: count all its CPU
+                self._first.setdefault(pid, st[1] if first_pass else 0.0)
+                self._last[pid] = st[1]
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample(first_pass=False)
+
+    def __enter__(self) -> CpuMeter:
+        self._sample(first_pass=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample(first_pass=False)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self._last[p] - self._first[p] for p in self._last)
+
+    def by_kind(self) -> dict[str, float]:
+        """CPU seconds per kind of process: this one, decode workers, each Ray daemon, ..."""
+        out: dict[str, float] = {}
+        for pid in self._last:
+            kind = "this process" if pid == self.root else _kind(pid)
+            out[kind] = out.get(kind, 0.0) + self._last[pid] - self._first[pid]
+        return out
+
+
+_KINDS: dict[int, str] = {}
+
+
+def _kind(pid: int) -> str:
+    if pid not in _KINDS:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            return "exited"
+        head = argv[0].decode(errors="replace")
+        if head.startswith("ray::"):  # a Ray worker's process title: ray::<task or actor>
+            kind = "Ray workers (decode tasks, idle)" if ("MapBatches" in head or "IDLE" in head) else head
+        else:
+            script = next((a.decode() for a in argv[1:] if a.endswith(b".py")), head)
+            kind = os.path.basename(script)
+        _KINDS[pid] = kind
+    return _KINDS[pid]
 
 
 def count_pass(batches) -> tuple[int, float]:
@@ -203,6 +273,9 @@ def main() -> None:
         f"torch DataLoader, {args.cpus} workers": dataloader_pass(files, kwargs, args),
         f"Ray Data, {args.cpus} CPUs": ray_pass(shards, args, "row_groups"),
     }
+    if args.map_num_cpus != 1.0:  # one task per CPU: the executor's polling leaves the CPUs idle between tasks
+        one = argparse.Namespace(**{**vars(args), "map_num_cpus": 1.0})
+        passes[f"Ray Data, {args.cpus} CPUs, 1 CPU per task"] = ray_pass(shards, one, "row_groups")
     if args.compare_readers:
         passes[f"Ray Data read_parquet, {args.cpus} CPUs"] = ray_pass(shards, args, "read_parquet")
     # Interleaved rounds (a, b, c, a, b, c, ...) after one warm-up pass each, so that a change in the
@@ -211,16 +284,28 @@ def main() -> None:
         run()
     # CPU seconds of the processes doing each variant's work (this process included): the cost per
     # image, which other processes' load on a shared machine changes far less than the wall clock.
+    # The DataLoader's workers and Ray's processes are all children of this one: the single process is
+    # measured on itself, the DataLoader on itself + its workers, Ray on itself + all other descendants
+    # (Ray's own processes included), also those Ray starts during the pass.
     me = os.getpid()
-    ray_pids = descendants(me) - _LOADER_PIDS
-    procs = {name: {me} | (_LOADER_PIDS if "DataLoader" in name else ray_pids if "Ray" in name else set())
-             for name in passes}  # fmt: skip
     results = {name: {"runs": [], "first_batch_s": [], "cpu_ms_per_image": []} for name in passes}
     for _ in range(args.repeats):
         for name, run in passes.items():
-            c0, t0 = cpu_seconds(procs[name]), time.perf_counter()
-            n, first = run()
-            wall, cpu = time.perf_counter() - t0, cpu_seconds(procs[name]) - c0
+            if "DataLoader" in name:
+                meter = CpuMeter(me, only={me} | _LOADER_PIDS)
+            elif "Ray" in name:
+                meter = CpuMeter(me, exclude=set(_LOADER_PIDS))
+            else:
+                meter = CpuMeter(me, only={me})
+            with meter:
+                t0 = time.perf_counter()
+                n, first = run()
+                wall = time.perf_counter() - t0
+            cpu = meter.seconds
+            if "Ray" in name:
+                for kind, sec in meter.by_kind().items():
+                    kinds = results[name].setdefault("cpu_ms_per_image_by_process", {})
+                    kinds.setdefault(kind, []).append(1000 * sec / n)
             results[name]["runs"].append(n / wall)
             results[name]["first_batch_s"].append(first)
             results[name]["cpu_ms_per_image"].append(1000 * cpu / n)
@@ -231,6 +316,13 @@ def main() -> None:
               f"first batch after {statistics.median(r['first_batch_s']):.2f} s; {r['cpu_ms']:.1f} CPU ms/image)",
               file=sys.stderr)  # fmt: skip
 
+    for name, r in results.items():
+        if "cpu_ms_per_image_by_process" in r:
+            parts = {k: statistics.median(v) for k, v in r["cpu_ms_per_image_by_process"].items()}
+            r["cpu_ms_by_process"] = parts
+            print(f"  {name}, CPU ms / image by process: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.05),
+                  file=sys.stderr)  # fmt: skip
     single, loader, ray_ = (r["images_per_s"] for r in list(results.values())[:3])
     ratios = {
         "ray_vs_dataloader": ray_ / loader,

@@ -215,6 +215,7 @@ def run(setting: str, repeats: int) -> dict[str, float]:
         pairs = list(zip(times["step_tv"], times["step_ours"], strict=True))
         m["step_wins"] = sum(o < t for t, o in pairs)
         m["step_paired_ratio"] = statistics.median(t / o for t, o in pairs)
+        m["raw"] = {k: [round(x, 3) for x in v] for k, v in times.items()}
         med[clock_name] = m
     med["direct"] = {
         f"out_{side}": statistics.median(
@@ -230,6 +231,7 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=["r50", "r18"], choices=sorted(SETTINGS))
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--raw", action="store_true", help="also print every repeat's wall times")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"training step, {torch.get_num_threads()} threads, median of {args.repeats} (s); {load_average()}")
@@ -250,6 +252,9 @@ def main() -> None:
             m = med[clock_name]
             print(f"{'':<22}{'step, paired (' + clock_name + ')':<26}ours faster in {m['step_wins']}/{args.repeats} repeats, "
                   f"median per-repeat ratio {m['step_paired_ratio']:.3f}x")  # fmt: skip
+        if args.raw:
+            for k, v in med["wall"]["raw"].items():
+                print(f"{'':<22}{k + ' (wall, per repeat)':<26}{' '.join(f'{x:.3f}' for x in v)}")
         m, d = med["wall"], med["direct"]
         verdicts.append(f"{s}: step faster {'met' if m['step_ours'] < m['step_tv'] else 'NOT met'}, "
                         f"outside <= 1/3 {'met' if m['out_ours'] <= m['out_tv'] / 3 else 'NOT met'} (wall), "

@@ -1,6 +1,6 @@
 """ASHA vs FIFO on the same 8-trial focal search (same space, same seed), and MLflow tracking cost per report.
 
-    .venv/bin/python benchmarks/tune_asha.py [--trials 8] [--rounds 6] [--eval-period 20] [--reduction-factor 4] [--out bench_out/tune]
+    .venv/bin/python benchmarks/tune_asha.py [--trials 8] [--rounds 8] [--eval-period 20] [--reduction-factor 4] [--out bench_out/tune]
 
 Prints: total training iterations of each sweep and their ratio (target ASHA / FIFO <= 0.4), the best
 val/AP of each (target: ASHA within 0.02 of FIFO), and the time per eval-period report of our tracking
@@ -118,7 +118,17 @@ def sweep(scheduler: str, args: argparse.Namespace, url: str, out: Path) -> dict
         "errors": s.num_errors,
         "seconds": time.perf_counter() - t0,
         "stopped_early": sum(r.stopped_early for r in s.rows),
+        "path": str(s.path),
     }
+
+
+def ap_curves(sweep_dir: Path) -> dict[int, list[float]]:
+    """val/AP per eval round of each trial, by its index in the search (Tune's trial-name suffix)."""
+    curves = {}
+    for f in sorted(sweep_dir.glob("_trial_*/result.json")):
+        index = int(f.parent.name.split("_")[3])  # _trial_<id>_<00000 index>_<n>_<params>...
+        curves[index] = [json.loads(line)["val/AP"] for line in f.read_text().splitlines() if line.strip()]
+    return curves
 
 
 def from_results(sweep_dir: Path, rounds: int) -> dict[str, float]:
@@ -131,13 +141,13 @@ def from_results(sweep_dir: Path, rounds: int) -> dict[str, float]:
             best = max(best, max(r["val/AP"] for r in rows[-1:]))
             n += 1
     return {"total_iterations": iters, "best_ap": best, "errors": 0, "seconds": float("nan"), "stopped_early": 0,
-            "trials": n}  # fmt: skip
+            "trials": n, "path": str(sweep_dir)}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--eval-period", type=int, default=20)
     ap.add_argument("--reduction-factor", type=int, default=4, help="ASHA's (Ray's default: 4)")
     ap.add_argument("--reports", type=int, default=30)
@@ -166,12 +176,24 @@ def main() -> None:
     finally:
         proc.terminate()
     ratio = asha["total_iterations"] / max(1, fifo["total_iterations"])
+    # Same trial, same curve: with data.deterministic each ASHA trial must repeat its FIFO twin's val/AP
+    # round for round as far as ASHA let it run (else the comparison measures noise, not the scheduler).
+    fifo_c, asha_c = ap_curves(Path(fifo["path"])), ap_curves(Path(asha["path"]))
+    print(f"{'trial':<7}{'FIFO val/AP per round':<60}ASHA rounds  same curve")
+    same = 0
+    for i in sorted(fifo_c):
+        a = asha_c.get(i, [])
+        ok = len(a) > 0 and all(abs(x - y) < 1e-9 for x, y in zip(a, fifo_c[i], strict=False))
+        same += ok
+        print(f"{i:<7}{' '.join(f'{x:.3f}' for x in fifo_c[i]):<60}{len(a):>11}  {'yes' if ok else 'NO'}")
+    print(f"ASHA curves equal to FIFO's: {same}/{len(fifo_c)}")
     print(f"{'sweep':<6}{'iterations':>12}{'best val/AP':>13}{'stopped early':>15}{'seconds':>10}")
     for name, r in (("FIFO", fifo), ("ASHA", asha)):
         print(f"{name:<6}{r['total_iterations']:>12}{r['best_ap']:>13.4f}{r['stopped_early']:>15}{r['seconds']:>10.0f}")
     print(f"ASHA / FIFO iterations: {ratio:.2f} (target <= 0.4); best AP gap FIFO - ASHA: "
           f"{fifo['best_ap'] - asha['best_ap']:+.4f} (target <= 0.02)")  # fmt: skip
-    (out / "result.json").write_text(json.dumps({"fifo": fifo, "asha": asha, "tracking": track, "ratio": ratio}, indent=2))
+    (out / "result.json").write_text(json.dumps({"fifo": fifo, "asha": asha, "tracking": track, "ratio": ratio,
+                                                 "fifo_curves": fifo_c, "asha_curves": asha_c}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":
