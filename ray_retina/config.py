@@ -59,6 +59,8 @@ class DataConfig(_Section):
     decides whether data tasks can be scheduled at all: train workers x cpus_per_worker + map_num_cpus
     must fit in the cluster's CPUs or the run waits forever for a data task."""
     map_batch_size: int = Field(8, ge=1)
+    """Rows per augment call of the ``read_parquet`` reader; the default ``row_groups`` reader augments
+    one whole Parquet row group (``shards.ROW_GROUP_SIZE`` images) per call and task."""
     prefetch_batches: int = Field(2, ge=0)
     shuffle_buffer: int = Field(0, ge=0)
     """Local shuffle buffer in rows for training (0: only the file order is shuffled per epoch)."""

@@ -108,24 +108,25 @@ def _fg_terms(x: Tensor, alpha_fg: float, gamma: float) -> tuple[Tensor, Tensor]
 
 
 def _sigmoid_and_softplus(
-    x: Tensor, p: Tensor, one_minus_p: Tensor, s: Tensor, tmp: Tensor, one: Tensor, two: Tensor
+    x: Tensor, p: Tensor, one_minus_p: Tensor, s: Tensor, tmp: Tensor, one: Tensor
 ) -> None:
     """p = sigmoid(x), 1 - p and s = softplus(x) into preallocated buffers, with vectorised ops only.
 
-    ``F.softplus`` (like ``torch.log1p``) runs scalar code on CPU, ~15x slower than ``sigmoid``. Instead,
-    with q = min(p, 1 - p) = sigmoid(-|x|) in (0, 1/2]: softplus(-|x|) = -log(1 - q) = 2 atanh(q / (2 - q))
-    (from log1p(y) = 2 atanh(y / (2 + y)), accurate to a few ulp even for tiny q), and
-    softplus(x) = max(x, 0) + softplus(-|x|). (1 - p rounds for large x > 0, where q only adds to x.)
-    ``one`` and ``two`` are 0-dim float32 tensors on x's device.
+    ``F.softplus`` (like ``torch.log1p``) runs scalar code on CPU, ~15x slower than ``sigmoid``. Instead
+    softplus(x) = max(x, 0) + softplus(-|x|) and softplus(-|x|) = -log(sigmoid(|x|)) = -log(max(p, 1 - p)):
+    one vectorised ``log`` of a value in [1/2, 1). Its error is absolute, at most about 2^-24 (the rounding
+    of 1 - p), so it is relative only where softplus(-|x|) is itself tiny (easy negatives, x << 0), whose
+    terms p^gamma * s are negligible in the sum. (The exact-to-a-few-ulp form 2 atanh(q / (2 - q)) with
+    q = min(p, 1 - p) costs an ``atanh``, 1.5 ns per element against ``log``'s 0.9 on an AVX2 CPU: the
+    whole focal loss of a (16, 3069, 80) batch took 18.5 ms with it, 15.2 ms now.)
+    ``one`` is a 0-dim float32 tensor on x's device.
     """
     torch.sigmoid(x, out=p)
     torch.sub(one, p, out=one_minus_p)
-    torch.minimum(p, one_minus_p, out=s)  # q
-    torch.sub(two, s, out=tmp)
-    s.div_(tmp)
-    s.atanh_()
+    torch.maximum(p, one_minus_p, out=s)  # 1 - q = sigmoid(|x|) in [1/2, 1)
+    s.log_()
     torch.clamp(x, min=0, out=tmp)
-    torch.add(tmp, s, alpha=2.0, out=s)
+    torch.sub(tmp, s, out=s)
 
 
 class _FusedFocalLoss(torch.autograd.Function):
@@ -152,7 +153,7 @@ class _FusedFocalLoss(torch.autograd.Function):
         # Four chunk-sized fp32 buffers, reused: no allocation inside the loop.
         s_buf, p_buf, q_buf, t_buf = (torch.empty(rows, num_classes, **f32) for _ in range(4))
         x_buf = torch.empty(rows, num_classes, **f32) if logits.dtype != torch.float32 else None
-        one, two = torch.tensor(1.0, **f32), torch.tensor(2.0, **f32)
+        one = torch.tensor(1.0, **f32)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             # Pass over every entry as if it were a negative (t = 0): the bulk of the work.
             for i in range(num_chunks):
@@ -164,7 +165,7 @@ class _FusedFocalLoss(torch.autograd.Function):
                     x = x_buf[:m]
                     x.copy_(x_all[lo:hi])
                 s, p, q, t = s_buf[:m], p_buf[:m], q_buf[:m], t_buf[:m]
-                _sigmoid_and_softplus(x, p, q, s, t, one, two)  # q = 1 - p
+                _sigmoid_and_softplus(x, p, q, s, t, one)  # q = 1 - p
                 wc = w_bg[lo:hi].unsqueeze(1)
                 pg = t  # pg = alpha_bg * w_row * p^gamma
                 if gamma == 0:

@@ -154,3 +154,17 @@ def test_box_losses():
     torch.testing.assert_close(
         smooth_l1_loss(a, z, beta=1.0 / 9, reduction="sum"), F.smooth_l1_loss(a, z, beta=1.0 / 9, reduction="sum")
     )
+
+
+def test_vectorised_softplus_error_is_absolute_and_tiny():
+    from ray_retina.losses import _sigmoid_and_softplus
+
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([0.0, 1e-6, -1e-6, 88.0, -88.0])])
+    p, q, s, t = (torch.empty_like(x) for _ in range(4))
+    _sigmoid_and_softplus(x, p, q, s, t, torch.tensor(1.0))
+    ref = torch.nn.functional.softplus(x.double())
+    torch.testing.assert_close(p, torch.sigmoid(x), rtol=0, atol=0)
+    torch.testing.assert_close(q, 1 - torch.sigmoid(x), rtol=0, atol=0)
+    err = (s.double() - ref).abs()
+    assert float((err - 1e-7 * ref).max()) <= 1.2e-7  # |error| <= ~2^-23 + 1e-7 relative, at any x
+    assert bool((s >= 0).all())
