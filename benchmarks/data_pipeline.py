@@ -1,6 +1,6 @@
 """Decode + augment throughput on the same shards: single process vs torch DataLoader vs Ray Data.
 
-    .venv/bin/python benchmarks/data_pipeline.py [--images 240] [--repeats 3] [--cpus 2] [--no-simplejpeg]
+    .venv/bin/python benchmarks/data_pipeline.py [--images 960] [--repeats 3] [--cpus 2] [--no-simplejpeg]
 
 All three run the same function (``ray_retina.data.pipeline.augment_batch``, training mode: decode,
 shorter side drawn from ``--train-min-size``, longer side capped, flip) over the same Parquet shards
@@ -37,7 +37,7 @@ from types import SimpleNamespace
 
 def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=240)
+    ap.add_argument("--images", type=int, default=960)
     ap.add_argument("--image-size", type=int, nargs=2, default=[480, 640], help="source sides, min max")
     ap.add_argument("--train-min-size", type=int, nargs=2, default=[640, 800], help="shorter side jitter")
     ap.add_argument("--max-size", type=int, default=1333)
