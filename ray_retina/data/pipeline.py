@@ -148,7 +148,8 @@ def augment_batch(
     if train and epoch is None and seed is not None:
         epoch = _ray_data_epoch()
 
-    out: dict[str, list[Any]] = {k: [] for k in (*AUGMENTED_COLUMNS, "flip")}
+    out: dict[str, list[Any]] = {k: [] for k in AUGMENTED_COLUMNS}
+    flips: list[bool] = []  # applied when the images are packed
     skipped: list[int] = []
     for i in range(len(batch["image_id"])):
         image_id = int(batch["image_id"][i])
@@ -187,7 +188,7 @@ def augment_batch(
             ) from None
 
         out["image"].append(np.asarray(im))
-        out["flip"].append(flip)
+        flips.append(flip)
         out["image_size"].append(np.array([new_h, new_w], dtype=np.int64))
         out["orig_size"].append(np.array([h, w], dtype=np.int64))
         out["scale"].append(np.float32(scale))
@@ -200,7 +201,7 @@ def augment_batch(
         _count_skipped(skipped)
     n = len(out["image_id"])
     return {
-        "image": _pack_images(out["image"], out["flip"]),
+        "image": _pack_images(out["image"], flips),
         "image_size": np.array(out["image_size"], dtype=np.int64).reshape(n, 2),
         "orig_size": np.array(out["orig_size"], dtype=np.int64).reshape(n, 2),
         "scale": np.array(out["scale"], dtype=np.float32),
@@ -218,7 +219,8 @@ class _BufferPool:
     that made the packing copy about 40 % as expensive as the resize itself. A buffer is handed out again
     only when nothing but the pool refers to it any more (every view of it, the Arrow array Ray built on
     it, the block it went into: all gone, the data having been copied into the object store), which the
-    reference count tells exactly in CPython; otherwise a new one is made.
+    reference count tells exactly in CPython; otherwise a new one is made. Memory held: at most
+    ``max_buffers`` buffers of the largest batch seen (a 16-image row group at 1333 x 800: ~51 MB each).
     """
 
     def __init__(self, max_buffers: int = 4) -> None:
