@@ -76,6 +76,7 @@ def _prepare(args: argparse.Namespace) -> Path:
 
 def _kwargs(args: argparse.Namespace, shards: Path) -> dict:
     from ray_retina.data.pipeline import augment_kwargs
+
     from ray_retina.data.shards import read_manifest
 
     cat_ids = [c["id"] for c in read_manifest(shards)["categories"]]
@@ -92,7 +93,6 @@ def _data_cfg(args: argparse.Namespace) -> SimpleNamespace:
 def iter_augmented(files: list[str], kwargs: dict, batch_size: int):
     """Read shard files with pyarrow and augment them, in the calling process."""
     import pyarrow.parquet as pq
-
     from ray_retina.data.pipeline import READ_COLUMNS, augment_batch
 
     for path in files:
@@ -239,7 +239,6 @@ _LOADER_PIDS: set[int] = set()
 
 def ray_pass(shards: Path, args: argparse.Namespace, reader: str):
     import ray
-
     from ray_retina.data.pipeline import build_dataset
 
     if not ray.is_initialized():

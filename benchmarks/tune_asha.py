@@ -160,7 +160,7 @@ def main() -> None:
 
     import ray
 
-    from ray_retina.tune import TRIAL_RESOURCE
+    from ray_retina.engine.session import TRIAL_RESOURCE
 
     proc, url = start_mlflow_server(out)
     try:

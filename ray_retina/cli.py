@@ -29,9 +29,10 @@ def _config_path(path: str | None, default: str) -> Path:
 def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--config", "-c", default=None, help=f"YAML config (default: {default})")
     p.add_argument(
-        "--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a dotted config key, e.g. --set optim.lr=0.02 (repeatable)",
+        "--set", "-s", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+        help="override dotted config keys, e.g. --set optim.lr=0.02 loss.gamma=1 (each validated)",
     )  # fmt: skip
+    p.add_argument("--verbose", "-v", action="store_true", help="Ray's own progress bars and tracebacks")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -43,17 +44,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from ray_retina.data.shards import prepare_shards, validation_summary
+    from ray_retina.data.shards import prepare_dataset, validation_summary
 
-    manifest = prepare_shards(
-        args.annotations, args.images, args.out, rows_per_shard=args.rows_per_shard,
-        use_ray=not args.no_ray, verify_images=args.verify_images,
-    )  # fmt: skip
-    print(validation_summary(manifest))
-    print(
-        f"wrote {manifest['num_images']} images / {manifest['num_annotations']} annotations in "
-        f"{manifest['num_shards']} shards to {args.out}"
-    )
+    need = ("annotations", "images") if args.format == "coco" else ("root",)
+    if missing := [f"--{n}" for n in need if getattr(args, n) is None]:
+        args.error(f"--format {args.format} needs {' and '.join(missing)}")
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    try:
+        manifests = prepare_dataset(
+            args.out, format=args.format, annotations=args.annotations, images=args.images, root=args.root,
+            data=args.data, classes=classes, val_fraction=args.val_fraction, seed=args.seed, splits=args.split,
+            rows_per_shard=args.rows_per_shard, use_ray=not args.no_ray, verify_images=args.verify_images,
+        )  # fmt: skip
+    except ValueError as err:  # options that do not fit the source, or a broken data set: one line
+        args.error(str(err))
+    for out, manifest in manifests.items():
+        print(validation_summary(manifest))
+        print(f"wrote {manifest['num_images']} images / {manifest['num_annotations']} annotations in "
+              f"{manifest['num_shards']} shards to {out}")  # fmt: skip
     return 0
 
 
@@ -85,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from ray_retina.config import apply_overrides
 
         cfg = apply_overrides(cfg, {"run.name": args.resume})
-    outcome = train(cfg)
+    outcome = train(cfg, verbose=args.verbose)
     _print_summary(outcome, cfg)
     if outcome.error is not None:
         print(f"training failed: {outcome.error}", file=sys.stderr)
@@ -109,13 +117,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from ray_retina.engine.evaluate import format_stats
-    from ray_retina.predict import evaluate_checkpoint
+    from ray_retina.data.shards import read_manifest
+    from ray_retina.engine.evaluate import category_names, evaluate_checkpoint, format_per_class, format_stats
 
+    per_class: dict[int, dict[str, float]] = {}
     stats = evaluate_checkpoint(
-        args.checkpoint, args.shards, device=torch.device(args.device), backend=args.backend, plots_dir=args.plots
-    )
+        args.checkpoint, args.shards, device=torch.device(args.device), backend=args.backend, plots_dir=args.plots,
+        max_images=args.max_images, per_class=per_class,
+    )  # fmt: skip
+    print(f"COCO box AP on {int(stats['num_images'])} images of {args.shards}"
+          + (f" ({int(stats['skipped_images'])} did not decode: counted with no detections)" if stats["skipped_images"] else ""))  # fmt: skip
     print(format_stats(stats))
+    print()
+    print(format_per_class(per_class, category_names(read_manifest(args.shards)["categories"])))
     if args.plots:
         print(f"plots: {args.plots}/pr_curves.png, detections.png, focal_loss_cdf.png")
     return 0
@@ -143,14 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("prepare", help="COCO json + images -> Parquet shards + manifest")
-    p.add_argument("--annotations", required=True, help="COCO instances json")
-    p.add_argument("--images", required=True, help="folder of the images named in the json")
+    p = sub.add_parser("prepare", help="COCO json, Pascal VOC or YOLO tree -> Parquet shards + manifest",
+                       description="Writes one shard set in OUT, or OUT/<split> for each split: the source's own "
+                       "(VOC ImageSets/Main, YOLO images/train...) or train and val by --val-fraction.")  # fmt: skip
+    p.add_argument("--format", choices=["coco", "voc", "yolo"], default="coco")
+    p.add_argument("--annotations", help="coco: the instances json")
+    p.add_argument("--images", help="coco: folder of the images named in the json")
+    p.add_argument("--root", help="voc: folder with Annotations/ and JPEGImages/; yolo: folder with images/, labels/")
+    p.add_argument("--data", help="yolo: the dataset yaml with `names` (default ROOT/data.yaml)")
+    p.add_argument("--classes", metavar="A,B,C", help="class names, ids 1..K in this order (voc: default the "
+                   "sorted XML names, others dropped and counted; yolo: names of classes 0.. without a data.yaml)")  # fmt: skip
+    p.add_argument("--val-fraction", type=float, help="split a source without splits: OUT/val gets this fraction")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction split")
+    p.add_argument("--split", action="append", help="write only this split (repeatable)")
     p.add_argument("--out", required=True, help="output folder (local path or URI)")
     p.add_argument("--rows-per-shard", type=int, default=256)
     p.add_argument("--no-ray", action="store_true", help="write shards in this process instead of Ray tasks")
     p.add_argument("--verify-images", action="store_true", help="fully decode every image while preparing")
-    p.set_defaults(func=cmd_prepare)
+    p.set_defaults(func=cmd_prepare, error=p.error)
 
     p = sub.add_parser("train", help="train with Ray Train (default: the CPU demo, configs/smoke.yaml)")
     _add_config_args(p, DEFAULT_TRAIN_CONFIG)
@@ -166,15 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("eval", help="COCO AP of a checkpoint on val shards")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, checkpoint.pt or a run dir (its best by val/AP)")
     p.add_argument("--shards", required=True)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default="faster_coco_eval", choices=["faster_coco_eval", "pycocotools"])
+    p.add_argument("--backend", default=None, choices=["faster_coco_eval", "pycocotools"],
+                   help="COCO eval implementation (default: the checkpoint config's train.eval_backend)")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--plots", default=None, metavar="DIR", help="write PR curves, detections and Figure 4 here")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="batch inference with Ray Data: COCO-results json + drawn images")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir, checkpoint.pt or a run dir (latest)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, checkpoint.pt or a run dir (its best by val/AP)")
     p.add_argument("--input", required=True, help="folder of images (jpg/png) or a shard folder")
     p.add_argument("--out", required=True)
     p.add_argument("--score-thresh", type=float, default=0.3)
@@ -197,6 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        # A user error (a missing file, folder or shard set): one line that names it, no traceback.
+        if getattr(args, "verbose", False):
+            raise
+        print(f"error: {_one_line(err)}  (--verbose shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _one_line(err: OSError) -> str:
+    """An OSError as one line: our messages as they are; the OS's "[Errno 2] No such file..." with its path."""
+    if err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror.lower()}"
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

@@ -17,14 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from ray_retina.config import Config, apply_overrides, config_from_dict
+from ray_retina.engine.session import TRIAL_RESOURCE, abs_storage, ensure_data, ensure_ray, resolve_paths
 
 logger = logging.getLogger(__name__)
 
 TRIAL_TAG = "ray_retina.trial_id"
-# A custom resource that only Tune trial drivers ask for: a driver just waits on its TorchTrainer, so it
-# must not hold a CPU the trainers or Ray Data need. `ray-retina` declares it on the local Ray it starts;
-# on a cluster, add it to the head's `ray start --resources` (cluster/ does).
-TRIAL_RESOURCE = "ray_retina_trial"
 FOCAL_PAIR = "__focal_pair__"
 
 # Paper Table 1b (R50-FPN, 600 px, COCO minival): gamma with the best alpha for it, and the AP reached.
@@ -123,6 +120,8 @@ class TrialRow:
     iterations: int
     stopped_early: bool
     error: str | None
+    per_class: dict[str, float] = field(default_factory=dict)
+    """class name -> val/AP of that class at the trial's last round (``val/AP/<name>``)."""
 
 
 @dataclass
@@ -197,7 +196,6 @@ def run_sweep(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from ray_retina import tracking
-    from ray_retina.engine.trainer import abs_storage, ensure_data, ensure_ray, resolve_paths
 
     cfg = resolve_paths(cfg)
     ensure_data(cfg)
@@ -281,6 +279,7 @@ def _rows(results: Any, keys: list[str], rounds: int) -> list[TrialRow]:
                 iterations=int(m.get("iteration", 0)),
                 stopped_early=r.error is None and n < rounds,
                 error=None if r.error is None else f"{type(r.error).__name__}: {r.error}"[:300],
+                per_class={k[len("val/AP/") :]: float(v) for k, v in m.items() if k.startswith("val/AP/")},
             )
         )
     rows.sort(key=lambda x: -1.0 if x.ap is None else -x.ap)
@@ -288,13 +287,18 @@ def _rows(results: Any, keys: list[str], rounds: int) -> list[TrialRow]:
 
 
 def markdown_table(rows: list[TrialRow]) -> str:
+    """One row per trial: its parameters, val/AP, an AP column per class (the focal parameters trade rare
+    classes against frequent ones), rounds, iterations, whether ASHA stopped it."""
     keys = sorted({k for r in rows for k in r.params})
-    lines = ["| trial | " + " | ".join(keys) + " | val/AP | rounds | iterations | stopped early |"]
-    lines.append("|" + "---|" * (len(keys) + 5))
+    classes = sorted({c for r in rows for c in r.per_class})
+    head = ["trial", *keys, "val/AP", *(f"AP {c}" for c in classes), "rounds", "iterations", "stopped early"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        vals = " | ".join(f"{r.params.get(k):.4g}" if isinstance(r.params.get(k), float) else str(r.params.get(k)) for k in keys)
+        vals = [f"{r.params.get(k):.4g}" if isinstance(r.params.get(k), float) else str(r.params.get(k)) for k in keys]
         ap = "error" if r.error else ("n/a" if r.ap is None else f"{r.ap:.4f}")
-        lines.append(f"| {r.trial_id} | {vals} | {ap} | {r.rounds} | {r.iterations} | {'yes' if r.stopped_early else 'no'} |")
+        per = [f"{r.per_class[c]:.4f}" if r.per_class.get(c, -1.0) >= 0 else "n/a" for c in classes]
+        cells = [r.trial_id, *vals, ap, *per, str(r.rounds), str(r.iterations), "yes" if r.stopped_early else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    from ray_retina.tune import TRIAL_RESOURCE
+    from ray_retina.engine.session import TRIAL_RESOURCE
 
     # The dashboard (127.0.0.1) serves the state API that Ray Train's placement-group cleaner needs.
     ray.init(

@@ -77,8 +77,8 @@ def _eval_probe(config: dict) -> None:
 
     from ray_retina.config import config_from_dict
     from ray_retina.data.shards import coco_gt_from_shards
+    from ray_retina.engine.evaluate import evaluate_distributed
     from ray_retina.engine.loop import Engine
-    from ray_retina.engine.worker import evaluate_distributed
     from ray_retina.model import build_criterion, build_model, build_postprocessor
 
     cfg = config_from_dict(config["cfg"])
@@ -90,7 +90,7 @@ def _eval_probe(config: dict) -> None:
         cfg, model, build_criterion(cfg, 3), build_postprocessor(cfg), torch.device("cpu"), config["cat_ids"]
     )
     gt = coco_gt_from_shards(cfg.data.val_shards) if rank == 0 else None
-    stats = evaluate_distributed(engine, cfg, config["val_files"], gt, rank, world)
+    stats = evaluate_distributed(engine, cfg, config["val_plan"], gt, rank, world)
     (Path(config["out"]) / f"stats_{world}_{rank}.json").write_text(json.dumps(stats))
     ray.train.report({})
 
@@ -122,8 +122,9 @@ def test_ddp_across_two_nodes_keeps_ranks_identical(two_node_cluster, tmp_path):
 
 
 def test_distributed_eval_equals_single_worker(two_node_cluster, tmp_path):
-    from ray_retina.data.shards import read_manifest, shard_files
-    from ray_retina.engine.trainer import ensure_data, resolve_paths
+    from ray_retina.data.datasets import eval_plan
+    from ray_retina.data.shards import read_manifest
+    from ray_retina.engine.session import ensure_data, resolve_paths
     from ray_retina.model import build_model
 
     cfg = resolve_paths(
@@ -136,9 +137,9 @@ def test_distributed_eval_equals_single_worker(two_node_cluster, tmp_path):
     cat_ids = sorted(c["id"] for c in read_manifest(cfg.data.val_shards)["categories"])
     loop_config = {
         "cfg": cfg.model_dump(mode="json"), "weights": str(weights), "cat_ids": cat_ids,
-        "val_files": shard_files(cfg.data.val_shards), "out": str(tmp_path),
+        "val_plan": eval_plan(cfg.data.val_shards), "out": str(tmp_path),
     }  # fmt: skip
-    assert len(loop_config["val_files"]) >= 2  # both ranks get shards
+    assert len(loop_config["val_plan"]) >= 2  # both ranks get shards
     _run(_eval_probe, loop_config, 1, tmp_path / "runs", "eval1")
     _run(_eval_probe, loop_config, 2, tmp_path / "runs", "eval2")
     one = json.loads((tmp_path / "stats_1_0.json").read_text())

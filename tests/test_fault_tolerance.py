@@ -19,9 +19,10 @@ def _history(client, run_id: str, key: str) -> dict[int, float]:
 def test_worker_death_restarts_from_checkpoint_and_resume(ray_local, tmp_path, mlflow_uri, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    from ray_retina.checkpoint import cleanup_unregistered_checkpoints
     from ray_retina.config import resolve
     from ray_retina.engine.loop import lr_factor
-    from ray_retina.engine.trainer import cleanup_unregistered_checkpoints, train
+    from ray_retina.engine.trainer import train
     from ray_retina.engine.worker import FAIL_ENV
 
     cfg = tiny_config(

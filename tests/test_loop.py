@@ -34,6 +34,7 @@ def batch(seed: int = 0) -> dict[str, torch.Tensor]:
     return {
         "images": torch.randint(0, 255, (2, 3, 64, 96), generator=g, dtype=torch.uint8),
         "image_sizes": torch.tensor([[64, 96], [60, 80]]),
+        "orig_sizes": torch.tensor([[64, 96], [120, 160]]),
         "gt_boxes": torch.tensor([[[4.0, 6.0, 40.0, 50.0], [50.0, 10.0, 90.0, 30.0]],
                                   [[10.0, 10.0, 30.0, 30.0], [0.0, 0.0, 0.0, 0.0]]]),  # fmt: skip
         "gt_labels": torch.tensor([[0, 2], [1, -1]]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import uuid
 
 import numpy as np
 import pytest
@@ -12,14 +13,10 @@ import torch
 from PIL import Image
 
 from ray_retina.config import DataConfig
-from ray_retina.data.pipeline import (
-    AUGMENTED_COLUMNS,
-    RetinaCollate,
-    augment_batch,
-    build_dataset,
-    decode_image,
-    iter_eval_batches,
-)
+from ray_retina.data.augment import AUGMENTED_COLUMNS, augment_batch
+from ray_retina.data.collate import RetinaCollate
+from ray_retina.data.datasets import build_dataset, iter_eval_batches
+from ray_retina.data.decode import decode_image
 from ray_retina.data.shards import prepare_shards, read_shards_table, shard_files, write_shards
 from ray_retina.data.synthetic import make_synthetic_coco
 
@@ -133,7 +130,7 @@ def test_batch_images_are_packed_views_that_ray_blocks_share_without_copy():
 
 
 def test_pixel_buffers_are_reused_only_when_nothing_refers_to_them():
-    from ray_retina.data.pipeline import _BufferPool
+    from ray_retina.data.augment import _BufferPool
 
     pool = _BufferPool(max_buffers=2)
     a = pool.take(1000)
@@ -296,18 +293,17 @@ def test_simplejpeg_and_pillow_agree():
     assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() < 2
 
 
-@pytest.mark.skipif("ray.is_initialized()", reason="a Ray job counts skips in its named actor")
 def test_corrupt_rows_are_dropped_and_counted():
-    from ray_retina.data import pipeline
+    from ray_retina.data import skips
 
     good = _jpeg(_quadrants())
-    before = pipeline.skipped_images()
+    counter = f"local-test-{uuid.uuid4().hex}"  # a counter of its own: no other test's skips in it
     b = _batch([good, good[: len(good) // 2], b"", b"\x00" * 100, good], [(60, 80)] * 5, [[[1, 1, 5, 5]]] * 5,
                [[3]] * 5, ids=[11, 12, 13, 14, 15])  # fmt: skip
-    out = augment_batch(b, min_size_range=[60, 60], **TEST_KW)
+    out = augment_batch(b, min_size_range=[60, 60], skip_counter=counter, **TEST_KW)
     assert out["image_id"].tolist() == [11, 15]  # truncated, zero-byte and garbage rows dropped
     assert [len(x) for x in out["gt_boxes"]] == [1, 1]
-    assert pipeline.skipped_images() == before + 3
+    assert skips.skipped_images(counter) == 3
     # all rows bad: an empty batch with the same columns
     out = augment_batch({k: v[2:3] for k, v in b.items()}, min_size_range=[60, 60], **TEST_KW)
     assert set(out) == set(AUGMENTED_COLUMNS) and all(len(v) == 0 for v in out.values())
@@ -343,7 +339,7 @@ def _data_cfg(**kw) -> DataConfig:
 
 
 def test_read_and_augment_is_augment_batch_over_a_row_group(shards):
-    from ray_retina.data.pipeline import read_and_augment
+    from ray_retina.data.datasets import read_and_augment
 
     files = shard_files(shards / "val")  # 10 rows, 4 per shard: one row group each
     kw = {
@@ -478,16 +474,16 @@ def test_prepare_with_ray_tasks_equals_in_process(ray_cluster, damaged, tmp_path
 
 
 @pytest.mark.ray
-def test_undecodable_rows_are_skipped_and_counted_job_wide(ray_cluster, damaged, tmp_path):
-    from ray_retina.data.pipeline import skipped_images
+def test_undecodable_rows_are_skipped_and_counted_per_data_set(ray_cluster, damaged, tmp_path):
+    from ray_retina.data.skips import new_counter, skipped_images
 
     write_shards(damaged.train_annotations, damaged.train_images, tmp_path / "s", rows_per_shard=3)
-    ds = build_dataset(tmp_path / "s", _data_cfg(), train=True, seed=1)
+    counter = new_counter()
+    ds = build_dataset(tmp_path / "s", _data_cfg(), train=True, seed=1, skip_counter=counter)
     ids = [int(i) for b in ds.iter_batches(batch_size=4) for i in b["image_id"]]
     assert sorted(ids) == [1, 2, 4, 5, 6, 7, 8]
-    # The named actor, readable from any process of the job. It counts distinct image ids job-wide, so
-    # earlier tests on this module's cluster may have counted their own undecodable images too.
-    after_first = skipped_images()
-    assert after_first >= 1
+    # The data set's own named actor, readable from any process of the job: exactly its one bad image.
+    assert skipped_images(counter) == 1
     ids = [int(i) for b in ds.iter_batches(batch_size=4) for i in b["image_id"]]  # a second epoch
-    assert len(ids) == 7 and skipped_images() == after_first  # distinct images, not skip events
+    assert len(ids) == 7 and skipped_images(counter) == 1  # distinct images, not skip events
+    assert skipped_images(new_counter()) == 0  # another data set's counter starts at zero

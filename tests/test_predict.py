@@ -11,10 +11,11 @@ from PIL import Image
 from ray_retina.config import Config, apply_overrides
 from ray_retina.data.shards import read_manifest, write_shards
 from ray_retina.data.synthetic import make_synthetic_coco
-from ray_retina.engine.evaluate import STAT_NAMES
+from ray_retina.engine.evaluate import STAT_NAMES, evaluate_checkpoint
 from ray_retina.engine.loop import Engine
+from ray_retina.engine.restore import load_checkpoint
 from ray_retina.model import build_criterion, build_model, build_postprocessor
-from ray_retina.predict import evaluate_checkpoint, load_checkpoint, predict
+from ray_retina.predict import predict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ray_retina.data import shards
-from ray_retina.data.coco import category_label_maps, xywh_to_xyxy, xyxy_to_xywh
+from ray_retina.data.formats.coco import category_label_maps, xywh_to_xyxy, xyxy_to_xywh
 from ray_retina.data.shards import (
     SCHEMA_VERSION,
     coco_gt_from_shards,

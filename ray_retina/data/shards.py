@@ -1,4 +1,5 @@
-"""COCO json + image folder -> Parquet shards + manifest, on a local path or any pyarrow filesystem.
+"""COCO json (or a VOC / YOLO tree read into COCO form) + images -> Parquet shards + manifest, on a
+local path or any pyarrow filesystem.
 
 One row per image (schema ``SHARD_SCHEMA``): the original encoded bytes (never re-encoded) and the
 per-object lists in COCO units. The manifest (``manifest.json``) is written last and atomically, so
@@ -13,7 +14,6 @@ Shards are written in parallel by Ray tasks (``prepare_shards``) or in-process (
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -21,19 +21,26 @@ import logging
 import os
 import sys
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Any, BinaryIO
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from ray_retina.data.coco import VALIDATION_REASONS, ImageRecord, build_records, load_coco
+from ray_retina.data.formats.coco import (
+    COCO_REASONS,
+    VALIDATION_REASONS,
+    ImageRecord,
+    build_records,
+    check_coco_inputs,
+    load_coco,
+)
+from ray_retina.io import dir_exists, file_exists, join_uri, resolve_uri, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -59,48 +66,6 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 META_COLUMNS = [f.name for f in SHARD_SCHEMA if f.name != "image"]
-
-
-# ----------------------------------------------------------------------------------------- filesystems
-
-
-def resolve_uri(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
-    """A local path (absolute or relative) or a URI (``file://``, ``s3://``, ``gs://``, ...) -> (fs, path)."""
-    uri = os.fspath(uri)
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-def join_uri(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
-
-
-@contextlib.contextmanager
-def open_input(uri: str) -> Iterator[BinaryIO]:
-    fs, path = resolve_uri(uri)
-    with fs.open_input_stream(path) as f:
-        yield f  # type: ignore[misc]
-
-
-def _exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type == pafs.FileType.File
-
-
-def _write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write so that ``path`` is either absent or complete.
-
-    Local disks: a temporary name in the same folder, then a rename. Object stores (S3, GCS) make
-    an object visible only when its upload completes, so a direct write is already atomic there.
-    """
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        os.replace(tmp, path)  # atomic on POSIX; fs.move may copy
-    else:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
 
 
 # ----------------------------------------------------------------------------------------- manifest
@@ -133,7 +98,7 @@ def read_manifest(shard_dir: str | os.PathLike[str]) -> dict[str, Any]:
 def manifest_exists(shard_dir: str | os.PathLike[str]) -> bool:
     """Whether ``shard_dir`` holds a complete shard set (its manifest is written last)."""
     fs, path = resolve_uri(shard_dir)
-    return _exists(fs, join_uri(path, MANIFEST_NAME))
+    return file_exists(fs, join_uri(path, MANIFEST_NAME))
 
 
 def shard_files(shard_dir: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> list[str]:
@@ -175,7 +140,7 @@ def write_shards(
 
 
 def prepare_shards(
-    annotations: str | os.PathLike[str],
+    annotations: str | os.PathLike[str] | Mapping[str, Any],
     images: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
@@ -184,12 +149,15 @@ def prepare_shards(
     num_cpus_per_task: float = 1.0,
     verify_images: bool = False,
     progress: bool | None = None,
+    extra_counts: Mapping[str, int] | None = None,
+    source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prepare Parquet shards + manifest from a COCO json and its image folder; returns the manifest.
 
     Args:
         annotations: COCO json (``annotations/instances_train2017.json`` or any COCO-format file),
-            local path or URI.
+            local path or URI; or a COCO dict already in memory (what the VOC and YOLO readers make,
+            see :func:`prepare_dataset`), validated and written exactly like a json.
         images: folder the json's ``file_name`` entries are relative to (``train2017/``), path or URI.
         out: output folder, a local path or any URI pyarrow understands (``file://``, ``s3://``,
             ``gs://``; credentials as pyarrow finds them). Created if missing.
@@ -202,9 +170,13 @@ def prepare_shards(
             that the file is non-empty and has a readable image header; corrupt bytes that pass the
             header check are otherwise dropped (and counted) by the training pipeline.
         progress: progress as a bar on a terminal, plain log lines otherwise; ``None`` = on.
+        extra_counts: counts by reason made before the COCO dict (a reader's: ``label_line_invalid``,
+            ...), added to the manifest's ``validation``, whose keys are the COCO reasons plus these.
+        source: the manifest's ``source`` (default: the json and image folder).
 
     Validation is counted by reason (``coco.VALIDATION_REASONS``) into ``manifest["validation"]``
-    and printed as a summary; an unknown category id raises ``ValueError`` naming the annotation.
+    and printed as a summary; an unknown category id raises ``ValueError`` naming the annotation, a
+    missing json or image folder ``FileNotFoundError`` naming it.
 
     Resumable: rerunning with the same inputs skips shards already written (checked by a
     fingerprint of their planned content) and writes only the missing ones. Any old manifest is
@@ -215,10 +187,21 @@ def prepare_shards(
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     t0 = time.time()
     show = True if progress is None else progress
-    annotations, images, out = os.fspath(annotations), os.fspath(images), os.fspath(out)
-
-    coco = load_coco(annotations)
+    images, out = os.fspath(images), os.fspath(out)
+    extra = {k: int(v) for k, v in (extra_counts or {}).items()}
+    if unknown := sorted(set(extra) - set(VALIDATION_REASONS)):
+        raise ValueError(f"extra_counts has unknown reasons {unknown}; known: {sorted(VALIDATION_REASONS)}")
+    if isinstance(annotations, Mapping):
+        coco, ann_name = dict(annotations), None
+        img_fs, img_path = resolve_uri(images)
+        if not dir_exists(img_fs, img_path):
+            raise FileNotFoundError(f"image folder not found: {images}")
+    else:
+        ann_name = os.fspath(annotations)
+        check_coco_inputs(ann_name, images)
+        coco = load_coco(ann_name)
     records, counts = build_records(coco)
+    counts.update(extra)
     chunks = [records[i : i + rows_per_shard] for i in range(0, len(records), rows_per_shard)]
     plans = [
         {
@@ -233,7 +216,7 @@ def prepare_shards(
     out_fs, out_path = resolve_uri(out)
     out_fs.create_dir(out_path, recursive=True)
     manifest_path = join_uri(out_path, MANIFEST_NAME)
-    if _exists(out_fs, manifest_path):
+    if file_exists(out_fs, manifest_path):
         out_fs.delete_file(manifest_path)  # from here on the set is incomplete until we finish
     _remove_stale(out_fs, out_path, {p["file"] for p in plans})
 
@@ -266,7 +249,7 @@ def prepare_shards(
     manifest = {
         "format": "ray-retina-shards",
         "schema_version": SCHEMA_VERSION,
-        "source": {"annotations": annotations, "images": images},
+        "source": dict(source or {"format": "coco", "annotations": ann_name, "images": images}),
         "rows_per_shard": rows_per_shard,
         "num_images": sum(r["num_rows"] for r in results),
         "num_annotations": sum(r["num_annotations"] for r in results),
@@ -283,11 +266,13 @@ def prepare_shards(
             }
             for c in sorted(coco["categories"], key=lambda c: int(c["id"]))
         ],
-        "validation": {k: int(counts.get(k, 0)) for k in VALIDATION_REASONS},
+        "validation": {
+            k: int(counts.get(k, 0)) for k in VALIDATION_REASONS if k in COCO_REASONS or k in extra
+        },
         "info": coco.get("info", {}),
         "licenses": coco.get("licenses", []),
     }
-    _write_bytes_atomic(out_fs, manifest_path, json.dumps(manifest, indent=1).encode())
+    write_bytes_atomic(out_fs, manifest_path, json.dumps(manifest, indent=1).encode())
     resumed = sum(r["resumed"] for r in results)
     if show:
         print(
@@ -296,6 +281,77 @@ def prepare_shards(
             file=sys.stderr,
         )
     return manifest
+
+
+def prepare_dataset(
+    out: str | os.PathLike[str],
+    *,
+    format: str = "coco",
+    annotations: str | os.PathLike[str] | None = None,
+    images: str | os.PathLike[str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    data: str | os.PathLike[str] | None = None,
+    classes: Sequence[str] | None = None,
+    val_fraction: float | None = None,
+    seed: int = 0,
+    splits: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> dict[str, dict[str, Any]]:
+    """Prepare a COCO json, a Pascal VOC tree or a YOLO tree; returns ``{shard folder: manifest}``.
+
+    One shard set in ``out`` when the source has no splits and ``val_fraction`` is ``None``; else one
+    per split in ``out/<split>``: the source's own (VOC ``ImageSets/Main``, YOLO ``images/train``...),
+    or ``train`` and ``val`` by :func:`~ray_retina.data.formats.split.split_keys` (``val_fraction``,
+    ``seed``), disjoint and together the whole source. ``splits`` writes only those. Format-specific
+    counts (``label_line_invalid``, ...) go into the manifest of the split their image belongs to.
+    ``kwargs`` go to :func:`prepare_shards` (``rows_per_shard``, ``use_ray``, ...).
+    """
+    from ray_retina.data.formats import read_source
+    from ray_retina.data.formats.split import split_keys
+
+    out = os.fspath(out)
+    if format == "coco" and val_fraction is None:
+        if splits or classes:
+            raise ValueError(
+                "a COCO json has no splits or class list to choose: give --val-fraction to split it"
+            )
+        if annotations is None or images is None:
+            raise ValueError("format coco needs --annotations (a COCO json) and --images (its image folder)")
+        return {out: prepare_shards(annotations, images, out, **kwargs)}
+    source = read_source(
+        format, annotations=annotations, images=images, root=root, data=data, classes=classes
+    )
+    if source.splits is not None and val_fraction is not None:
+        raise ValueError(
+            f"{source.description.get('root')} has its own splits ({', '.join(source.splits)}): drop --val-fraction"
+        )
+    parts = source.splits
+    how: dict[str, Any] = {"split_by": "source"}
+    if parts is None and val_fraction is not None:
+        parts, how = split_keys(source.keys, val_fraction, seed), {"val_fraction": val_fraction, "seed": seed}
+    if parts is None:
+        if splits:
+            raise ValueError(
+                f"{source.description.get('root')} has no splits: give --val-fraction to make them"
+            )
+        coco, counts = source.to_coco()
+        return {
+            out: prepare_shards(
+                coco, source.images, out, extra_counts=counts, source=source.description, **kwargs
+            )
+        }
+    chosen = list(splits) if splits else list(parts)
+    if unknown := [s for s in chosen if s not in parts]:
+        raise ValueError(f"no split {unknown} in the source; it has {list(parts)}")
+    manifests = {}
+    for i, name in enumerate(chosen):
+        coco, counts = source.to_coco(parts[name], with_unattached=i == 0)
+        dest = join_uri(out, name)
+        desc = {**source.description, "split": name, **how}
+        manifests[dest] = prepare_shards(
+            coco, source.images, dest, extra_counts=counts, source=desc, **kwargs
+        )
+    return manifests
 
 
 def _fingerprint(chunk: Sequence[ImageRecord]) -> str:
@@ -321,7 +377,7 @@ def _write_shard(plan: dict[str, Any], images: str, out: str, verify_images: boo
     records = plan["records"]
     result = {"index": plan["index"], "file": plan["file"], "planned_rows": len(records)}
 
-    if _exists(out_fs, path):
+    if file_exists(out_fs, path):
         meta = _read_shard_meta(out_fs, path)
         if meta is not None and meta.get("fingerprint") == plan["fingerprint"]:
             return {**result, **meta["stats"], "resumed": True}
@@ -366,7 +422,7 @@ def _write_shard(plan: dict[str, Any], images: str, out: str, verify_images: boo
         use_dictionary=[c for c in SHARD_SCHEMA.names if c != "image"],
         write_statistics=[c for c in SHARD_SCHEMA.names if c != "image"],
     )
-    _write_bytes_atomic(out_fs, path, buf.getvalue())
+    write_bytes_atomic(out_fs, path, buf.getvalue())
     return {**result, **stats, "resumed": False}
 
 

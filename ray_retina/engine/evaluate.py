@@ -1,4 +1,8 @@
-"""COCO box AP with pycocotools semantics.
+"""Evaluation, one code path: detections in original pixels -> COCO results -> COCO box AP (pycocotools
+semantics), for training-time eval on every rank (:func:`evaluate_distributed`) and for
+``ray-retina eval`` of a checkpoint (:func:`evaluate_checkpoint`). Both detect with :func:`detect`, whose
+post-processor maps boxes back to original pixels (``PostProcessor(..., target_sizes=...)``), so the
+``val/AP`` a run reports and ``ray-retina eval`` of its checkpoint agree to the last digit (tested).
 
 Two interchangeable backends: ``faster_coco_eval`` (C++; the default, since COCO eval runs at every eval
 period) and the reference ``pycocotools``. Both return the same 12 stats on the same input (tested).
@@ -10,9 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Literal
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from ray_retina.config import Config
+
+logger = logging.getLogger(__name__)
 
 Backend = Literal["faster_coco_eval", "pycocotools"]
 
@@ -99,3 +115,258 @@ def format_stats(stats: dict[str, float]) -> str:
         v = stats.get(key, float("nan"))
         lines.append(f"{label:<14}{100.0 * v:>8.2f}" if v >= 0 else f"{label:<14}{'n/a':>8}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- per class
+
+
+def metric_safe(name: str) -> str:
+    """A class name as an MLflow metric-key component (letters, digits, ``_ - . space`` kept; rest ``_``)."""
+    return re.sub(r"[^A-Za-z0-9_\-. ]", "_", str(name)).strip() or "_"
+
+
+def per_class_ap(coco_eval: Any, names: Mapping[int, str] | None = None) -> dict[int, dict[str, float]]:
+    """Per-category ``{"AP", "AP50"}`` from a COCOeval after ``accumulate`` (the same object that gives
+    ``val/AP``): precision[T, R, K, area=all, maxDets=100] averaged over the entries > -1 (COCO's own
+    summarize rule), over all IoU thresholds (AP) or at IoU 0.5 (AP50); -1 for a category without GT."""
+    if coco_eval is None:
+        return {}
+    precision = np.asarray(coco_eval.eval["precision"])  # (T, R, K, A, M)
+    iou = np.asarray(coco_eval.params.iouThrs)
+    t50 = int(np.argmin(np.abs(iou - 0.5)))
+    out: dict[int, dict[str, float]] = {}
+    for k, cat in enumerate(coco_eval.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p50 = p[t50]
+        out[int(cat)] = {
+            "AP": float(p[p > -1].mean()) if (p > -1).any() else -1.0,
+            "AP50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else -1.0,
+        }
+    return out
+
+
+def per_class_metrics(per_class: Mapping[int, Mapping[str, float]], names: Mapping[int, str]) -> dict[str, float]:
+    """``val/AP/<class name>`` and ``val/AP50/<class name>`` (MLflow-safe names) of :func:`per_class_ap`."""
+    out: dict[str, float] = {}
+    for cat, v in per_class.items():
+        name = metric_safe(names.get(cat, str(cat)))
+        out[f"val/AP/{name}"] = v["AP"]
+        out[f"val/AP50/{name}"] = v["AP50"]
+    return out
+
+
+def format_per_class(per_class: Mapping[int, Mapping[str, float]], names: Mapping[int, str]) -> str:
+    """The per-class table people read: class, AP and AP50 in percent."""
+    width = max([5] + [len(names.get(c, str(c))) for c in per_class])
+    lines = [f"{'class':<{width}}  {'AP':>6}  {'AP50':>6}"]
+    for cat, v in per_class.items():
+        cells = [f"{100 * v[k]:6.2f}" if v[k] >= 0 else f"{'n/a':>6}" for k in ("AP", "AP50")]
+        lines.append(f"{names.get(cat, str(cat)):<{width}}  {cells[0]}  {cells[1]}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- detection
+
+
+def amp_context(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def model_inputs(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float on ``device`` (channels_last when the model runs so)."""
+    x = images.to(device, non_blocking=True).float()
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def detect(
+    model: torch.nn.Module,
+    postprocessor: Any,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """Detections of a collated batch, boxes XYXY in ORIGINAL image pixels (clipped), labels 0..K-1.
+
+    The one detection path of training eval, ``ray-retina eval``, ``predict`` and the exported model: the
+    model (eval mode, under the run's autocast) and the post-processor with ``target_sizes``."""
+    was_training = model.training
+    model.eval()
+    with amp_context(device, amp_dtype):
+        outputs = model(model_inputs(batch["images"], device, channels_last))
+    dets = postprocessor(outputs, batch["image_sizes"].to(device), batch["orig_sizes"].to(device))
+    model.train(was_training)
+    return dets
+
+
+def coco_records(image_id: int, boxes: np.ndarray, scores: np.ndarray, category_ids: np.ndarray) -> list[dict[str, Any]]:
+    """COCO results records of one image: ``boxes`` (D, 4) XYXY in original pixels -> ``bbox`` XYWH rounded
+    to 1e-3, ``score`` rounded to 1e-5, original ``category_id``."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return [
+        {"image_id": int(image_id), "category_id": int(c),
+         "bbox": [round(float(b[0]), 3), round(float(b[1]), 3), round(float(b[2] - b[0]), 3), round(float(b[3] - b[1]), 3)],
+         "score": round(float(s), 5)}
+        for b, s, c in zip(boxes, np.asarray(scores).reshape(-1), np.asarray(category_ids).reshape(-1), strict=True)
+    ]  # fmt: skip
+
+
+def detections_to_coco(
+    dets: Sequence[Mapping[str, torch.Tensor]], image_ids: Iterable[int], cat_ids: Sequence[int]
+) -> list[dict[str, Any]]:
+    """COCO results records of per-image detections (boxes XYXY in original pixels, labels 0..K-1 standing
+    for ``cat_ids``)."""
+    lookup = np.asarray(cat_ids, dtype=np.int64)
+    results: list[dict[str, Any]] = []
+    for image_id, d in zip(image_ids, dets, strict=True):
+        results.extend(
+            coco_records(image_id, d["boxes"].detach().double().cpu().numpy(), d["scores"].detach().float().cpu().numpy(),
+                         lookup[d["labels"].cpu().numpy().reshape(-1)])
+        )  # fmt: skip
+    return results
+
+
+# ----------------------------------------------------------------------------------------- distributed
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def broadcast(obj: Any) -> Any:
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_rank0(items: list[Any]) -> list[Any]:
+    if not _distributed():
+        return items
+    parts: list[list[Any]] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None  # type: ignore[list-item]
+    dist.gather_object(items, parts, dst=0)
+    return [x for p in parts for x in p] if parts is not None else []
+
+
+def category_names(categories: Sequence[Mapping[str, Any]]) -> dict[int, str]:
+    return {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+
+
+def evaluate_distributed(
+    engine: Any,
+    cfg: Config,
+    plan: Sequence[tuple[str, int]],
+    gt: dict[str, Any] | None,
+    rank: int,
+    world: int,
+    keep_eval: list[Any] | None = None,
+) -> dict[str, float]:
+    """Each rank detects (``engine.predict_all``, an ``engine.loop.Engine``) on its share of the val plan (``datasets.eval_plan``); rank 0 computes COCO AP
+    on the union. Returns on every rank (broadcast) the 12 stats keyed ``val/AP`` ... ``val/ARl``, the
+    per-class ``val/AP/<name>`` and ``val/AP50/<name>``, ``val/num_images`` (images in the AP) and
+    ``val/skipped_images`` (val images that did not decode: kept in the AP with no detections, so they
+    count against it, never silently out of the denominator). On rank 0 the COCOeval object is appended
+    to `keep_eval` when given (for the PR-curve pictures)."""
+    from ray_retina.data.datasets import iter_eval_batches
+
+    mine = list(plan[rank::world])
+    dets: list[dict[str, Any]] = []
+    img_ids: list[int] = []
+    skipped: list[int] = []
+    if mine:
+        dets, img_ids = engine.predict_all(iter_eval_batches(mine, cfg.data, skipped=skipped))
+    all_dets = gather_to_rank0(dets)
+    all_ids = gather_to_rank0(img_ids + skipped)
+    all_skipped = gather_to_rank0(skipped)
+    stats: dict[str, float] = {}
+    if rank == 0:
+        assert gt is not None
+        ids = sorted(set(all_ids))
+        raw, ev = coco_evaluate(gt, all_dets, backend=cfg.train.eval_backend, img_ids=ids, return_eval=True)
+        if keep_eval is not None:
+            keep_eval.append(ev)
+        stats = {f"val/{k}": v for k, v in raw.items()}
+        stats.update(per_class_metrics(per_class_ap(ev), category_names(gt["categories"])))
+        stats["val/num_images"] = float(len(ids))
+        stats["val/skipped_images"] = float(len(set(all_skipped)))
+        stats["val/num_detections"] = float(len(all_dets))
+    return broadcast(stats)
+
+
+# ----------------------------------------------------------------------------------------- offline
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    shards: str | os.PathLike[str],
+    *,
+    device: torch.device | str = "cpu",
+    backend: Backend | None = None,
+    plots_dir: str | os.PathLike[str] | None = None,
+    batch_size: int | None = None,
+    max_images: int | None = None,
+    per_class: dict[int, dict[str, float]] | None = None,
+) -> dict[str, float]:
+    """COCO box AP of a checkpoint on a val shard set: the 12 stats keyed as ``STAT_NAMES`` (AP, AP50, AP75,
+    APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl), each in [0, 1], or -1 where COCO has no data (e.g. no
+    small objects), plus ``num_images`` and ``skipped_images``.
+
+    Runs in this process (no Ray), through the same :func:`detect` and COCO eval as training: the same
+    test-time preprocessing, autocast, post-process and back-mapping. ``checkpoint``: a file, a checkpoint
+    directory, or a run directory (its best checkpoint by val/AP). ``batch_size`` defaults to the
+    config's ``data.batch_size`` (as in training eval: a different batch pads differently and can move AP
+    in the last digit); ``backend`` to the config's ``train.eval_backend``; ``max_images`` evaluates the
+    first N images only. ``per_class``, when given, is filled with :func:`per_class_ap`. With
+    ``plots_dir`` it also writes the run's pictures (``report.write_eval_pictures``).
+    """
+    from ray_retina.checkpoint import load_checkpoint_state
+    from ray_retina.data.datasets import eval_plan, iter_eval_batches
+    from ray_retina.data.shards import coco_gt_from_shards, read_manifest
+    from ray_retina.engine.restore import AMP_DTYPES, model_from_state
+    from ray_retina.model import build_postprocessor
+
+    device = torch.device(device)
+    model, cfg, cat_ids = model_from_state(load_checkpoint_state(checkpoint), device)
+    postprocess = build_postprocessor(cfg)
+    manifest = read_manifest(shards)
+    gt = coco_gt_from_shards(shards)
+    shard_cats = sorted(int(c["id"]) for c in manifest["categories"])
+    # GT labels are the model's labels when the shards' categories are among the checkpoint's; otherwise
+    # they are only needed to read the shards, and the pictures that compare them with predictions are off.
+    same_labels = set(shard_cats) <= set(cat_ids)
+    if not same_labels:
+        logger.warning("categories of %s %s are not all among the checkpoint's %s", os.fspath(shards), shard_cats, cat_ids)
+    label_cats = sorted(cat_ids) if same_labels else shard_cats
+    plan = eval_plan(shards, max_images)
+    dets: list[dict[str, Any]] = []
+    img_ids: list[int] = []
+    skipped: list[int] = []
+    amp = AMP_DTYPES[cfg.optim.amp]
+    for batch in iter_eval_batches(plan, cfg.data, batch_size=batch_size, cat_ids=label_cats, skipped=skipped):
+        per_image = detect(model, postprocess, batch, device=device, amp_dtype=amp, channels_last=cfg.model.channels_last)
+        ids = [int(i) for i in batch["image_id"]]
+        img_ids.extend(ids)
+        dets.extend(detections_to_coco(per_image, ids, cat_ids))
+    if not img_ids:
+        raise ValueError(f"{os.fspath(shards)}: no val image could be read")
+    ids = sorted(set(img_ids) | set(skipped))
+    stats, coco_eval = coco_evaluate(gt, dets, backend=backend or cfg.train.eval_backend, img_ids=ids, return_eval=True)
+    stats = {k: float(stats[k]) for k in STAT_NAMES}
+    stats["num_images"] = float(len(ids))
+    stats["skipped_images"] = float(len(set(skipped)))
+    if per_class is not None:
+        per_class.update(per_class_ap(coco_eval))
+    if plots_dir is not None:
+        from ray_retina.report import write_run_pictures
+
+        written = write_run_pictures(
+            model, postprocess, cfg, cat_ids, manifest["categories"], plan, coco_eval, Path(plots_dir),
+            with_truth=same_labels,
+        )  # fmt: skip
+        logger.info("wrote %s", ", ".join(str(p) for p in written))
+    return stats

@@ -12,7 +12,7 @@ import contextlib
 import math
 import random
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ray_retina.config import Config
+from ray_retina.engine.evaluate import amp_context, detect, detections_to_coco, model_inputs
+from ray_retina.engine.restore import AMP_DTYPES
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -31,6 +33,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random state (Python, numpy, torch CPU and CUDA), as tensors/ints/floats so that a
+    checkpoint holding it still loads with ``torch.load(weights_only=True)``."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [int(version), torch.tensor(mt, dtype=torch.int64), gauss],
+        "numpy": [str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved (CUDA only when this process has the same devices)."""
+    version, mt, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in mt.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -77,10 +105,6 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
 
 
-def _amp_dtype(cfg: Config) -> torch.dtype | None:
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.optim.amp]
-
-
 def _all_true(flag: bool, device: torch.device) -> bool:
     """True on every rank only if `flag` is true on every rank (so that all ranks skip a step together)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -114,7 +138,7 @@ class Engine:
         self.cat_ids = torch.as_tensor(cat_ids, dtype=torch.int64)
         self.optimizer = build_optimizer(cfg, model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.amp_dtype = _amp_dtype(cfg)
+        self.amp_dtype = AMP_DTYPES[cfg.optim.amp]
         # A grad scaler only for fp16 (bf16 has fp32's exponent range); disabled it is a no-op.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
         self.iteration = 0
@@ -123,16 +147,11 @@ class Engine:
 
     # ---- training -------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return amp_context(self.device, self.amp_dtype)
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        images = out["images"].float()
-        if self.cfg.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        out["images"] = images
+        out["images"] = model_inputs(batch["images"], self.device, self.cfg.model.channels_last)
         return out
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
@@ -184,28 +203,14 @@ class Engine:
         }
 
     # ---- evaluation -----------------------------------------------------------------------------------
-    @torch.no_grad()
     def predict(self, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-        """Detections of a batch in the COCO results format (original category ids, original pixels, XYWH)."""
-        model = unwrap(self.model)
-        model.eval()
-        b = self.to_device(batch)
-        with self._autocast():
-            outputs = model(b["images"])
-        dets = self.postprocessor(outputs, b["image_sizes"])
-        results: list[dict[str, Any]] = []
-        scales = batch["scale"].double()
-        for i, d in enumerate(dets):
-            boxes = d["boxes"].detach().double().cpu() / scales[i]
-            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-            cats = self.cat_ids[d["labels"].cpu()].tolist()
-            image_id = int(batch["image_id"][i])
-            for box, score, cat in zip(xywh, d["scores"].float().cpu().tolist(), cats, strict=True):
-                results.append(
-                    {"image_id": image_id, "category_id": int(cat), "bbox": [round(x, 3) for x in box],
-                     "score": round(float(score), 5)}
-                )  # fmt: skip
-        return results
+        """Detections of a batch in the COCO results format (original category ids, original pixels, XYWH),
+        through the one detection path of ``engine/evaluate.py``."""
+        dets = detect(
+            unwrap(self.model), self.postprocessor, batch,
+            device=self.device, amp_dtype=self.amp_dtype, channels_last=self.cfg.model.channels_last,
+        )  # fmt: skip
+        return detections_to_coco(dets, [int(i) for i in batch["image_id"]], self.cat_ids.tolist())
 
     def predict_all(self, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[list[dict[str, Any]], list[int]]:
         dets: list[dict[str, Any]] = []
@@ -216,8 +221,11 @@ class Engine:
         return dets, image_ids
 
     # ---- checkpoint state -----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly; loadable with ``torch.load(weights_only=True)``."""
+    def state_dict(self, rng_per_rank: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything needed to resume; loadable with ``torch.load(weights_only=True)``.
+
+        ``rng_per_rank``: every rank's :func:`rng_state`, in rank order (the worker gathers them to rank 0);
+        default this process's only."""
         return {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -226,12 +234,14 @@ class Engine:
             "iteration": self.iteration,
             "epoch": self.epoch,
             "bad_steps": self.bad_steps,
-            "torch_rng": torch.get_rng_state(),
+            "rng_per_rank": list(rng_per_rank) if rng_per_rank is not None else [rng_state()],
             "config": self.cfg.model_dump(mode="json"),
             "cat_ids": self.cat_ids.tolist(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], rank: int = 0) -> None:
+        """Restore a :meth:`state_dict`; ``rank`` picks this process's own saved random state (a run resumed
+        on fewer or more ranks than saved it: rank r takes saved rank r mod the saved count)."""
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -239,4 +249,8 @@ class Engine:
         self.iteration = int(state["iteration"])
         self.epoch = int(state["epoch"])
         self.bad_steps = int(state.get("bad_steps", 0))
-        torch.set_rng_state(state["torch_rng"])
+        if "rng_per_rank" in state:
+            saved = state["rng_per_rank"]
+            set_rng_state(saved[rank % len(saved)])
+        elif "torch_rng" in state:  # checkpoints written before per-rank states: torch's only
+            torch.set_rng_state(state["torch_rng"])

@@ -25,9 +25,14 @@ from .box_coder import BoxCoder
 
 
 class PostProcessor:
-    """``PostProcessor(outputs, image_sizes (B, 2) [h, w]) -> list of B dicts`` with ``boxes`` (D, 4) XYXY
-    float32 in input pixels clipped to [0, w] x [0, h], ``scores`` (D,) descending and ``labels`` (D,)
-    int64 contiguous 0..K-1."""
+    """``PostProcessor(outputs, image_sizes (B, 2) [h, w], target_sizes=None) -> list of B dicts`` with
+    ``boxes`` (D, 4) XYXY float32, ``scores`` (D,) descending and ``labels`` (D,) int64 contiguous 0..K-1.
+
+    Without ``target_sizes`` the boxes are in input pixels clipped to [0, w] x [0, h]. With
+    ``target_sizes`` (B, 2) [height, width] of the original images (DETR's ``target_sizes``) they are
+    mapped back per axis (x by width / w, y by height / h: the resize was per axis) and clipped to
+    [0, width] x [0, height]: the one back-mapping that training eval, ``ray-retina eval``, ``predict``
+    and the exported model all use."""
 
     def __init__(
         self,
@@ -58,7 +63,9 @@ class PostProcessor:
         return math.log(t / (1 - t)) - 1e-3
 
     @torch.no_grad()
-    def __call__(self, outputs: Any, image_sizes: Tensor) -> list[dict[str, Tensor]]:
+    def __call__(
+        self, outputs: Any, image_sizes: Tensor, target_sizes: Tensor | None = None
+    ) -> list[dict[str, Tensor]]:
         logits, deltas, anchors = outputs.cls_logits, outputs.box_deltas, outputs.anchors
         b, r, k = logits.shape
         device = logits.device
@@ -109,6 +116,8 @@ class PostProcessor:
             rank = torch.arange(kb.numel(), device=device) - starts[kb]
             keep = keep[rank < self.detections_per_img]
             per_image = torch.clamp(counts, max=self.detections_per_img).tolist()
+            if target_sizes is not None:
+                boxes = _to_original(boxes, keep, bi, image_sizes, target_sizes)
             return [
                 {"boxes": bx, "scores": sc, "labels": lb}
                 for bx, sc, lb in zip(
@@ -214,3 +223,15 @@ def _nms_pairs(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float)
         keep = ~suppressed
     kept = order[keep]
     return kept[torch.argsort(scores[kept], descending=True, stable=True)]
+
+
+def _to_original(boxes: Tensor, keep: Tensor, bi: Tensor, image_sizes: Tensor, target_sizes: Tensor) -> Tensor:
+    """The kept boxes (input pixels) in original pixels, per axis, clipped; other rows left as they are."""
+    device = boxes.device
+    src = image_sizes.to(device=device, dtype=torch.float32)[bi[keep]]  # (D, 2) [h, w]
+    dst = target_sizes.to(device=device, dtype=torch.float32)[bi[keep]]  # (D, 2) [height, width]
+    scale = torch.stack((dst[:, 1] / src[:, 1], dst[:, 0] / src[:, 0]), dim=1).repeat(1, 2)  # (D, 4) x y x y
+    upper = torch.stack((dst[:, 1], dst[:, 0]), dim=1).repeat(1, 2)
+    out = boxes.clone()
+    out[keep] = torch.minimum((boxes[keep] * scale).clamp(min=0), upper)
+    return out

@@ -18,7 +18,10 @@ from typing import Any
 
 import numpy as np
 
-VALIDATION_REASONS: dict[str, str] = {
+from ray_retina.data.formats.source import Source, Unit
+from ray_retina.io import dir_exists, file_exists, open_input, resolve_uri
+
+COCO_REASONS: dict[str, str] = {
     # per image
     "image_missing": "image file missing (row skipped)",
     "image_unreadable": "image file empty or not a readable image (row skipped)",
@@ -29,8 +32,19 @@ VALIDATION_REASONS: dict[str, str] = {
     "bbox_clipped": "bbox partly outside the image (clipped to it)",
     "bbox_outside": "bbox wholly outside the image (annotation dropped)",
     "ann_unknown_image": "annotation whose image id is not in images (annotation dropped)",
-    "crowd": "crowd annotation (kept with iscrowd=1, an ignore region)",
+    "crowd": "crowd annotation or VOC difficult object (kept with iscrowd=1, an ignore region)",
 }
+# Counted while reading a VOC or YOLO tree (formats/voc.py, formats/yolo.py), before the records above.
+SOURCE_REASONS: dict[str, str] = {
+    "label_file_missing": "image without a label file (kept as a negative)",
+    "label_file_invalid": "label file that does not parse (image skipped)",
+    "label_line_invalid": "label line not `class cx cy w h` (or a polygon) in numbers (line dropped)",
+    "label_file_orphan": "label file without an image (ignored)",
+    "class_unknown": "object of a class not in --classes / data.yaml names (object dropped)",
+}
+# Every reason a manifest can count. A manifest lists the COCO reasons always, plus the reasons of the
+# format its source was read from (zeros included), so its keys say what was checked.
+VALIDATION_REASONS: dict[str, str] = {**COCO_REASONS, **SOURCE_REASONS}
 
 
 @dataclass
@@ -50,8 +64,6 @@ class ImageRecord:
 
 def load_coco(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a COCO json from a local path or any URI pyarrow understands (``s3://``, ``gs://``, ``file://``)."""
-    from ray_retina.data.shards import open_input  # local import: shards imports this module
-
     with open_input(str(path)) as f:
         return json.load(f)
 
@@ -153,3 +165,42 @@ def build_records(coco: dict[str, Any]) -> tuple[list[ImageRecord], Counter[str]
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read_coco_source(coco: dict[str, Any], images: str) -> Source:
+    """A COCO dict as a :class:`Source` (units keyed by image id), to be split like VOC and YOLO trees.
+
+    Ids are kept as they are; validation happens later, in :func:`build_records`, for each split.
+    """
+    units = {int(img["id"]): Unit(key=str(img["id"]), image=img) for img in coco["images"]}
+    if len(units) != len(coco["images"]):
+        raise ValueError("duplicate image ids in images")
+    unattached = []
+    for ann in coco.get("annotations", []):
+        u = units.get(int(ann["image_id"]))
+        (unattached if u is None else u.annotations).append(ann)
+    return Source(
+        format="coco",
+        images=images,
+        categories=coco.get("categories", []),
+        units=list(units.values()),
+        unattached=unattached,
+        info=coco.get("info", {}),
+        licenses=coco.get("licenses", []),
+    )
+
+
+def check_coco_inputs(annotations: str | os.PathLike[str], images: str | os.PathLike[str]) -> None:
+    """``FileNotFoundError`` with one line naming the path and what to give, when either input is absent."""
+    fs, path = resolve_uri(annotations)
+    if not file_exists(fs, path):
+        raise FileNotFoundError(
+            f"annotations file not found: {os.fspath(annotations)} (give --annotations a COCO json, "
+            "e.g. annotations/instances_train2017.json)"
+        )
+    fs, path = resolve_uri(images)
+    if not dir_exists(fs, path):
+        raise FileNotFoundError(
+            f"image folder not found: {os.fspath(images)} (give --images the folder the json's file_name "
+            "entries are relative to, e.g. train2017/)"
+        )

@@ -1,0 +1,127 @@
+"""Driver-side set-up of a run or a sweep: Ray up, paths resolved for workers, data present, names.
+
+Used by ``engine/trainer.py`` (one run) and ``tune.py`` (a sweep and each of its trials); knows nothing of
+training itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ray_retina.config import Config, apply_overrides
+from ray_retina.io import absolute
+
+# A custom resource that only Tune trial drivers ask for: a driver just waits on its TorchTrainer, so it
+# must not hold a CPU the trainers or Ray Data need. `ray-retina` declares it on the local Ray it starts;
+# on a cluster, add it to the head's `ray start --resources` (cluster/ does).
+TRIAL_RESOURCE = "ray_retina_trial"
+
+
+def abs_storage(path: str) -> str:
+    """Ray wants an absolute local path or a URI."""
+    return absolute(path)  # type: ignore[return-value]
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """The config as workers get it: local paths absolute (Ray workers run in other working directories).
+
+    The lr and schedule are resolved later, by each worker for the world size that actually runs
+    (``config.resolve(cfg, world_size)``): an elastic run may start with fewer workers than configured."""
+    return apply_overrides(
+        cfg,
+        {
+            "data.root": absolute(cfg.data.root),
+            "data.train_shards": absolute(cfg.data.train_shards),
+            "data.val_shards": absolute(cfg.data.val_shards),
+            "model.backbone_weights": _weights_path(cfg.model.backbone_weights),
+            "run.storage_path": absolute(cfg.run.storage_path),
+        },
+    )
+
+
+def _weights_path(value: str | None) -> str | None:
+    """A weights file made absolute; a torchvision weights name (``ResNet50_Weights.IMAGENET1K_V2``) kept."""
+    if value is None or ("." in value and "/" not in value and not os.path.exists(value) and "_Weights." in value):
+        return value
+    return absolute(value)
+
+
+def ensure_data(cfg: Config) -> None:
+    """Make the synthetic set and its shards when the config asks for it and they are absent.
+
+    Real data sets are prepared explicitly with ``ray-retina prepare``; a missing manifest then is an error.
+    """
+    from ray_retina.data.shards import manifest_exists, write_shards
+    from ray_retina.data.synthetic import make_synthetic_coco
+
+    need = [s for s in (cfg.data.train_shards, cfg.data.val_shards) if not manifest_exists(s)]
+    if not need:
+        return
+    if cfg.data.synth is None:
+        raise FileNotFoundError(
+            f"no shard set at {', '.join(need)}: run `ray-retina prepare ... --out DIR` first and point "
+            "data.train_shards / data.val_shards at it, or set data.synth to make the synthetic set"
+        )
+    root = Path(cfg.data.root)
+    s = cfg.data.synth
+    if not (root / "annotations" / "instances_val.json").exists():
+        t0 = time.perf_counter()
+        make_synthetic_coco(
+            root, s.num_train, s.num_val, s.seed,
+            min_image_size=s.min_image_size, max_image_size=s.max_image_size,
+            min_object_size=s.min_object_size, max_object_size=s.max_object_size, max_objects=s.max_objects,
+        )  # fmt: skip
+        print(f"[ray-retina] synthetic COCO set: {s.num_train} train + {s.num_val} val images in {root} "
+              f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    for split, out in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards)):
+        if not manifest_exists(out):
+            write_shards(root / "annotations" / f"instances_{split}.json", root / split, out, cfg.data.rows_per_shard)
+            print(f"[ray-retina] prepared {split} shards in {out}")
+
+
+def ensure_ray(cfg: Config, *, verbose: bool = False) -> None:
+    """Connect to a running cluster (RAY_ADDRESS or `ray start`), else start a local one with an explicit
+    logical CPU count (run.ray_num_cpus) so that train workers and Ray Data tasks both fit.
+
+    Unless ``verbose``, Ray Data's progress bars are turned off for this driver (our own progress lines
+    say how training goes)."""
+    import ray
+
+    if not verbose:
+        quiet_ray_data()
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    kwargs: dict[str, Any] = {
+        "address": "local",  # a new local instance, never an unrelated cluster left running on this host
+        # The dashboard serves Ray's state API, which Ray Train's PlacementGroupCleaner needs to see that a
+        # trial's controller died (ASHA stopping a trial): without it the trial's worker placement group
+        # leaks and later trials wait forever for its CPUs. Local only (127.0.0.1).
+        "include_dashboard": True,
+        "dashboard_host": "127.0.0.1",
+        "log_to_driver": True,  # rank 0's progress lines reach the console this way
+        "resources": {TRIAL_RESOURCE: 64},
+    }
+    if cfg.run.ray_num_cpus is not None:
+        kwargs["num_cpus"] = cfg.run.ray_num_cpus
+    ray.init(**kwargs)
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress bars off in this process (they are per operator and per data set: hundreds of
+    lines in a run). Workers get the same through ``RAY_DATA_DISABLE_PROGRESS_BARS`` (worker_env)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def default_run_name(cfg: Config) -> str:
+    return cfg.run.name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,39 @@
+"""Every private Ray API listed in ray_retina/_ray_private.py still exists: fails loudly on a Ray upgrade."""
+
+from __future__ import annotations
+
+from ray_retina import _ray_private
+
+
+def test_data_context_execution_index_exists():
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    assert hasattr(ctx, _ray_private.EXECUTION_INDEX_ATTR), (
+        f"ray.data.DataContext.{_ray_private.EXECUTION_INDEX_ATTR} is gone: per-epoch augmentation draws "
+        "(data/augment.py) need another source of the epoch"
+    )
+    assert isinstance(getattr(ctx, _ray_private.EXECUTION_INDEX_ATTR), int)
+    assert _ray_private.ray_data_execution_index() == getattr(ctx, _ray_private.EXECUTION_INDEX_ATTR)
+
+
+def test_checkpoint_snapshot_file_name_is_ray_trains():
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    assert CHECKPOINT_MANAGER_SNAPSHOT_FILENAME == _ray_private.CHECKPOINT_SNAPSHOT_FILE
+
+
+def test_no_other_private_ray_name_in_the_package():
+    """A new private Ray name used in ray_retina/ must be added to _ray_private.py (and tested here)."""
+    import re
+    from pathlib import Path
+
+    pkg = Path(_ray_private.__file__).parent
+    hits = []
+    for f in pkg.rglob("*.py"):
+        if f.name == "_ray_private.py":
+            continue
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if re.search(r"ray\.[\w.]*\._\w+|from ray[\w.]*\._internal|from ray[\w.]* import _\w+", line):
+                hits.append(f"{f.relative_to(pkg)}:{n}: {line.strip()}")
+    assert not hits, "private Ray APIs outside _ray_private.py:\n" + "\n".join(hits)
