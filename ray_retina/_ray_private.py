@@ -8,6 +8,7 @@ elsewhere in the package is a review error.
 | --- | --- | --- |
 | ``ray.data.DataContext._execution_idx`` | per-epoch augmentation draws (``data/augment.py``) | every epoch sees epoch 0's draws |
 | ``checkpoint_manager_snapshot.json`` (Ray Train's run dir) | which checkpoints Ray registered (``checkpoint.py``) | half-reported checkpoints are not cleaned |
+| logger named ``ray.train.v2._internal.execution.context.__file__`` | silencing the per-report metrics dump (``engine/worker.py``) | "Reporting training result ..." lines come back |
 """
 
 from __future__ import annotations
@@ -27,3 +28,22 @@ def ray_data_execution_index() -> int:
         return int(getattr(DataContext.get_current(), EXECUTION_INDEX_ATTR, 0))
     except Exception:  # pragma: no cover - checked by tests/unit/test_ray_private.py
         return 0
+
+
+REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+
+
+def quiet_train_report_logs() -> bool:
+    """Ray Train V2 logs every ``ray.train.report`` with all its metrics at INFO through a logger named by
+    its module's *file path* (``logging.getLogger(__file__)``), under the root logger, so neither
+    ``LoggingConfig`` nor the ``ray.train`` logger's level reaches it. Raise that logger to WARNING.
+    Returns whether the module was found."""
+    import importlib
+    import logging
+
+    try:
+        module = importlib.import_module(REPORT_LOGGER_MODULE)
+    except ImportError:  # pragma: no cover - checked by tests/unit/test_ray_private.py
+        return False
+    logging.getLogger(module.__file__).setLevel(logging.WARNING)
+    return True

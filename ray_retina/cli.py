@@ -146,6 +146,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ray_retina.export import export
+
+    if (args.run is None) == (args.sweep is None):
+        args.error("give one of --run and --sweep")
+    try:
+        result = export(
+            args.run, sweep=args.sweep, format=args.format, out=args.out, register=args.register, alias=args.alias,
+            tracking_uri=args.tracking_uri,
+        )  # fmt: skip
+    except ValueError as err:  # options that do not fit together, a sweep without a best trial: one line
+        args.error(str(err))
+    src = result.source
+    ap = src.metrics.get("val/AP")
+    print(f"checkpoint: {src.checkpoint}" + (f"  (val/AP {ap:.4f})" if ap is not None else ""))
+    for f in result.files:
+        print(f"wrote {f}")
+    if result.model_uri:
+        print(f"MLflow model: {result.model_uri} (run {result.run_id})")
+    if result.registered_name:
+        ref = f"models:/{result.registered_name}@{result.alias}" if result.alias else f"models:/{result.registered_name}/{result.registered_version}"
+        print(f"registered: {result.registered_name} version {result.registered_version}"
+              + (f", alias @{result.alias}" if result.alias else ""))  # fmt: skip
+        print(f"serve it:  mlflow models serve -m {ref} --env-manager local -h 127.0.0.1 -p 5001")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ray-retina", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command")
@@ -208,19 +235,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, default=1, help="model replicas (Ray Data actor pool)")
     p.add_argument("--gpu", action="store_true", help="one GPU per model replica")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="the best checkpoint of a run or sweep as an MLflow model (registry), ONNX or TorchScript",
+                       description="Exports the run's best checkpoint by val/AP (a named checkpoint exactly). mlflow: a "
+                       "pyfunc model (encoded images in, detections out) logged to the run, optionally registered; "
+                       "onnx / torchscript: the network and a JSON of its anchor and post-process settings in --out.")  # fmt: skip
+    p.add_argument("--run", help="MLflow run id, Ray Train run dir, checkpoint dir or checkpoint.pt")
+    p.add_argument("--sweep", metavar="PARENT_RUN_ID", help="a sweep's MLflow parent run: export its best trial")
+    p.add_argument("--format", choices=["mlflow", "onnx", "torchscript"], default="mlflow")
+    p.add_argument("--out", default=None, help="output folder (onnx, torchscript: required; mlflow: also save it here)")
+    p.add_argument("--register", metavar="NAME", default=None, help="register in the MLflow Model Registry as NAME")
+    p.add_argument("--alias", default=None, help="point this alias (e.g. champion) at the new version")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: for a path, the checkpoint "
+                   "config's tracking.tracking_uri; then MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")  # fmt: skip
+    p.add_argument("--verbose", "-v", action="store_true", help="library logs and tracebacks")
+    p.set_defaults(func=cmd_export, error=p.error)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.command is None:  # `ray-retina` alone: the demo
         args = build_parser().parse_args(["train"])
+    _configure_logging(getattr(args, "verbose", False))
     from ray_retina.config import ConfigError
 
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
+        if getattr(args, "verbose", False):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
@@ -229,6 +273,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {_one_line(err)}  (--verbose shows the traceback)", file=sys.stderr)
         return 2
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Our INFO lines; the libraries' (Ray, MLflow, alembic) warnings only, unless --verbose."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose:
+        return
+    import os
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its loggers' level on import
+    for name in ("ray", "mlflow", "alembic", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _one_line(err: OSError) -> str:

@@ -37,6 +37,54 @@ class SynthConfig(_Section):
     max_objects: int = Field(6, ge=1)
 
 
+class PhotometricConfig(_Section):
+    """Colour jitter of training images (``augment.photometric``): with probability ``prob``, factors drawn
+    uniformly from [max(0, 1 - x), 1 + x] for brightness, contrast and saturation and from [-hue, hue] turns
+    for the hue, applied as one colour matrix (``ray_retina.data.augment.photometric``)."""
+
+    prob: float = Field(0.0, ge=0.0, le=1.0)
+    brightness: float = Field(0.0, ge=0.0)
+    contrast: float = Field(0.0, ge=0.0)
+    saturation: float = Field(0.0, ge=0.0)
+    hue: float = Field(0.0, ge=0.0, le=0.5)
+
+
+class CropConfig(_Section):
+    """Random crop that keeps boxes (``augment.crop``): with probability ``prob``, a window with sides of
+    [min_scale, 1] x the image's; boxes clipped to it, dropped when less than ``min_visible`` of their area
+    stays; never drops every box of an image that has some (``ray_retina.data.augment.augment_batch``)."""
+
+    prob: float = Field(0.0, ge=0.0, le=1.0)
+    min_scale: float = Field(0.3, gt=0.0, le=1.0)
+    min_visible: float = Field(0.5, gt=0.0, le=1.0)
+
+
+class ZoomOutConfig(_Section):
+    """Zoom-out (``augment.zoom_out``): with probability ``prob``, the image placed at a random spot of a
+    canvas 1..``max_ratio`` times its size filled with ``fill`` (RGB levels: keep it at model.pixel_mean,
+    so the canvas normalises to 0); smaller objects for a data set that lacks them."""
+
+    prob: float = Field(0.0, ge=0.0, le=1.0)
+    max_ratio: float = Field(2.0, ge=1.0, le=16.0)
+    fill: list[int] = Field(default_factory=lambda: [124, 116, 104])
+
+    @field_validator("fill")
+    @classmethod
+    def _levels(cls, v: list[int]) -> list[int]:
+        if len(v) != 3 or not all(0 <= x <= 255 for x in v):
+            raise ValueError(f"must be 3 levels (R, G, B) in [0, 255], got {v}")
+        return v
+
+
+class AugmentConfig(_Section):
+    """Training augmentation for small sets of real photos, all off by default (the paper uses only the flip
+    and scale jitter). Order per image: crop -> zoom-out -> resize -> photometric -> flip."""
+
+    photometric: PhotometricConfig = PhotometricConfig()
+    crop: CropConfig = CropConfig()
+    zoom_out: ZoomOutConfig = ZoomOutConfig()
+
+
 class DataConfig(_Section):
     root: str = "data/synth"
     """Where the COCO-format source lives (images + annotations/instances_{train,val}.json)."""
@@ -51,7 +99,8 @@ class DataConfig(_Section):
     max_size: int = Field(1333, ge=16)
     hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
     batch_size: int = Field(2, ge=1)
-    """Images per worker per step; the global batch is batch_size x scaling.num_workers."""
+    """Images per worker per step; the global batch is batch_size x the number of workers that run
+    (scaling.num_workers, or fewer in an elastic run: see :func:`resolve`)."""
     size_divisibility: int = Field(128, ge=1)
     """Pad to a multiple of the coarsest stride (P7 = 128) so every level has whole cells."""
     map_num_cpus: float = Field(1.0, gt=0)
@@ -70,6 +119,8 @@ class DataConfig(_Section):
     trials (e.g. comparing sweeps). Costs some throughput (a slow task holds back the ones after it)."""
     val_max_images: int | None = None
     """Evaluate on the first N val images only (None: all)."""
+    augment: AugmentConfig = AugmentConfig()
+    """Photometric jitter, crop, zoom-out of training images (see :class:`AugmentConfig`); off by default."""
 
     @field_validator("train_min_size")
     @classmethod
@@ -143,7 +194,8 @@ class PostprocessConfig(_Section):
 class OptimConfig(_Section):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float | None = Field(None, gt=0.0)
-    """None: the paper's 0.01 per 16 images scaled linearly to the global batch."""
+    """None: the paper's 0.01 per 16 images scaled linearly to the global batch. Set: the lr as given, or,
+    when reference_batch is set, the lr for reference_batch images, scaled linearly to the global batch."""
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     schedule: Literal["step", "cosine", "constant"] = "step"
@@ -153,8 +205,9 @@ class OptimConfig(_Section):
     warmup_iters: int = Field(500, ge=0)
     warmup_factor: float = Field(0.001, gt=0.0, le=1.0)
     reference_batch: int | None = Field(None, ge=1)
-    """When set, max_iters / steps / warmup_iters are given for this global batch (the paper's 16) and are
-    rescaled to the actual global batch at run time (linear scaling rule: same number of images seen)."""
+    """When set, lr / max_iters / steps / warmup_iters are given for this global batch (the paper's 16) and
+    are rescaled to the actual global batch at run time (linear scaling rule: lr x global / reference, the
+    iterations x reference / global, so the same number of images is seen). See :func:`resolve`."""
     clip_grad_norm: float | None = None
     amp: Literal["none", "bf16", "fp16"] = "none"
     compile: bool = False
@@ -242,14 +295,13 @@ class Config(_Section):
 
     @property
     def global_batch(self) -> int:
+        """Images per step with scaling.num_workers workers (0 runs in the driver: one worker)."""
         return self.data.batch_size * max(1, self.scaling.num_workers)
 
     @property
     def lr(self) -> float:
-        """The learning rate in force: as set, else the paper's 0.01 / 16 images scaled to the global batch."""
-        if self.optim.lr is not None:
-            return self.optim.lr
-        return PAPER_LR * self.global_batch / PAPER_BATCH
+        """The learning rate in force with scaling.num_workers workers, ``resolve(self).optim.lr``."""
+        return _scaled_lr(self.optim, self.global_batch)
 
 
 class ConfigError(ValueError):
@@ -267,13 +319,43 @@ def _format_validation(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def resolve(cfg: Config) -> Config:
-    """The config as it will run: lr made explicit (linear scaling from the paper's 0.01 per 16 images) and
-    a schedule given for `optim.reference_batch` rescaled to the global batch. Logged and checkpointed."""
+def _scaled_lr(o: OptimConfig, global_batch: int) -> float:
+    if o.lr is None:
+        return PAPER_LR * global_batch / PAPER_BATCH
+    if o.reference_batch is None:
+        return o.lr
+    return o.lr * global_batch / o.reference_batch
+
+
+def resolve(cfg: Config, world_size: int | None = None) -> Config:
+    """The config as it runs on ``world_size`` workers: lr explicit and the schedule in iterations of that
+    global batch. Logged and checkpointed.
+
+    The global batch is ``data.batch_size x world_size``; world_size None means scaling.num_workers (at
+    least 1: 0 runs in the driver). An elastic run passes the number of workers actually running.
+
+    * lr: ``optim.lr`` None gives the paper's 0.01 per 16 images scaled linearly to the global batch. An
+      explicit ``optim.lr`` is kept as given, unless ``optim.reference_batch`` is set: then it is the lr
+      for reference_batch images and is scaled by global / reference_batch.
+    * schedule: with ``optim.reference_batch`` set, max_iters / steps / warmup_iters are scaled by
+      reference_batch / global (rounded; the same number of images seen); otherwise kept as given.
+
+    Contract: the result has an explicit lr and ``optim.reference_batch`` None, so it is pinned: resolving
+    it again returns it unchanged, whatever the world size. To resolve for another world size (an elastic
+    run that restarts with fewer or more workers), call this on the config as loaded, never on its
+    resolved form. ``scaling`` is not changed, so the result's ``global_batch`` still reads
+    scaling.num_workers.
+    """
+    if world_size is None:
+        global_batch = cfg.global_batch
+    elif world_size < 1:
+        raise ValueError(f"world_size must be >= 1 (None: scaling.num_workers), got {world_size!r}")
+    else:
+        global_batch = cfg.data.batch_size * int(world_size)
     o = cfg.optim
-    upd: dict[str, Any] = {"optim.lr": cfg.lr}
+    upd: dict[str, Any] = {"optim.lr": _scaled_lr(o, global_batch)}
     if o.reference_batch is not None:
-        f = o.reference_batch / cfg.global_batch
+        f = o.reference_batch / global_batch
         upd.update(
             {
                 "optim.max_iters": max(1, round(o.max_iters * f)),
@@ -335,7 +417,12 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}:{where} not valid YAML ({getattr(err, 'problem', None) or err})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
         cfg = config_from_dict(raw, str(p))

@@ -9,7 +9,8 @@ Two forms of the focal loss live here:
   analytic gradient chunk by chunk (a chunk stays in cache), so autograd keeps no (N, K) intermediates.
   Its peak extra memory is the gradient itself plus four chunk-sized buffers, against the ~10 (N, K)
   float32 tensors the dense autograd graph holds; every op writes into a preallocated buffer, and the
-  softplus uses vectorised ops only (see :func:`_sigmoid_and_softplus`).
+  softplus uses vectorised ops only (see :func:`_sigmoid_and_softplus`). It computes in float32 whatever
+  the logits' dtype (fp16/bf16 included), except float64 logits, which are computed in float64.
 
 The math, with x the logit, p = sigmoid(x), t the 0/1 target and q = 1 - p_t the probability given to the
 wrong answer (q = p for t = 0, q = 1 - p for t = 1):
@@ -41,6 +42,12 @@ _REDUCTIONS = ("none", "mean", "sum")
 # in L2/L3; on GPU larger chunks amortise the launch cost of the ~12 kernels per chunk.
 _CHUNK_ELEMS_CPU = 1 << 18
 _CHUNK_ELEMS_CUDA = 1 << 24
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 logits are computed in float64 (oracles, gradient checks); every other dtype in float32
+    (fp16/bf16 logits too: their precision is too coarse for the focal term and its gradient)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_focal_args(alpha: float, gamma: float) -> None:
@@ -97,7 +104,7 @@ def _pow(q: Tensor, gamma: float) -> Tensor | None:
 
 
 def _fg_terms(x: Tensor, alpha_fg: float, gamma: float) -> tuple[Tensor, Tensor]:
-    """Loss and d loss / dx of the positive (t = 1) entries ``x`` (fp32, 1-D)."""
+    """Loss and d loss / dx of the positive (t = 1) entries ``x`` (1-D, in the compute dtype)."""
     p = torch.sigmoid(x)
     q = 1 - p
     s = F.softplus(-x)
@@ -114,12 +121,12 @@ def _sigmoid_and_softplus(
 
     ``F.softplus`` (like ``torch.log1p``) runs scalar code on CPU, ~15x slower than ``sigmoid``. Instead
     softplus(x) = max(x, 0) + softplus(-|x|) and softplus(-|x|) = -log(sigmoid(|x|)) = -log(max(p, 1 - p)):
-    one vectorised ``log`` of a value in [1/2, 1). Its error is absolute, at most about 2^-24 (the rounding
-    of 1 - p), so it is relative only where softplus(-|x|) is itself tiny (easy negatives, x << 0), whose
-    terms p^gamma * s are negligible in the sum. (The exact-to-a-few-ulp form 2 atanh(q / (2 - q)) with
+    one vectorised ``log`` of a value in [1/2, 1). Its error is absolute, at most about 2^-24 in float32 and
+    2^-53 in float64 (the rounding of 1 - p), so it is relative only where softplus(-|x|) is itself tiny
+    (easy negatives, x << 0), whose terms p^gamma * s are negligible in the sum. (The exact-to-a-few-ulp form 2 atanh(q / (2 - q)) with
     q = min(p, 1 - p) costs an ``atanh``, 1.5 ns per element against ``log``'s 0.9 on an AVX2 CPU: the
     whole focal loss of a (16, 3069, 80) batch took 18.5 ms with it, 15.2 ms now.)
-    ``one`` is a 0-dim float32 tensor on x's device.
+    ``one`` is a 0-dim tensor of x's dtype and device.
     """
     torch.sigmoid(x, out=p)
     torch.sub(one, p, out=one_minus_p)
@@ -130,7 +137,10 @@ def _sigmoid_and_softplus(
 
 
 class _FusedFocalLoss(torch.autograd.Function):
-    """sum_rows w_row * sum_k FL(x_row_k, [label_row == k]) with the gradient computed in the forward."""
+    """sum_rows w_row * sum_k FL(x_row_k, [label_row == k]) with the gradient computed in the forward.
+
+    The math runs in ``_compute_dtype(logits.dtype)``; ``row_weight`` comes in that dtype.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -148,12 +158,13 @@ class _FusedFocalLoss(torch.autograd.Function):
         chunk_elems = _CHUNK_ELEMS_CUDA if logits.is_cuda else _CHUNK_ELEMS_CPU
         rows = max(1, min(n, chunk_elems // max(1, num_classes)))
         num_chunks = (n + rows - 1) // rows
-        partial = torch.zeros(max(1, num_chunks), dtype=torch.float32, device=logits.device)
-        f32 = dict(dtype=torch.float32, device=logits.device)
-        # Four chunk-sized fp32 buffers, reused: no allocation inside the loop.
-        s_buf, p_buf, q_buf, t_buf = (torch.empty(rows, num_classes, **f32) for _ in range(4))
-        x_buf = torch.empty(rows, num_classes, **f32) if logits.dtype != torch.float32 else None
-        one = torch.tensor(1.0, **f32)
+        cdt = _compute_dtype(logits.dtype)
+        like = dict(dtype=cdt, device=logits.device)
+        partial = torch.zeros(max(1, num_chunks), **like)
+        # Four chunk-sized buffers in the compute dtype, reused: no allocation inside the loop.
+        s_buf, p_buf, q_buf, t_buf = (torch.empty(rows, num_classes, **like) for _ in range(4))
+        x_buf = torch.empty(rows, num_classes, **like) if logits.dtype != cdt else None
+        one = torch.tensor(1.0, **like)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             # Pass over every entry as if it were a negative (t = 0): the bulk of the work.
             for i in range(num_chunks):
@@ -181,7 +192,7 @@ class _FusedFocalLoss(torch.autograd.Function):
                 partial[i] = torch.dot(pg.view(-1), s.view(-1))  # sum of alpha_bg w p^g softplus(x)
                 if grad is not None:
                     # d/dx = alpha_bg * w * p^g * (p + gamma * (1 - p) * s)
-                    out = grad[lo:hi] if grad.dtype == torch.float32 else q
+                    out = grad[lo:hi] if grad.dtype == cdt else q
                     torch.addcmul(p, q, s, value=gamma, out=out)
                     out.mul_(pg)
                     if out is q:
@@ -192,7 +203,7 @@ class _FusedFocalLoss(torch.autograd.Function):
             fg_rows = torch.nonzero((lab >= 0) & (lab < num_classes)).squeeze(1)
             if fg_rows.numel() > 0:
                 fg_cols = lab[fg_rows]
-                xf = x_all[fg_rows, fg_cols].float()
+                xf = x_all[fg_rows, fg_cols].to(cdt)
                 wf = row_weight.reshape(-1)[fg_rows]
                 loss_fg, grad_fg = _fg_terms(xf, alpha_fg, gamma)
                 p = torch.sigmoid(xf)
@@ -236,14 +247,16 @@ def focal_loss_from_labels(
     with ``keep = labels != ignore`` and label K meaning background (an all-zero target row).
 
     Args:
-        logits: (..., K) logits of any float dtype; the math runs in float32 chunk by chunk.
+        logits: (..., K) logits of any float dtype; the math runs chunk by chunk in float64 for float64
+            logits and in float32 for every other dtype (float32, bf16, fp16).
         labels: (...) int64, labels in {ignore, 0..K-1 class, K background}.
         alpha, gamma: as in :func:`sigmoid_focal_loss` (alpha < 0 disables the weighting).
         ignore: label value of the anchors that contribute nothing.
         weights: optional (...) float per-row weight (e.g. 1 / num_fg of the row's image); default 1.
 
     Returns:
-        float32 scalar: sum over rows of weight * sum over classes of FL.
+        scalar, float64 for float64 logits and float32 otherwise: sum over rows of weight * sum over
+        classes of FL. The gradient comes back in the logits' dtype.
     """
     _check_focal_args(alpha, gamma)
     if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
@@ -262,8 +275,9 @@ def focal_loss_from_labels(
                 f"labels must be in {{{ignore} (ignore), 0..{num_classes - 1}, {num_classes} (background)}}, "
                 f"got {labels[bad][:5].tolist()}"
             )
-    keep = (labels != ignore).to(torch.float32)
-    row_weight = keep if weights is None else keep * weights.to(torch.float32).expand_as(keep)
+    cdt = _compute_dtype(logits.dtype)
+    keep = (labels != ignore).to(cdt)
+    row_weight = keep if weights is None else keep * weights.to(cdt).expand_as(keep)
     logits = logits.contiguous()
     # The gradient is computed in the forward pass, so only when autograd will ask for it.
     need_grad = torch.is_grad_enabled() and logits.requires_grad

@@ -38,7 +38,7 @@ def format_progress_line(
 
 def format_eval_lines(iteration: int, metrics: Mapping[str, float]) -> list[str]:
     """The eval table: the 6 AP stats on one line, then AP / AP50 per class when present."""
-    ap = "  ".join(f"{k} {100 * metrics[f'val/{k}']:.1f}" for k in STAT_NAMES[:6] if f"val/{k}" in metrics)
+    ap = "  ".join(f"{k} {_pct(metrics[f'val/{k}'])}" for k in STAT_NAMES[:6] if f"val/{k}" in metrics)
     lines = [f"[eval]  iter {iteration}  {ap}  ({int(metrics.get('val/num_images', 0))} images)"]
     skipped = int(metrics.get("val/skipped_images", 0))
     if skipped:
@@ -49,13 +49,19 @@ def format_eval_lines(iteration: int, metrics: Mapping[str, float]) -> list[str]
         lines.append(f"[eval]    {'class':<{width}}  {'AP':>5}  {'AP50':>5}")
         for n in names:
             cells = [metrics[f"val/{k}/{n}"] for k in ("AP", "AP50")]
-            shown = [f"{100 * c:5.1f}" if c >= 0 else f"{'n/a':>5}" for c in cells]
+            shown = [f"{_pct(c):>5}" for c in cells]
             lines.append(f"[eval]    {n:<{width}}  {shown[0]}  {shown[1]}")
     return lines
 
 
+def _pct(v: float) -> str:
+    """A COCO stat in percent; COCO's -1 (no ground truth of that kind) as n/a."""
+    return f"{100 * v:.1f}" if v >= 0 else "n/a"
+
+
 class ProgressPrinter:
-    """Prints progress lines (flushed: Ray forwards worker stdout line by line) when ``enabled``."""
+    """Prints progress lines when ``enabled``: written to stdout directly and flushed (Ray forwards worker
+    stdout line by line; Ray Train's patched ``print`` would also log each line a second time)."""
 
     def __init__(self, max_iters: int, *, start: int = 0, enabled: bool = True, stream: TextIO | None = None) -> None:
         self.max_iters = max_iters
@@ -70,9 +76,13 @@ class ProgressPrinter:
         done = iteration - self._it0
         elapsed = time.perf_counter() - self._t0
         eta = elapsed / done * (self.max_iters - iteration) if done > 0 else None
-        print(format_progress_line(iteration, self.max_iters, eta_s=eta, **values), file=self.stream or sys.stdout,
-              flush=True)  # fmt: skip
+        self._write([format_progress_line(iteration, self.max_iters, eta_s=eta, **values)])
 
     def eval_table(self, iteration: int, metrics: Mapping[str, float]) -> None:
         if self.enabled:
-            print("\n".join(format_eval_lines(iteration, metrics)), file=self.stream or sys.stdout, flush=True)
+            self._write(format_eval_lines(iteration, metrics))
+
+    def _write(self, lines: list[str]) -> None:
+        stream = self.stream or sys.stdout
+        stream.write("".join(line + "\n" for line in lines))
+        stream.flush()

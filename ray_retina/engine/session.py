@@ -6,6 +6,7 @@ training itself.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,9 @@ from ray_retina.io import absolute
 # must not hold a CPU the trainers or Ray Data need. `ray-retina` declares it on the local Ray it starts;
 # on a cluster, add it to the head's `ray start --resources` (cluster/ does).
 TRIAL_RESOURCE = "ray_retina_trial"
+# Ray Data's per-operator progress bars and INFO lines ("Dataset ... execution finished") off in every
+# process of a run unless --verbose: the console shows our own progress lines.
+QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "WARNING"}
 
 
 def abs_storage(path: str) -> str:
@@ -92,8 +96,19 @@ def ensure_ray(cfg: Config, *, verbose: bool = False) -> None:
 
     if not verbose:
         quiet_ray_data()
+        import warnings
+
+        from ray.util.annotations import RayDeprecationWarning
+
+        # Ray warns about its own internal calls (e.g. ExecutionOptions.exclude_resources): not the user's.
+        warnings.filterwarnings("ignore", category=RayDeprecationWarning)
     if ray.is_initialized():
         return
+    if not verbose:
+        # Inherited by the local Ray's processes (raylet, workers, Ray Data's coordinators) started below;
+        # on a running cluster the job's runtime_env sets them (jobs/runtime_env.yaml).
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
@@ -109,6 +124,8 @@ def ensure_ray(cfg: Config, *, verbose: bool = False) -> None:
     }
     if cfg.run.ray_num_cpus is not None:
         kwargs["num_cpus"] = cfg.run.ray_num_cpus
+    if not verbose:
+        kwargs["logging_level"] = logging.WARNING  # no "Started a local Ray instance ..." banner
     ray.init(**kwargs)
 
 

@@ -34,7 +34,9 @@ def _worker_env(verbose: bool) -> dict[str, Any] | None:
     and the test-only fault-injection hook."""
     from ray_retina.engine.worker import FAIL_ENV
 
-    env = {} if verbose else {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    from ray_retina.engine.session import QUIET_ENV
+
+    env = {} if verbose else dict(QUIET_ENV)
     if os.environ.get(FAIL_ENV):
         env[FAIL_ENV] = os.environ[FAIL_ENV]
     return {"env_vars": env} if env else None
@@ -74,6 +76,7 @@ def build_trainer(
         "cat_ids": cat_ids,
         "val_plan": eval_plan(cfg.data.val_shards, cfg.data.val_max_images),
         "skip_counter": new_counter(),
+        "verbose": verbose,
         "mlflow_uri": mlflow_uri,
         "mlflow_run_id": mlflow_run_id,
         "storage_path": storage,
@@ -103,6 +106,9 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=callbacks or [],
             worker_runtime_env=_worker_env(verbose),
+            # Ray Train's INFO lines (worker group start, "Reporting training result ..." dumps of every
+            # metric) only with --verbose: our own progress lines say how training goes.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
         datasets={"train": train_ds},
         dataset_config=ingest_config(cfg),

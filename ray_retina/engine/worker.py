@@ -75,6 +75,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from ray_retina.model import build_criterion, build_model, build_postprocessor
     from ray_retina.tracking import RunLogger
 
+    if not loop_config.get("verbose"):
+        # Ray Train's per-report INFO dump of every metric ("Reporting training result ...") stays out of the
+        # console: the progress lines and eval tables below say the same for people.
+        from ray_retina._ray_private import quiet_train_report_logs
+
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        quiet_train_report_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # lr and schedule for the world size that actually runs (an elastic run may have fewer ranks).

@@ -96,8 +96,8 @@ class RetinaNetLoss(nn.Module):
 
     Normaliser (``normalizer``):
       * "global" (paper, default): the number of foreground anchors of the *global* batch. Each DDP worker
-        all-reduces its num_fg and divides its loss sum by sum_fg / world_size; DDP then averages the
-        gradients over the workers, which gives sum over all anchors of all workers / sum_fg. Clamped >= 1.
+        all-reduces its num_fg and divides its loss sum by max(sum_fg, 1) / world_size; DDP then averages
+        the gradients over the workers, which gives sum over all anchors of all workers / max(sum_fg, 1).
       * "per_image": torchvision's, mean over the images of (image's loss sum / max(image's num_fg, 1)).
       * "ema": detectron2's, an exponential moving average of max(batch num_fg, 1) (starting at 100,
         updated in training mode only), less noisy than the batch count.
@@ -199,12 +199,18 @@ class RetinaNetLoss(nn.Module):
         return {"loss_cls": loss_cls, "loss_box": loss_box, "num_fg": num_fg}
 
     def _normaliser(self, num_fg: Tensor) -> Tensor:
+        """What this rank divides its loss sums by ("global" and "ema"; "per_image" weights per row)."""
         if self.normalizer == "global":
+            # DDP averages the gradients over the W ranks, so rank r's loss_r / (N / W) averages to
+            # sum_r loss_r / N: the global batch's loss sum over its N foreground anchors. The clamp goes on
+            # the all-reduced count N, before dividing by W: clamping the per-rank mean N / W instead
+            # turns 3 foregrounds over 8 ranks into max(3 / 8, 1) = 1, i.e. a global normaliser of 8.
             n = num_fg.detach().clone()
+            world = 1
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(n)
-                n = n / dist.get_world_size()
-            return n.clamp(min=1.0)
+                world = dist.get_world_size()
+            return n.clamp(min=1.0) / world
         # ema
         if self.loss_normalizer.device != num_fg.device:
             self.loss_normalizer = self.loss_normalizer.to(num_fg.device)

@@ -34,6 +34,17 @@ def test_no_other_private_ray_name_in_the_package():
         if f.name == "_ray_private.py":
             continue
         for n, line in enumerate(f.read_text().splitlines(), 1):
-            if re.search(r"ray\.[\w.]*\._\w+|from ray[\w.]*\._internal|from ray[\w.]* import _\w+", line):
+            if re.search(r"\bray\.[\w.]*\._\w+|from ray(\.[\w.]+)?\._internal|from ray(\.[\w.]+)? import _\w+", line):
                 hits.append(f"{f.relative_to(pkg)}:{n}: {line.strip()}")
     assert not hits, "private Ray APIs outside _ray_private.py:\n" + "\n".join(hits)
+
+
+def test_train_report_logger_is_the_one_we_silence():
+    import importlib
+    import logging
+
+    module = importlib.import_module(_ray_private.REPORT_LOGGER_MODULE)
+    assert module.logger is logging.getLogger(module.__file__), "Ray Train's report logger changed its name"
+    assert _ray_private.quiet_train_report_logs()
+    assert not module.logger.isEnabledFor(logging.INFO)
+    module.logger.setLevel(logging.NOTSET)

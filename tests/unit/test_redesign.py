@@ -17,7 +17,6 @@ from ray_retina.model import HeadOutputs, PostProcessor
 
 from _train_utils import ROOT
 
-
 # ------------------------------------------------------------------------------------------ back-mapping
 
 
