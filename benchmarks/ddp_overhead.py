@@ -209,8 +209,10 @@ def prepare_bare_batches(cfg, world: int, steps: int, out_dir: Path) -> tuple[li
     per batch that decode + augment + collate took here (what a loop without a data pool would add)."""
     import numpy as np
     import pyarrow.parquet as pq
-    from ray_retina.data.pipeline import READ_COLUMNS, RetinaCollate, augment_batch, augment_kwargs
 
+    from ray_retina.data.augment import READ_COLUMNS, augment_batch
+    from ray_retina.data.collate import RetinaCollate
+    from ray_retina.data.datasets import augment_kwargs
     from ray_retina.data.shards import read_manifest, shard_files
 
     manifest = read_manifest(cfg.data.train_shards)
@@ -372,8 +374,8 @@ def ray_window_times(uri: str, run_id: str, cfg) -> list[dict[str, float]]:  # n
 def part_b(args: argparse.Namespace) -> dict[str, float]:
     import ray
 
-    from ray_retina.engine.session import TRIAL_RESOURCE
-    from ray_retina.engine.trainer import ensure_data, resolve_paths, train
+    from ray_retina.engine.session import TRIAL_RESOURCE, ensure_data, resolve_paths
+    from ray_retina.engine.trainer import train
 
     tmp = Path(tempfile.mkdtemp(prefix="rr-ddp-bench-"))
     period, iters = args.eval_period, args.ray_iters
