@@ -21,6 +21,7 @@ from ray_retina.data.skips import new_counter
 from ray_retina.io import resolve_uri
 
 if TYPE_CHECKING:  # torch is imported where it is used: Ray Data's decode workers never need it
+    import ray.data
     import torch
 
     from ray_retina.config import DataConfig
@@ -31,8 +32,13 @@ MAP_BATCHES_PER_TASK = 4  # map batches per Ray Data decode task of the read_par
 def augment_kwargs(
     data_cfg: DataConfig, *, train: bool, cat_ids: Sequence[int], seed: int | None, skip_counter: str | None = None
 ) -> dict[str, Any]:
-    """The ``fn_kwargs`` of :func:`augment_batch` for a ``DataConfig``."""
-    return {
+    """The ``fn_kwargs`` of :func:`augment_batch` for a ``DataConfig``.
+
+    In training, each ``data_cfg.augment`` op with ``prob`` > 0 (photometric, crop, zoom_out) is passed as
+    a plain dict (picklable for Ray); ops that are off are left out, so the kwargs, and the images, are the
+    same as without the augmentation. Never in evaluation.
+    """
+    kwargs: dict[str, Any] = {
         "train": train,
         "min_size_range": list(data_cfg.train_min_size) if train else [data_cfg.test_min_size] * 2,
         "max_size": int(data_cfg.max_size),
@@ -41,6 +47,12 @@ def augment_kwargs(
         "seed": seed,
         "skip_counter": skip_counter,
     }
+    if train:
+        for name in ("photometric", "crop", "zoom_out"):
+            op = getattr(data_cfg.augment, name)
+            if op.prob > 0:
+                kwargs[name] = op.model_dump(mode="json")
+    return kwargs
 
 
 def build_dataset(
@@ -52,7 +64,7 @@ def build_dataset(
     files: Sequence[str] | None = None,
     reader: str = "row_groups",
     skip_counter: str | None = None,
-) -> Any:
+) -> ray.data.Dataset:
     """A streaming Ray Data set of augmented rows (``AUGMENTED_COLUMNS``) from a complete shard set.
 
     ``skip_counter``: the name from :func:`ray_retina.data.skips.new_counter` that counts this data set's

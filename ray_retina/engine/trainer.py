@@ -9,11 +9,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray_retina.checkpoint import cleanup_unregistered_checkpoints
 from ray_retina.config import Config
 from ray_retina.engine.session import abs_storage, default_run_name, ensure_data, ensure_ray, resolve_paths
+
+if TYPE_CHECKING:
+    from ray.train.torch import TorchTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +35,8 @@ class TrainOutcome:
 def _worker_env(verbose: bool) -> dict[str, Any] | None:
     """Environment the driver passes on to train workers: Ray Data's progress bars off unless ``verbose``,
     and the test-only fault-injection hook."""
-    from ray_retina.engine.worker import FAIL_ENV
-
     from ray_retina.engine.session import QUIET_ENV
+    from ray_retina.engine.worker import FAIL_ENV
 
     env = {} if verbose else dict(QUIET_ENV)
     if os.environ.get(FAIL_ENV):
@@ -50,7 +52,7 @@ def build_trainer(
     mlflow_run_id: str | None,
     callbacks: list[Any] | None = None,
     verbose: bool = False,
-) -> Any:
+) -> TorchTrainer:
     """A TorchTrainer for `cfg` (paths resolved): scaling, storage, checkpoint retention (best by val/AP),
     failure policy, the training data set and its skip counter."""
     import ray.train

@@ -7,7 +7,7 @@ functions at the bottom read the config.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,9 @@ from .box_coder import BoxCoder
 from .head import RetinaNetHead
 from .matcher import BACKGROUND, FOREGROUND, Matcher
 from .postprocess import PostProcessor
+
+if TYPE_CHECKING:  # the config is only read here, never imported at run time: the model stays config-free
+    from ray_retina.config import Config
 
 
 class HeadOutputs(NamedTuple):
@@ -224,7 +227,7 @@ class RetinaNetLoss(nn.Module):
 # The one place that reads the config.
 
 
-def build_model(cfg, num_classes: int = 80) -> RetinaNet:
+def build_model(cfg: Config, num_classes: int = 80) -> RetinaNet:
     """RetinaNet for ``num_classes`` contiguous classes from ``cfg.model`` (a ``ray_retina.config.Config``)."""
     m = cfg.model
     if num_classes < 1:
@@ -265,11 +268,11 @@ def build_model(cfg, num_classes: int = 80) -> RetinaNet:
     return model
 
 
-def build_box_coder(cfg) -> BoxCoder:
+def build_box_coder(cfg: Config) -> BoxCoder:
     return BoxCoder(weights=tuple(cfg.loss.box_coder_weights))
 
 
-def build_criterion(cfg, num_classes: int = 80) -> RetinaNetLoss:
+def build_criterion(cfg: Config, num_classes: int = 80) -> RetinaNetLoss:
     lc = cfg.loss
     return RetinaNetLoss(
         num_classes=num_classes,
@@ -288,7 +291,7 @@ def build_criterion(cfg, num_classes: int = 80) -> RetinaNetLoss:
     )
 
 
-def build_postprocessor(cfg) -> PostProcessor:
+def build_postprocessor(cfg: Config) -> PostProcessor:
     pc = cfg.postprocess
     return PostProcessor(
         score_thresh=pc.score_thresh,
