@@ -80,6 +80,21 @@ def trial_overrides(trial_params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+# Short names of the swept keys in trial labels (the paper's symbols, spelled out for every font).
+LABEL_NAMES = {"loss.gamma": "gamma", "loss.alpha": "alpha", "model.prior": "pi", "optim.lr": "lr"}
+
+
+def trial_label(params: dict[str, Any], trial_id: str) -> str:
+    """A trial's MLflow run name: its parameters, then its id, e.g.
+    ``gamma=2 alpha=0.25 pi=0.01 lr=0.005 [abc12_00003]`` (3 significant digits)."""
+    parts = []
+    for key in sorted(params, key=lambda k: (list(LABEL_NAMES).index(k) if k in LABEL_NAMES else 99, k)):
+        v = params[key]
+        shown = f"{v:.3g}" if isinstance(v, float) else str(v)
+        parts.append(f"{LABEL_NAMES.get(key, key.rsplit('.', 1)[-1])}={shown}")
+    return " ".join(parts + [f"[{trial_id}]"])
+
+
 def _trial(trial_params: dict[str, Any]) -> None:
     """One trial: the base config with the sampled dotted keys, trained by its own TorchTrainer."""
     import ray.tune
@@ -92,13 +107,15 @@ def _trial(trial_params: dict[str, Any]) -> None:
     params = trial_overrides(trial_params)
     cfg = apply_overrides(base, params)
     trial_id = ray.tune.get_context().get_trial_id()
-    run_name = f"{trial_params['__sweep__']}-{trial_id}"
+    run_name = f"{trial_params['__sweep__']}-{trial_id}"  # the Ray Train run (a directory name)
     uri = trial_params["__mlflow_uri__"]
     run_id = None
     if uri:
-        # A restored trial finds its run again by name: one MLflow run per trial, whatever the restarts.
-        run_id = tracking.find_run_by_name(uri, tracking.experiment_name(cfg), run_name) or tracking.create_run(
-            cfg, run_name=run_name, uri=uri, parent_run_id=trial_params["__parent_run_id__"],
+        # Named by its parameters in the MLflow UI, so a Compare view reads without a lookup table. A restored
+        # trial (same params, same trial id) finds its run again by that name: one MLflow run per trial.
+        label = trial_label(params, trial_id)
+        run_id = tracking.find_run_by_name(uri, tracking.experiment_name(cfg), label) or tracking.create_run(
+            cfg, run_name=label, uri=uri, parent_run_id=trial_params["__parent_run_id__"],
             tags={TRIAL_TAG: trial_id, **{f"sweep.{k}": str(v) for k, v in params.items()}},
         )  # fmt: skip
     trainer = build_trainer(
