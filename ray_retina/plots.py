@@ -1,59 +1,46 @@
-"""The pictures of a run and of a sweep, as PNG files (matplotlib, Agg backend: no display needed).
+"""The pictures of a run and of a sweep, as PNG files. matplotlib and numpy only.
 
 Per run (MLflow artifacts): :func:`pr_curves` from the COCO eval, :func:`detection_grid` of val images
-with predicted and true boxes, and the paper's Figure 4 (:func:`focal_loss_cdf`, or
-:func:`figure4_from_model` which runs the final model first). Per sweep: :func:`ap_vs_param_scatter` and
-:func:`parallel_coordinates`. Every plotting function writes one PNG and returns its path; the math of
-Figure 4 is the pure function :func:`focal_loss_cdf_data`.
+with predicted and true boxes, and the paper's Figure 4 (:func:`figure4`, drawn from curves that
+``report.focal_loss_cdf_data`` computes). Per sweep: :func:`ap_vs_param_scatter`,
+:func:`parallel_coordinates` and :func:`ap_vs_gamma_with_paper`. Every plotting function writes one PNG
+and returns its path.
 
-Figure 4 (Lin et al. 2017, section 5.1, "Analysis of the Focal Loss"): take the logits of a trained model
-on many anchors; separately for positive and for negative samples, compute FL with a given gamma, sort the
-losses from lowest to highest and plot their cumulative sum normalised to 1 against the fraction of
-samples. For positives the curves barely move with gamma; for negatives, a larger gamma puts nearly all the
-loss on a small fraction of hard negatives (the curve stays near 0 and jumps at the end). A *sample* is one
-binary classifier output, an (anchor, class) entry, as the sigmoid loss sees it: a positive is the entry of
-a foreground anchor's own class; the negatives are every other entry of the non-ignored anchors (the K
-entries of background anchors and the K - 1 other-class entries of foreground anchors). alpha multiplies
-all positives (or all negatives) by one constant, so the normalised curves do not depend on it.
+Figures are built as ``matplotlib.figure.Figure`` objects, never through pyplot: ``Figure.savefig`` renders
+a ``.png`` with Agg whatever backend the process has, so importing this module neither picks nor switches
+a backend, no display is needed (Ray workers, CI), and no figure is kept in pyplot's global registry (a
+figure is freed when its last reference goes). Inputs are numpy arrays (anything ``np.asarray`` reads).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")  # before pyplot: files only, never a window (workers and CI have no display)
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib import patches  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from ray_retina.losses import sigmoid_focal_loss  # noqa: E402
+import numpy as np
+from matplotlib import patches
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 
 __all__ = [
-    "FIGURE4_GAMMAS",
     "FocalLossCDF",
     "PRCurves",
+    "ap_vs_gamma_with_paper",
     "ap_vs_param_scatter",
     "class_colour",
     "detection_grid",
-    "figure4_from_model",
-    "focal_loss_cdf",
-    "focal_loss_cdf_data",
+    "figure4",
     "parallel_coordinates",
     "pr_curve_data",
     "pr_curves",
 ]
 
-FIGURE4_GAMMAS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # the paper's Figure 4 shows 0, .5, 1, 2
 DPI = 110
 # COCOeval's precision array is [T iou thresholds, R recall thresholds, K classes, A areas, M max dets];
 # area index 0 is "all" and max dets 100 is the last of (1, 10, 100).
@@ -62,24 +49,17 @@ AREA_ALL = 0
 PathLike = str | os.PathLike[str]
 
 
-def _save(fig: Any, out_path: PathLike) -> Path:
+def _save(fig: Figure, out_path: PathLike) -> Path:
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
     return out
 
 
 def class_colour(label: int) -> tuple[float, float, float]:
     """A stable, distinct RGB colour (0..1) per contiguous class label (tab10, then tab20)."""
-    cmap = plt.get_cmap("tab10") if label < 10 else plt.get_cmap("tab20")
+    cmap = matplotlib.colormaps["tab10" if label < 10 else "tab20"]
     return tuple(float(c) for c in cmap(label % cmap.N)[:3])  # type: ignore[return-value]
-
-
-def _numpy(x: Any, dtype: Any = None) -> np.ndarray:
-    if isinstance(x, Tensor):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------- PR curves
@@ -145,7 +125,8 @@ def pr_curves(
     (no detections at all, see ``coco_evaluate``) draws empty panels saying so.
     """
     names = _category_names(categories)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    fig = Figure(figsize=(11, 4.6))
+    axes = fig.subplots(1, 2, sharey=True)
     titles = ("IoU 0.50", "IoU 0.50:0.95 (mean)")
     if coco_eval is None or "precision" not in (getattr(coco_eval, "eval", None) or {}):
         for ax, title in zip(axes, titles, strict=True):
@@ -208,7 +189,8 @@ def detection_grid(
     ``images``: HxWx3 uint8 RGB. ``detections[i]``: ``boxes`` (D, 4) XYXY in the pixels of ``images[i]``,
     ``scores`` (D,), ``labels`` (D,) contiguous 0..K-1 (indices into ``class_names``); only scores >=
     ``score_thresh`` are drawn. ``ground_truth[i]``: ``boxes`` (G, 4) XYXY, ``labels`` (G,) with -1 for
-    padding (skipped); None draws no truth. Arrays or tensors. At most ``max_images`` images.
+    padding (skipped); None draws no truth. numpy arrays (or anything ``np.asarray`` reads, such as CPU
+    tensors). At most ``max_images`` images.
     """
     n = min(len(images), max_images)
     if len(detections) < n or (ground_truth is not None and len(ground_truth) < n):
@@ -218,7 +200,8 @@ def detection_grid(
         )
     cols = max(1, math.ceil(math.sqrt(n)))
     rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), squeeze=False)
+    fig = Figure(figsize=(3.6 * cols, 3.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
 
     def name(label: int) -> str:
         return class_names[label] if 0 <= label < len(class_names) else str(label)
@@ -227,20 +210,20 @@ def detection_grid(
         ax.set_axis_off()
         if i >= n:
             continue
-        img = _numpy(images[i])
+        img = np.asarray(images[i])
         ax.imshow(img)
         if ground_truth is not None:
-            gb = _numpy(ground_truth[i]["boxes"], np.float64).reshape(-1, 4)
-            gl = _numpy(ground_truth[i]["labels"], np.int64).reshape(-1)
+            gb = np.asarray(ground_truth[i]["boxes"], np.float64).reshape(-1, 4)
+            gl = np.asarray(ground_truth[i]["labels"], np.int64).reshape(-1)
             for box, lab in zip(gb, gl, strict=True):
                 if lab < 0:
                     continue
                 ax.add_patch(patches.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
                                                ls=(0, (3, 2)), lw=1.5, ec=class_colour(int(lab))))  # fmt: skip
         det = detections[i]
-        db = _numpy(det["boxes"], np.float64).reshape(-1, 4)
-        ds = _numpy(det["scores"], np.float64).reshape(-1)
-        dl = _numpy(det["labels"], np.int64).reshape(-1)
+        db = np.asarray(det["boxes"], np.float64).reshape(-1, 4)
+        ds = np.asarray(det["scores"], np.float64).reshape(-1)
+        dl = np.asarray(det["labels"], np.int64).reshape(-1)
         shown = 0
         for box, score, lab in zip(db, ds, dl, strict=True):
             if score < score_thresh:
@@ -266,9 +249,10 @@ def detection_grid(
 
 @dataclass(frozen=True)
 class FocalLossCDF:
-    """The curves of Figure 4. ``x`` (P,) fractions of samples in [0, 1]; ``positives`` / ``negatives``
-    (len(gammas), P) cumulative normalised loss at ``x`` (0 at x=0, 1 at x=1, non-decreasing), NaN rows
-    when there is no such sample; ``num_positives`` / ``num_negatives`` the sample counts."""
+    """The curves of Figure 4, as ``report.focal_loss_cdf_data`` computes them. ``gammas`` one per row;
+    ``x`` (P,) fractions of samples in [0, 1]; ``positives`` / ``negatives`` (len(gammas), P) cumulative
+    normalised loss at ``x`` (0 at x=0, 1 at x=1, non-decreasing), NaN rows when there is no such sample;
+    ``num_positives`` / ``num_negatives`` the sample counts."""
 
     gammas: tuple[float, ...]
     x: np.ndarray
@@ -278,98 +262,17 @@ class FocalLossCDF:
     num_negatives: int
 
 
-def _cdf_at(losses: Tensor, x: np.ndarray) -> np.ndarray:
-    """Sorted ascending, cumulative sum / total, read at the fractions ``x`` (linear between samples)."""
-    n = losses.numel()
-    if n == 0:
-        return np.full(x.shape, np.nan)
-    s = torch.sort(losses.double().flatten()).values
-    c = torch.cumsum(s, 0)
-    total = float(c[-1])
-    if not total > 0:  # every loss is exactly 0 (saturated logits): the distribution is undefined
-        return np.full(x.shape, np.nan)
-    xs = np.concatenate([[0.0], np.arange(1, n + 1, dtype=np.float64) / n])
-    ys = np.concatenate([[0.0], (c / total).numpy()])
-    return np.interp(x, xs, ys)
-
-
-def focal_loss_cdf_data(
-    logits: Tensor,
-    labels: Tensor,
-    *,
-    gammas: Iterable[float] = FIGURE4_GAMMAS,
-    alpha: float = 0.25,
-    num_points: int = 501,
-) -> FocalLossCDF:
-    """The cumulative distributions of the normalised focal loss (the paper's Figure 4), as arrays.
-
-    Args:
-        logits: (N, K) classification logits of N anchors (any float dtype; computed in float64).
-        labels: (N,) int in {-1 ignore, 0..K-1 class, K background}, as ``RetinaNetLoss.assign`` gives.
-        gammas: the focusing exponents, one curve each (same logits for all).
-        alpha: the alpha of FL; it scales each group by a constant, so the normalised curves ignore it.
-        num_points: P, the evenly spaced fractions of samples the curves are read at.
-
-    Samples are (anchor, class) entries; see the module docstring for positives and negatives.
-    """
-    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(
-            f"need logits (N, K) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
-    if num_points < 2:
-        raise ValueError(f"num_points must be >= 2, got {num_points}")
-    gammas = tuple(float(g) for g in gammas)
-    if not gammas or any(g < 0 for g in gammas):
-        raise ValueError(f"gammas must be a non-empty list of numbers >= 0, got {gammas}")
-    k = logits.shape[1]
-    labels = labels.long().cpu()
-    if bool(((labels < -1) | (labels > k)).any()):
-        raise ValueError(
-            f"labels must be in {{-1, 0..{k - 1}, {k}}}, got values {labels.unique()[:8].tolist()}"
-        )
-    keep = labels >= 0
-    x_all = logits.detach().cpu().double()[keep]
-    lab = labels[keep]
-    targets = torch.zeros_like(x_all)
-    fg = lab < k
-    targets[fg.nonzero(as_tuple=True)[0], lab[fg]] = 1.0
-    is_pos = targets.bool()
-
-    x = np.linspace(0.0, 1.0, num_points)
-    pos_curves, neg_curves = [], []
-    for g in gammas:
-        fl = sigmoid_focal_loss(x_all, targets, alpha=alpha, gamma=g, reduction="none")
-        pos_curves.append(_cdf_at(fl[is_pos], x))
-        neg_curves.append(_cdf_at(fl[~is_pos], x))
-    return FocalLossCDF(
-        gammas=gammas,
-        x=x,
-        positives=np.stack(pos_curves),
-        negatives=np.stack(neg_curves),
-        num_positives=int(is_pos.sum()),
-        num_negatives=int((~is_pos).sum()),
-    )
-
-
-def focal_loss_cdf(
-    logits: Tensor,
-    labels: Tensor,
-    *,
-    out_path: PathLike,
-    gamma: float | None = None,
-    alpha: float = 0.25,
-    gammas: Iterable[float] = FIGURE4_GAMMAS,
-    title: str | None = None,
+def figure4(
+    data: FocalLossCDF, out_path: PathLike, *, gamma: float | None = None, title: str | None = None
 ) -> Path:
     """Draw Figure 4: cumulative normalised loss vs fraction of samples, positives and negatives panels.
 
-    One curve per gamma in ``gammas`` plus the run's ``gamma`` (drawn thicker), all on the same ``logits``
-    (N, K) and ``labels`` (N,) in {-1 ignore, 0..K-1 class, K background}. See :func:`focal_loss_cdf_data`.
+    One curve per gamma of ``data`` (``report.focal_loss_cdf_data``); the curve of the run's ``gamma``, if
+    ``data`` has it, is drawn thicker in crimson. A panel whose curves are all NaN says "no samples".
     """
-    gs = sorted({float(g) for g in gammas} | ({float(gamma)} if gamma is not None else set()))
-    data = focal_loss_cdf_data(logits, labels, gammas=gs, alpha=alpha)
-    cmap = plt.get_cmap("viridis")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    cmap = matplotlib.colormaps["viridis"]
+    fig = Figure(figsize=(11, 4.6))
+    axes = fig.subplots(1, 2, sharey=True)
     panels = (
         (axes[0], data.positives, f"positive samples (n = {data.num_positives:,})"),
         (axes[1], data.negatives, f"negative samples (n = {data.num_negatives:,})"),
@@ -394,64 +297,6 @@ def focal_loss_cdf(
     axes[0].set_ylabel("cumulative normalised loss")
     fig.suptitle(title or "Cumulative distribution of the normalised focal loss (Lin et al. 2017, Fig. 4)")
     return _save(fig, out_path)
-
-
-@torch.no_grad()
-def figure4_from_model(
-    model: torch.nn.Module,
-    criterion: Any,
-    batches: Iterable[Mapping[str, Tensor]],
-    gamma: float,
-    alpha: float,
-    out_path: PathLike,
-    max_anchors: int = 200_000,
-    *,
-    gammas: Iterable[float] = FIGURE4_GAMMAS,
-    seed: int = 0,
-) -> Path:
-    """Figure 4 of a trained model: run it on collated batches, label the anchors, draw the CDFs.
-
-    ``batches``: dicts as ``RetinaCollate`` makes (``images`` (B, 3, H, W), ``gt_boxes`` (B, G, 4) XYXY,
-    ``gt_labels`` (B, G) with -1 padding, ``gt_crowd`` optional). Anchors are labelled by the criterion's
-    own matcher (``criterion.assign``: -1 ignore, 0..K-1 class, K background), so the samples are those
-    the training loss sums. At most ``max_anchors`` anchors are kept: every foreground anchor, and a
-    uniform random subset (seeded) of the others, which leaves the shape of each CDF unbiased.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    all_logits, all_labels = [], []
-    try:
-        for batch in batches:
-            images = batch["images"].to(device).float()
-            out = model(images)
-            crowd = batch.get("gt_crowd")
-            cls_labels, _, _ = criterion.assign(
-                out.anchors, batch["gt_boxes"].to(device).float(), batch["gt_labels"].to(device),
-                None if crowd is None else crowd.to(device),
-            )  # fmt: skip
-            k = out.cls_logits.shape[-1]
-            all_logits.append(out.cls_logits.reshape(-1, k).float().cpu())
-            all_labels.append(cls_labels.reshape(-1).cpu())
-    finally:
-        model.train(was_training)
-    if not all_logits:
-        raise ValueError("figure4_from_model: no batches")
-    logits = torch.cat(all_logits)
-    labels = torch.cat(all_labels)
-    keep = labels >= 0
-    logits, labels = logits[keep], labels[keep]
-    num_classes = logits.shape[1]
-    if labels.numel() > max_anchors:
-        fg = (labels < num_classes).nonzero(as_tuple=True)[0]
-        rest = (labels == num_classes).nonzero(as_tuple=True)[0]
-        g = torch.Generator().manual_seed(seed)
-        take = max(0, max_anchors - fg.numel())
-        rest = rest[torch.randperm(rest.numel(), generator=g)[:take]]
-        idx = torch.cat([fg, rest])
-        logits, labels = logits[idx], labels[idx]
-    return focal_loss_cdf(logits, labels, out_path=out_path, gamma=gamma, alpha=alpha, gammas=gammas,
-                          title=f"Figure 4 of this model (trained with $\\gamma$ = {gamma:g}, $\\alpha$ = {alpha:g})")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- sweeps
@@ -500,7 +345,8 @@ def ap_vs_param_scatter(
     best = int(np.nanargmax(np.where(ok, y, -np.inf))) if ok.any() else -1
     cols = min(len(params), 4)
     nrows = math.ceil(len(params) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.0 * cols, 3.4 * nrows), squeeze=False, sharey=True)
+    fig = Figure(figsize=(4.0 * cols, 3.4 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False, sharey=True)
     for ax, p in zip(axes.flat, params, strict=False):
         x, cats = _column(rows, p)
         m = ok & np.isfinite(x)
@@ -539,7 +385,8 @@ def parallel_coordinates(
     keys = [*params, metric]
     y, _ = _column(rows, metric)
     ok = np.isfinite(y)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(keys)), 4.6))
+    fig = Figure(figsize=(max(6.0, 1.9 * len(keys)), 4.6))
+    ax = fig.subplots()
     cols: list[np.ndarray] = []
     ticks: list[tuple[str, str]] = []
     for key in keys:
@@ -561,7 +408,7 @@ def parallel_coordinates(
         cols.append(norm)
     data = np.stack(cols, axis=1)  # (trials, axes) in [0, 1]
     xs = np.arange(len(keys))
-    cmap = plt.get_cmap("viridis")
+    cmap = matplotlib.colormaps["viridis"]
     if ok.any():
         lo_m, hi_m = float(np.nanmin(y[ok])), float(np.nanmax(y[ok]))
         span = hi_m - lo_m if hi_m > lo_m else 1.0
@@ -569,7 +416,7 @@ def parallel_coordinates(
             if not ok[i]:
                 continue
             ax.plot(xs, data[i], color=cmap((y[i] - lo_m) / span), lw=1.6, alpha=0.9)
-        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo_m, hi_m))
+        sm = ScalarMappable(cmap=cmap, norm=Normalize(lo_m, hi_m))
         fig.colorbar(sm, ax=ax, pad=0.02).set_label(metric)
     else:
         ax.text(0.5, 0.5, f"no trial reported {metric}", ha="center", va="center", transform=ax.transAxes)
@@ -595,10 +442,15 @@ def ap_vs_gamma_with_paper(
     metric: str = "val/AP",
 ) -> Path:
     """The paper-table1 ablation: our AP vs gamma beside the paper's Table 1b (gamma, alpha, AP in percent)."""
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    ours = sorted((float(r["loss.gamma"]), 100.0 * float(r[metric])) for r in rows if r.get(metric) is not None)
+    fig = Figure(figsize=(6.0, 4.0))
+    ax = fig.subplots()
+    ours = sorted(
+        (float(r["loss.gamma"]), 100.0 * float(r[metric])) for r in rows if r.get(metric) is not None
+    )
     if ours:
-        ax.plot([g for g, _ in ours], [a for _, a in ours], "o-", color="tab:blue", label=f"ours ({metric} x 100)")
+        ax.plot(
+            [g for g, _ in ours], [a for _, a in ours], "o-", color="tab:blue", label=f"ours ({metric} x 100)"
+        )
     ax.plot([g for g, _, _ in paper], [ap for _, _, ap in paper], "s--", color="tab:gray",
             label="paper Table 1b (R50-FPN, 600 px, COCO)")  # fmt: skip
     for g, a, ap in paper:

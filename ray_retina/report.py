@@ -1,20 +1,205 @@
 """The pictures of a run: per-class PR curves, detections on val images, the paper's Figure 4.
 
-Written by rank 0 at the end of a run (logged to MLflow) and by ``ray-retina eval --plots``; the drawing
-itself is ``plots.py``.
+Written by rank 0 at the end of a run (logged to MLflow) and by ``ray-retina eval --plots``
+(:func:`write_run_pictures`). This file gathers what the pictures show (runs the model, labels anchors,
+computes the Figure 4 curves); the drawing itself is ``plots.py`` (matplotlib only, no torch).
+
+Figure 4 (Lin et al. 2017, section 5.1, "Analysis of the Focal Loss"): take the logits of a trained model
+on many anchors; separately for positive and for negative samples, compute FL with a given gamma, sort the
+losses from lowest to highest and plot their cumulative sum normalised to 1 against the fraction of
+samples. For positives the curves barely move with gamma; for negatives, a larger gamma puts nearly all the
+loss on a small fraction of hard negatives (the curve stays near 0 and jumps at the end). A *sample* is one
+binary classifier output, an (anchor, class) entry, as the sigmoid loss sees it: a positive is the entry of
+a foreground anchor's own class; the negatives are every other entry of the non-ignored anchors (the K
+entries of background anchors and the K - 1 other-class entries of foreground anchors). alpha multiplies
+all positives (or all negatives) by one constant, so the normalised curves do not depend on it.
+The math is the pure function :func:`focal_loss_cdf_data`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
 
+from ray_retina import plots
+from ray_retina.losses import sigmoid_focal_loss
+
+__all__ = [
+    "FIGURE4_GAMMAS",
+    "figure4_from_model",
+    "focal_loss_cdf",
+    "focal_loss_cdf_data",
+    "write_run_pictures",
+]
+
+FIGURE4_GAMMAS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # the paper's Figure 4 shows 0, .5, 1, 2
 GRID_IMAGES = 16  # val images in the detection grid
 FIGURE4_IMAGES = 16  # val images whose anchors feed Figure 4
+
+PathLike = str | os.PathLike[str]
+
+
+# ----------------------------------------------------------------------------------------- Figure 4
+
+
+def _cdf_at(losses: Tensor, x: np.ndarray) -> np.ndarray:
+    """Sorted ascending, cumulative sum / total, read at the fractions ``x`` (linear between samples)."""
+    n = losses.numel()
+    if n == 0:
+        return np.full(x.shape, np.nan)
+    s = torch.sort(losses.double().flatten()).values
+    c = torch.cumsum(s, 0)
+    total = float(c[-1])
+    if not total > 0:  # every loss is exactly 0 (saturated logits): the distribution is undefined
+        return np.full(x.shape, np.nan)
+    xs = np.concatenate([[0.0], np.arange(1, n + 1, dtype=np.float64) / n])
+    ys = np.concatenate([[0.0], (c / total).numpy()])
+    return np.interp(x, xs, ys)
+
+
+def focal_loss_cdf_data(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    gammas: Iterable[float] = FIGURE4_GAMMAS,
+    alpha: float = 0.25,
+    num_points: int = 501,
+) -> plots.FocalLossCDF:
+    """The cumulative distributions of the normalised focal loss (the paper's Figure 4), as arrays.
+
+    Args:
+        logits: (N, K) classification logits of N anchors (any float dtype; computed in float64).
+        labels: (N,) int in {-1 ignore, 0..K-1 class, K background}, as ``RetinaNetLoss.assign`` gives.
+        gammas: the focusing exponents, one curve each (same logits for all).
+        alpha: the alpha of FL; it scales each group by a constant, so the normalised curves ignore it.
+        num_points: P, the evenly spaced fractions of samples the curves are read at.
+
+    Samples are (anchor, class) entries; see the module docstring for positives and negatives.
+    """
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"need logits (N, K) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    if num_points < 2:
+        raise ValueError(f"num_points must be >= 2, got {num_points}")
+    gammas = tuple(float(g) for g in gammas)
+    if not gammas or any(g < 0 for g in gammas):
+        raise ValueError(f"gammas must be a non-empty list of numbers >= 0, got {gammas}")
+    k = logits.shape[1]
+    labels = labels.long().cpu()
+    if bool(((labels < -1) | (labels > k)).any()):
+        raise ValueError(
+            f"labels must be in {{-1, 0..{k - 1}, {k}}}, got values {labels.unique()[:8].tolist()}"
+        )
+    keep = labels >= 0
+    x_all = logits.detach().cpu().double()[keep]
+    lab = labels[keep]
+    targets = torch.zeros_like(x_all)
+    fg = lab < k
+    targets[fg.nonzero(as_tuple=True)[0], lab[fg]] = 1.0
+    is_pos = targets.bool()
+
+    x = np.linspace(0.0, 1.0, num_points)
+    pos_curves, neg_curves = [], []
+    for g in gammas:
+        fl = sigmoid_focal_loss(x_all, targets, alpha=alpha, gamma=g, reduction="none")
+        pos_curves.append(_cdf_at(fl[is_pos], x))
+        neg_curves.append(_cdf_at(fl[~is_pos], x))
+    return plots.FocalLossCDF(
+        gammas=gammas,
+        x=x,
+        positives=np.stack(pos_curves),
+        negatives=np.stack(neg_curves),
+        num_positives=int(is_pos.sum()),
+        num_negatives=int((~is_pos).sum()),
+    )
+
+
+def focal_loss_cdf(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    out_path: PathLike,
+    gamma: float | None = None,
+    alpha: float = 0.25,
+    gammas: Iterable[float] = FIGURE4_GAMMAS,
+    title: str | None = None,
+) -> Path:
+    """Figure 4 of ``logits`` (N, K) and ``labels`` (N,) in {-1 ignore, 0..K-1 class, K background}, as a PNG.
+
+    One curve per gamma in ``gammas`` plus the run's ``gamma`` (drawn thicker), all on the same logits: the
+    curves of :func:`focal_loss_cdf_data`, drawn by ``plots.figure4``.
+    """
+    gs = sorted({float(g) for g in gammas} | ({float(gamma)} if gamma is not None else set()))
+    data = focal_loss_cdf_data(logits, labels, gammas=gs, alpha=alpha)
+    return plots.figure4(data, out_path, gamma=gamma, title=title)
+
+
+@torch.no_grad()
+def figure4_from_model(
+    model: torch.nn.Module,
+    criterion: Any,
+    batches: Iterable[Mapping[str, Tensor]],
+    gamma: float,
+    alpha: float,
+    out_path: PathLike,
+    max_anchors: int = 200_000,
+    *,
+    gammas: Iterable[float] = FIGURE4_GAMMAS,
+    seed: int = 0,
+) -> Path:
+    """Figure 4 of a trained model: run it on collated batches, label the anchors, draw the CDFs.
+
+    ``batches``: dicts as ``RetinaCollate`` makes (``images`` (B, 3, H, W), ``gt_boxes`` (B, G, 4) XYXY,
+    ``gt_labels`` (B, G) with -1 padding, ``gt_crowd`` optional). Anchors are labelled by the criterion's
+    own matcher (``criterion.assign``: -1 ignore, 0..K-1 class, K background), so the samples are those
+    the training loss sums. At most ``max_anchors`` anchors are kept: every foreground anchor, and a
+    uniform random subset (seeded) of the others, which leaves the shape of each CDF unbiased.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    all_logits, all_labels = [], []
+    try:
+        for batch in batches:
+            images = batch["images"].to(device).float()
+            out = model(images)
+            crowd = batch.get("gt_crowd")
+            cls_labels, _, _ = criterion.assign(
+                out.anchors, batch["gt_boxes"].to(device).float(), batch["gt_labels"].to(device),
+                None if crowd is None else crowd.to(device),
+            )  # fmt: skip
+            k = out.cls_logits.shape[-1]
+            all_logits.append(out.cls_logits.reshape(-1, k).float().cpu())
+            all_labels.append(cls_labels.reshape(-1).cpu())
+    finally:
+        model.train(was_training)
+    if not all_logits:
+        raise ValueError("figure4_from_model: no batches")
+    logits = torch.cat(all_logits)
+    labels = torch.cat(all_labels)
+    keep = labels >= 0
+    logits, labels = logits[keep], labels[keep]
+    num_classes = logits.shape[1]
+    if labels.numel() > max_anchors:
+        fg = (labels < num_classes).nonzero(as_tuple=True)[0]
+        rest = (labels == num_classes).nonzero(as_tuple=True)[0]
+        g = torch.Generator().manual_seed(seed)
+        take = max(0, max_anchors - fg.numel())
+        rest = rest[torch.randperm(rest.numel(), generator=g)[:take]]
+        idx = torch.cat([fg, rest])
+        logits, labels = logits[idx], labels[idx]
+    return focal_loss_cdf(logits, labels, out_path=out_path, gamma=gamma, alpha=alpha, gammas=gammas,
+                          title=f"Figure 4 of this model (trained with $\\gamma$ = {gamma:g}, $\\alpha$ = {alpha:g})")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------- a run
 
 
 @torch.no_grad()
@@ -26,14 +211,13 @@ def write_run_pictures(
     categories: Sequence[Mapping[str, Any]],
     plan: Sequence[Any],
     coco_eval: Any,
-    out_dir: str | os.PathLike[str],
+    out_dir: PathLike,
     *,
     with_truth: bool = True,
 ) -> list[Path]:
     """PR curves (from the run's COCO eval), a grid of val images with predicted (and, ``with_truth``, true)
     boxes, and Figure 4 for the model, as PNGs in ``out_dir``; returns their paths. ``plan``: val shard
     files or ``(file, rows)`` pairs (``datasets.eval_plan``)."""
-    from ray_retina import plots
     from ray_retina.data.datasets import iter_eval_batches
     from ray_retina.model import build_criterion
 
@@ -51,7 +235,9 @@ def write_run_pictures(
         for i, d in enumerate(per_image):
             h, w = batch["image_sizes"][i].tolist()
             images.append(batch["images"][i, :, :h, :w].permute(1, 2, 0).numpy())
-            preds.append({k: v.float().cpu().numpy() if k != "labels" else v.cpu().numpy() for k, v in d.items()})
+            preds.append(
+                {k: v.float().cpu().numpy() if k != "labels" else v.cpu().numpy() for k, v in d.items()}
+            )
             truths.append(
                 {"boxes": batch["gt_boxes"][i].numpy(), "labels": batch["gt_labels"][i].numpy()} if with_truth
                 else {"boxes": torch.zeros(0, 4).numpy(), "labels": torch.zeros(0).numpy()}
@@ -64,7 +250,9 @@ def write_run_pictures(
         criterion = build_criterion(cfg, len(cat_ids))
         batches = iter_eval_batches(plan, cfg.data, max_images=FIGURE4_IMAGES, cat_ids=label_cats)
         written.append(
-            plots.figure4_from_model(model, criterion, batches, cfg.loss.gamma, cfg.loss.alpha, out / "focal_loss_cdf.png")
+            figure4_from_model(
+                model, criterion, batches, cfg.loss.gamma, cfg.loss.alpha, out / "focal_loss_cdf.png"
+            )
         )
     model.train(was_training)
     return written

@@ -322,7 +322,7 @@ def evaluate_checkpoint(
     config's ``data.batch_size`` (as in training eval: a different batch pads differently and can move AP
     in the last digit); ``backend`` to the config's ``train.eval_backend``; ``max_images`` evaluates the
     first N images only. ``per_class``, when given, is filled with :func:`per_class_ap`. With
-    ``plots_dir`` it also writes the run's pictures (``report.write_eval_pictures``).
+    ``plots_dir`` it also writes the run's pictures (``report.write_run_pictures``).
     """
     from ray_retina.checkpoint import load_checkpoint_state
     from ray_retina.data.datasets import eval_plan, iter_eval_batches
