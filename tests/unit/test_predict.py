@@ -39,7 +39,7 @@ def test_evaluate_checkpoint(untrained_checkpoint, synth_val, tmp_path):
         assert data[:8] == PNG_MAGIC and len(data) > 2000, name
     # The CLI's call (str paths, no plots); the first images only.
     few = evaluate_checkpoint(str(run), str(shards), device=torch.device("cpu"), max_images=2)
-    assert list(few) == list(STAT_NAMES)
+    assert list(few) == [*STAT_NAMES, "num_images", "skipped_images"] and few["num_images"] == 2
 
 
 def test_predict_errors(untrained_checkpoint, tmp_path):
