@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import torch
 
 from ray_retina._ray_private import CHECKPOINT_SNAPSHOT_FILE
-from ray_retina.io import dir_exists, file_exists, join_uri, resolve_uri
+from ray_retina.io import dir_exists, file_exists, is_uri, join_uri, resolve_uri
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def find_checkpoint(path: str | os.PathLike[str], which: Literal["best", "latest
 
     Raises ``FileNotFoundError`` naming ``path`` when there is no checkpoint there."""
     fs, p = resolve_uri(path)
-    uri = os.fspath(path)
+    uri = os.fspath(path) if is_uri(path) else p  # local paths absolute (Ray's result API needs them so)
     scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
     if file_exists(fs, p):
         return uri

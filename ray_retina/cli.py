@@ -44,7 +44,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from ray_retina.data.shards import prepare_dataset, validation_summary
+    from ray_retina.data.shards import prepare_dataset
 
     need = ("annotations", "images") if args.format == "coco" else ("root",)
     if missing := [f"--{n}" for n in need if getattr(args, n) is None]:
@@ -58,8 +58,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except ValueError as err:  # options that do not fit the source, or a broken data set: one line
         args.error(str(err))
-    for out, manifest in manifests.items():
-        print(validation_summary(manifest))
+    for out, manifest in manifests.items():  # prepare_shards printed each set's validation summary
         print(f"wrote {manifest['num_images']} images / {manifest['num_annotations']} annotations in "
               f"{manifest['num_shards']} shards to {out}")  # fmt: skip
     return 0
@@ -129,7 +128,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
           + (f" ({int(stats['skipped_images'])} did not decode: counted with no detections)" if stats["skipped_images"] else ""))  # fmt: skip
     print(format_stats(stats))
     print()
-    print(format_per_class(per_class, category_names(read_manifest(args.shards)["categories"])))
+    if per_class:
+        print(format_per_class(per_class, category_names(read_manifest(args.shards)["categories"])))
+    else:
+        print("per-class AP: n/a (the model made no detections)")
     if args.plots:
         print(f"plots: {args.plots}/pr_curves.png, detections.png, focal_loss_cdf.png")
     return 0

@@ -133,7 +133,19 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d"] = "resnet50"
     backbone_weights: str | None = None
-    """Local torchvision-format state dict for the backbone; None: random init. Nothing is downloaded."""
+    """The backbone's start: a local torchvision-format ResNet state dict, or a torchvision weights name
+    (``ResNet50_Weights.IMAGENET1K_V2``) taken from torch's hub cache (``$TORCH_HOME/hub/checkpoints``) or
+    downloaded into it when online; None: random init. Superseded by ``init_from``, which loads every layer."""
+    init_from: str | None = None
+    """Fine-tune from these weights (loaded on every rank before DDP; a resumed run's own checkpoint wins):
+    a torchvision RetinaNet state dict file (``retinanet_resnet50_fpn_coco-eeacb38b.pth``), a torchvision
+    weights name (``RetinaNet_ResNet50_FPN_Weights.COCO_V1``), or one of our checkpoints (``checkpoint.pt``,
+    its directory, or a run directory: its best); a local path or a URI. Classes are mapped by name (COCO's
+    80 for torchvision's weights); classes without a match start from the prior init. The model config must
+    match the weights' (checked at start-up: see ``engine/restore.py`` ``check_init``)."""
+    torchvision_anchors: bool = False
+    """torchvision's anchors (integer sizes, rounded corners), the ones its RetinaNet weights were trained
+    with: set it with an ``init_from`` of torchvision weights. False: the paper's exact anchor sizes."""
     fpn_channels: int = Field(256, ge=8)
     head_convs: int = Field(4, ge=0)
     head_norm: Literal["none", "gn"] = "none"

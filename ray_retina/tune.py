@@ -213,9 +213,11 @@ def run_sweep(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from ray_retina import tracking
+    from ray_retina.engine.restore import check_init
 
     cfg = resolve_paths(cfg)
     ensure_data(cfg)
+    cfg = check_init(cfg)  # initial weights exist and fit, before any trial starts
     ensure_ray(cfg)
     if resume:
         tuner = tune.Tuner.restore(resume, trainable=_trainable(), resume_errored=True)

@@ -129,6 +129,7 @@ class Engine:
         postprocessor: Callable[..., list[dict[str, torch.Tensor]]],
         device: torch.device,
         cat_ids: list[int],
+        cat_names: list[str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -136,6 +137,9 @@ class Engine:
         self.postprocessor = postprocessor
         self.device = device
         self.cat_ids = torch.as_tensor(cat_ids, dtype=torch.int64)
+        # The class names of labels 0..K-1, saved with checkpoints so that a later model.init_from maps classes
+        # by name (None: unknown; then by category id).
+        self.cat_names = list(cat_names) if cat_names is not None else None
         self.optimizer = build_optimizer(cfg, model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.amp_dtype = AMP_DTYPES[cfg.optim.amp]
@@ -237,6 +241,7 @@ class Engine:
             "rng_per_rank": list(rng_per_rank) if rng_per_rank is not None else [rng_state()],
             "config": self.cfg.model_dump(mode="json"),
             "cat_ids": self.cat_ids.tolist(),
+            "cat_names": self.cat_names,
         }
 
     def load_state_dict(self, state: dict[str, Any], rank: int = 0) -> None:

@@ -41,6 +41,7 @@ def resolve_paths(cfg: Config) -> Config:
             "data.train_shards": absolute(cfg.data.train_shards),
             "data.val_shards": absolute(cfg.data.val_shards),
             "model.backbone_weights": _weights_path(cfg.model.backbone_weights),
+            "model.init_from": _weights_path(cfg.model.init_from),
             "run.storage_path": absolute(cfg.run.storage_path),
         },
     )

@@ -65,6 +65,7 @@ def build_trainer(
 
     manifest = read_manifest(cfg.data.train_shards)
     cat_ids = sorted(int(c["id"]) for c in manifest["categories"])
+    names = {int(c["id"]): str(c.get("name", c["id"])) for c in manifest["categories"]}
     storage = abs_storage(cfg.run.storage_path)
     cleanup_unregistered_checkpoints(storage, run_name)
     sc = cfg.scaling
@@ -76,6 +77,7 @@ def build_trainer(
         "config": cfg.model_dump(mode="json"),
         "num_classes": len(cat_ids),
         "cat_ids": cat_ids,
+        "cat_names": [names[c] for c in cat_ids],  # what model.init_from maps classes by
         "val_plan": eval_plan(cfg.data.val_shards, cfg.data.val_max_images),
         "skip_counter": new_counter(),
         "verbose": verbose,
@@ -134,6 +136,11 @@ def train(cfg: Config, *, run_name: str | None = None, verbose: bool = False) ->
     t0 = time.perf_counter()
     cfg = resolve_paths(cfg)
     ensure_data(cfg)
+    # Before Ray and MLflow start: the initial weights exist and fit the model config (else one message
+    # naming the keys to set), a weights name is fetched once, and which classes match is logged.
+    from ray_retina.engine.restore import check_init
+
+    cfg = check_init(cfg)
     ensure_ray(cfg, verbose=verbose)
     run_name = run_name or default_run_name(cfg)
     uri = run_id = None

@@ -92,15 +92,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     num_classes = int(loop_config["num_classes"])
-    model = build_model(cfg, num_classes)
+    if cfg.model.init_from and ray.train.get_checkpoint() is None:
+        # A fine-tuning start, on every rank before DDP wraps the model (a resumed run's own checkpoint,
+        # loaded below, wins). It loads every layer, so model.backbone_weights is not read.
+        from ray_retina.config import apply_overrides
+        from ray_retina.engine.restore import init_model_from
+
+        model = build_model(apply_overrides(cfg, {"model.backbone_weights": None}), num_classes)
+        init_model_from(model, cfg, loop_config["cat_ids"], loop_config.get("cat_names"), log=rank == 0)
+    else:
+        model = build_model(cfg, num_classes)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model, move_to_device=device) if world > 1 else model.to(device)
     if cfg.optim.compile:
         model = torch.compile(model)
     engine = Engine(
-        cfg, model, build_criterion(cfg, num_classes), build_postprocessor(cfg), device, loop_config["cat_ids"]
-    )
+        cfg, model, build_criterion(cfg, num_classes), build_postprocessor(cfg), device, loop_config["cat_ids"],
+        cat_names=loop_config.get("cat_names"),
+    )  # fmt: skip
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

@@ -2,15 +2,19 @@
 
 Module names follow torchvision's ``retinanet_resnet50_fpn`` (``body`` is an ``IntermediateLayerGetter``
 over the ResNet, ``fpn`` a ``FeaturePyramidNetwork`` with ``LastLevelP6P7``) so its state dicts load
-as they are. Nothing is ever downloaded: the backbone starts from a local torchvision-format ResNet
-state dict when one is given, else from random init.
+as they are. The backbone starts from a torchvision-format ResNet state dict when one is given (a local
+file, or a torchvision weights name such as ``ResNet50_Weights.IMAGENET1K_V2`` found in torch's hub cache or
+downloaded into it), else from random init.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -33,13 +37,70 @@ _C345 = {
 _STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 
 
+class WeightsUnavailableError(FileNotFoundError):
+    """A torchvision weights name whose file is neither in torch's hub cache nor downloadable now; the
+    message is one line naming the URL to fetch and the exact path to put the file at."""
+
+
+def is_weights_name(value: str) -> bool:
+    """True for a torchvision weights name (``ResNet50_Weights.IMAGENET1K_V2``), False for a path or URI.
+    The rule of ``engine/session.py`` ``_weights_path``, which keeps such names un-absolutised."""
+    return "_Weights." in value and "/" not in value and not os.path.exists(value)
+
+
+def weights_url(name: str) -> str:
+    """The download URL torchvision gives a weights name (no network: ``torchvision.models.get_weight``)."""
+    try:
+        return torchvision.models.get_weight(name).url
+    except (ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"{name!r} is not a torchvision weights name ({err})") from None
+
+
+def weights_cache_path(url: str) -> Path:
+    """Where torch's hub keeps the file of ``url``: ``torch.hub.get_dir()/checkpoints/<file name>``
+    (``$TORCH_HOME/hub/checkpoints``, default ``~/.cache/torch/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def torchvision_weights_file(name: str, *, url_of: Callable[[str], str] | None = None) -> Path:
+    """The local file of torchvision weights ``name``: from torch's hub cache, else downloaded into it with
+    its sha256 prefix checked (``torch.hub.load_state_dict_from_url(check_hash=True)``).
+
+    ``url_of``: name -> URL (default :func:`weights_url`; tests point it at a local server). Raises
+    :class:`WeightsUnavailableError` when the file is not cached and the download fails (offline, say).
+    """
+    url = (url_of or weights_url)(name)
+    cached = weights_cache_path(url)
+    if cached.is_file():
+        return cached
+    try:
+        torch.hub.load_state_dict_from_url(
+            url,
+            model_dir=str(cached.parent),
+            map_location="cpu",
+            check_hash=True,
+            progress=False,
+            weights_only=True,
+        )
+    # URLError / HTTPError / timeouts are OSErrors; a file whose sha256 does not match its name: RuntimeError.
+    except (OSError, RuntimeError, ValueError) as err:
+        raise WeightsUnavailableError(
+            f"cannot get torchvision weights {name}: not in the cache and the download failed "
+            f"({' '.join(str(err).split())}); download {url} and put it at {cached}"
+        ) from None
+    return cached
+
+
 def load_backbone_weights(resnet: nn.Module, path: str | Path) -> None:
-    """Load a torchvision-format ResNet state dict (``resnet50-0676ba61.pth`` style) from a local file."""
+    """Load a torchvision-format ResNet state dict (``resnet50-0676ba61.pth`` style) from a local file, or
+    torchvision weights by name (``ResNet50_Weights.IMAGENET1K_V2``: see :func:`torchvision_weights_file`)."""
+    if isinstance(path, str) and is_weights_name(path):
+        path = torchvision_weights_file(path)
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(
             f"backbone weights file not found: {p} (model.backbone_weights must be a local torchvision-format "
-            "state dict; nothing is downloaded; set it to null for random init)"
+            "state dict or a torchvision weights name such as ResNet50_Weights.IMAGENET1K_V2; null: random init)"
         )
     state = torch.load(p, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
