@@ -1,4 +1,4 @@
-"""`ray-retina` console script: synth, prepare, train, tune, eval, predict.
+"""`ray-retina` console script: synth, prepare, train, tune, eval, predict, export.
 
 ``ray-retina train`` with no arguments runs the CPU demo (configs/smoke.yaml): synthetic COCO set, shards,
 2 Ray Train workers, COCO AP, MLflow.
@@ -149,8 +149,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import os
+
     from ray_retina.export import export
 
+    if not args.verbose:  # MLflow's download bars while it checks the input example against the model
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if (args.run is None) == (args.sweep is None):
         args.error("give one of --run and --sweep")
     try:

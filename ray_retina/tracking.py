@@ -7,10 +7,11 @@ each call a single ``log_batch`` request instead of one request per metric.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +157,118 @@ def find_run_by_name(uri: str, experiment: str, run_name: str) -> str | None:
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
+
+
+# ----------------------------------------------------------------------------------------- checkpoints of runs
+
+# Tags that say where a run's Ray Train run directory and its best checkpoint are (engine/trainer.py sets them
+# at the end of `train`; a sweep trial's run has none of them, see `run_checkpoint_location`).
+STORAGE_TAG = "ray_retina.storage_path"
+RAY_RUN_TAG = "ray_retina.ray_run_name"
+BEST_CHECKPOINT_TAG = "ray_retina.best_checkpoint"
+BEST_TRIAL_TAG = "ray_retina.best_trial"  # on a sweep's parent run (tune.py)
+TRIAL_TAG = "ray_retina.trial_id"  # on each trial's child run (tune.py)
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def checkpoint_tags(storage_path: str, ray_run_name: str, best_checkpoint: str | None = None) -> dict[str, str]:
+    """The tags that let `run_checkpoint_location` (and so ``ray-retina export --run <id>``) find a run's
+    checkpoints: the Ray Train storage path and run name, and the best checkpoint directory when known."""
+    tags = {STORAGE_TAG: storage_path, RAY_RUN_TAG: ray_run_name}
+    if best_checkpoint:
+        tags[BEST_CHECKPOINT_TAG] = best_checkpoint
+    return tags
+
+
+def run_checkpoint_location(uri: str, run_id: str) -> str:
+    """Where the checkpoints of an MLflow run are: its Ray Train run directory, whose best checkpoint by
+    ``val/AP`` ``checkpoint.find_checkpoint`` picks, else the best checkpoint directory it was tagged with.
+
+    Looked up, in order: tags ``ray_retina.storage_path`` + ``ray_retina.ray_run_name`` (a training run);
+    tag ``ray_retina.best_checkpoint``; param ``run.storage_path`` + the run's name (a sweep trial, whose Ray
+    Train run is named after its MLflow run). The first that exists wins. Raises ``FileNotFoundError``
+    naming the run and the places looked at."""
+    from ray_retina.io import dir_exists, join_uri, resolve_uri
+
+    run = _client(uri).get_run(run_id)
+    tags, params = run.data.tags, run.data.params
+    candidates = []
+    if tags.get(STORAGE_TAG) and tags.get(RAY_RUN_TAG):
+        candidates.append(join_uri(tags[STORAGE_TAG], tags[RAY_RUN_TAG]))
+    if tags.get(BEST_CHECKPOINT_TAG):
+        candidates.append(tags[BEST_CHECKPOINT_TAG])
+    if params.get("run.storage_path") and tags.get("mlflow.runName"):
+        candidates.append(join_uri(params["run.storage_path"], tags["mlflow.runName"]))
+    for c in candidates:
+        fs, p = resolve_uri(c)
+        if dir_exists(fs, p):
+            return c
+    raise FileNotFoundError(
+        f"MLflow run {run_id}: no checkpoint directory found"
+        + (f" (looked at {', '.join(candidates)})" if candidates else " (it has no ray_retina checkpoint tags)")
+    )
+
+
+def best_trial_run(uri: str, parent_run_id: str) -> Any:
+    """The child run of the best trial of a sweep (parent tag ``ray_retina.best_trial``; the child's tag
+    ``ray_retina.trial_id``). Raises ``ValueError`` when the sweep has no best trial (unfinished, or no trial
+    reported ``val/AP``) or its run is missing."""
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    best = parent.data.tags.get(BEST_TRIAL_TAG)
+    if not best:
+        raise ValueError(f"MLflow run {parent_run_id} has no tag {BEST_TRIAL_TAG}: not a finished ray-retina sweep")
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{best}'",
+        max_results=2,
+    )
+    if not runs:
+        raise ValueError(f"sweep {parent_run_id}: no child run of its best trial {best}")
+    return runs[0]
+
+
+# ----------------------------------------------------------------------------------------- the model registry
+
+
+@contextlib.contextmanager
+def using_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``Model.log``, ``register_model``) on ``uri`` for tracking and registry. Both
+    setters also export ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``: the variables as they were (set
+    or not) come back on exit, and with them the URIs the process used before."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None unsets the variable
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        if saved["MLFLOW_REGISTRY_URI"] is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
+def register_model_version(
+    uri: str,
+    model_uri: str,
+    name: str,
+    *,
+    tags: Mapping[str, Any] | None = None,
+    alias: str | None = None,
+    description: str | None = None,
+) -> Any:
+    """Register ``model_uri`` (``models:/<model id>`` of a logged model, or ``runs:/...``) as a new version of
+    registered model ``name`` (created when missing), with ``tags`` on the version, and point ``alias`` (e.g.
+    ``champion``) at it. Returns the ``ModelVersion``. Every call makes a new version."""
+    import mlflow
+
+    client = _client(uri)
+    with using_uri(uri):
+        version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
+    if description:
+        client.update_model_version(name, version.version, description=description)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return client.get_model_version(name, version.version)

@@ -116,7 +116,10 @@ def _trial(trial_params: dict[str, Any]) -> None:
         label = trial_label(params, trial_id)
         run_id = tracking.find_run_by_name(uri, tracking.experiment_name(cfg), label) or tracking.create_run(
             cfg, run_name=label, uri=uri, parent_run_id=trial_params["__parent_run_id__"],
-            tags={TRIAL_TAG: trial_id, **{f"sweep.{k}": str(v) for k, v in params.items()}},
+            tags={TRIAL_TAG: trial_id, **{f"sweep.{k}": str(v) for k, v in params.items()},
+                  # where `ray-retina export --run/--sweep` finds the trial's checkpoints (its MLflow name is
+                  # its parameters, not the Ray Train run name)
+                  **tracking.checkpoint_tags(abs_storage(cfg.run.storage_path), run_name)},
         )  # fmt: skip
     trainer = build_trainer(
         cfg, run_name=run_name, mlflow_uri=uri, mlflow_run_id=run_id, callbacks=[TuneReportCallback()]

@@ -1,0 +1,833 @@
+"""The end of the pipeline: the best checkpoint of a run or a sweep as an MLflow model, and the network as ONNX.
+
+    ray-retina export --run <MLflow run id | run dir | checkpoint> --register retina --alias champion
+    mlflow models serve -m models:/retina@champion --env-manager local -h 127.0.0.1 -p 5001
+
+Which checkpoint: ``checkpoint.find_checkpoint`` (a run directory means its best checkpoint by ``val/AP``,
+read through Ray Train's result API); an MLflow run id goes through the run's tags to its Ray Train run
+directory (``tracking.run_checkpoint_location``); a sweep's parent run id goes to its best trial's run
+(``tracking.best_trial_run``).
+
+The MLflow model (``mlflow.pyfunc``, :class:`RetinaNetModel`): a DataFrame with one column ``image`` of
+encoded JPEG/PNG bytes in (MLflow type ``binary``: base64 strings in JSON over REST), one row per detection
+out, with the columns ``OUTPUT_COLUMNS``: the image's position in the request, the original category id and
+its name, the score, the box XYXY in original-image pixels and the same box in COCO XYWH. It carries the
+weights, the resolved config and the categories in one ``torch.load(weights_only=True)`` file, and detects
+as ``ray-retina predict`` does, through the same functions: ``predict.preprocess_batch`` (decode with EXIF
+orientation, resize to the test size), ``collate.pad_images``, ``evaluate.detect`` (post-process, boxes back
+to original pixels). ``score_thresh``, ``detections_per_img`` and ``batch_size`` are predict-time params.
+
+ONNX (:func:`export_onnx`): the network, images in, class logits, box deltas and anchors out, batch and
+image size dynamic; a JSON file beside it holds what the graph does not do (resize, padding, anchor and box
+coder settings, post-process parameters, categories); and an end-to-end graph for one image with the
+post-process inside (NMS as ONNX ``NonMaxSuppression``). TorchScript (:func:`export_torchscript`): the
+network traced.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.pyfunc import PythonModel
+from torch import Tensor, nn
+
+from ray_retina import __version__
+
+logger = logging.getLogger(__name__)
+
+Format = Literal["mlflow", "onnx", "torchscript"]
+
+INPUT_COLUMN = "image"
+OUTPUT_COLUMNS: tuple[str, ...] = (
+    "image_index", "category_id", "category_name", "score",
+    "x1", "y1", "x2", "y2",  # XYXY, original-image pixels
+    "bbox_x", "bbox_y", "bbox_w", "bbox_h",  # COCO XYWH of the same box
+)  # fmt: skip
+MODEL_ARTIFACT = "checkpoint"  # the artifact key of the model file inside the MLflow model
+MODEL_FILE = "checkpoint.pt"  # a slim checkpoint: loads with checkpoint.load_checkpoint_state too
+ONNX_FILE = "retinanet.onnx"
+END_TO_END_FILE = "retinanet_end2end.onnx"  # one image in, detections out
+META_FILE = "retinanet.json"  # beside the .onnx / TorchScript file
+TORCHSCRIPT_FILE = "retinanet.torchscript.pt"
+ONNX_OPSET = 17  # every op of both graphs (Resize with dynamic sizes, NonMaxSuppression) exports; tested in onnxruntime 1.32
+
+# The config keys of the sweep's focal parameters, under the names the registry tags them with.
+FOCAL_PARAMS = {"gamma": "loss.gamma", "alpha": "loss.alpha", "prior": "model.prior", "lr": "optim.lr"}
+# Installed distributions pinned in the MLflow model's requirements (beside torch, torchvision and
+# ray-retina itself); simplejpeg only when installed, since it changes how JPEGs decode (DCT scaling).
+RUNTIME_DISTRIBUTIONS = ("mlflow", "ray", "numpy", "pandas", "pillow", "pyarrow", "pydantic", "pyyaml")
+OPTIONAL_DISTRIBUTIONS = ("simplejpeg",)
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+# ----------------------------------------------------------------------------------------- the model file
+
+
+def slim_state(state: Mapping[str, Any], names: Mapping[int, str]) -> dict[str, Any]:
+    """What inference needs of a checkpoint dict: weights, resolved config, ``cat_ids`` and their
+    ``cat_names``, the iteration, and ``categories`` [{id, name}] in label order. No optimizer, scheduler or
+    RNG state (a third of the size with Adam); still a ``checkpoint.pt`` that ``load_checkpoint_state``,
+    ``ray-retina predict`` and ``model.init_from`` read."""
+    cat_ids = [int(c) for c in state["cat_ids"]]
+    return {
+        "model": state["model"],
+        "config": dict(state["config"]),
+        "cat_ids": cat_ids,
+        "cat_names": [str(names.get(c, c)) for c in cat_ids],
+        "iteration": int(state.get("iteration", 0)),
+        "categories": [{"id": c, "name": str(names.get(c, c))} for c in cat_ids],
+    }
+
+
+def category_names_of(state: Mapping[str, Any]) -> dict[int, str]:
+    """id -> name: the checkpoint's own ``categories`` when it has them (an exported one), else the run's
+    shard manifests (``predict.category_names``), else the ids as names."""
+    if "categories" in state:
+        return {int(c["id"]): str(c["name"]) for c in state["categories"]}
+    if state.get("cat_names") is not None:  # checkpoints since fine-tuning by class name (model.init_from)
+        return {int(c): str(n) for c, n in zip(state["cat_ids"], state["cat_names"], strict=True)}
+    from ray_retina.config import config_from_dict
+    from ray_retina.predict import category_names
+
+    cfg = config_from_dict(dict(state["config"]), source="checkpoint config")
+    return category_names(cfg, [int(c) for c in state["cat_ids"]])
+
+
+# ----------------------------------------------------------------------------------------- the pyfunc model
+
+
+def _invalid(message: str) -> Exception:
+    """An error the scoring server answers with 400 (bad request) instead of 500."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _image_bytes(value: Any, index: int) -> bytes:
+    """One cell of the ``image`` column as bytes: bytes as they are, a str as base64 (what JSON carries)."""
+    if isinstance(value, (bytes, bytearray, memoryview, np.bytes_)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=False)
+        except (binascii.Error, ValueError) as err:
+            raise _invalid(f"image {index}: a string that is not base64: {err}") from None
+    raise _invalid(f"image {index}: expected encoded image bytes, got {type(value).__name__}")
+
+
+def images_of(model_input: Any) -> list[bytes]:
+    """The encoded images of a pyfunc input: a DataFrame with a column ``image`` (or a single column), a
+    dict ``{"image": [...]}``, or a list of bytes."""
+    if isinstance(model_input, pd.DataFrame):
+        if INPUT_COLUMN in model_input.columns:
+            column = model_input[INPUT_COLUMN]
+        elif len(model_input.columns) == 1:
+            column = model_input.iloc[:, 0]
+        else:
+            raise _invalid(f"expected a column {INPUT_COLUMN!r} of encoded images, got {list(model_input.columns)}")
+        values = column.tolist()
+    elif isinstance(model_input, Mapping):
+        values = list(model_input[INPUT_COLUMN])
+    elif isinstance(model_input, (bytes, bytearray, str)):
+        values = [model_input]
+    else:
+        values = list(model_input)
+    return [_image_bytes(v, i) for i, v in enumerate(values)]
+
+
+def empty_detections() -> pd.DataFrame:
+    return detections_frame([], [], [], [], np.zeros((0, 4)))
+
+
+def detections_frame(
+    image_index: Sequence[int],
+    category_ids: Sequence[int],
+    names: Sequence[str],
+    scores: Sequence[float],
+    boxes: np.ndarray | Sequence[Sequence[float]],
+) -> pd.DataFrame:
+    """One row per detection: ``OUTPUT_COLUMNS``; ``boxes`` (D, 4) XYXY in original pixels. Coordinates and
+    scores are float64 made from the model's float32 values, XYWH computed in float64 as
+    ``evaluate.coco_records`` does (so its rounded ``bbox`` equals round(bbox_*, 3))."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return pd.DataFrame(
+        {
+            "image_index": np.asarray(image_index, dtype=np.int64),
+            "category_id": np.asarray(category_ids, dtype=np.int64),
+            "category_name": pd.Series(list(names), dtype=object),
+            "score": np.asarray(scores, dtype=np.float64),
+            "x1": b[:, 0], "y1": b[:, 1], "x2": b[:, 2], "y2": b[:, 3],
+            "bbox_x": b[:, 0], "bbox_y": b[:, 1], "bbox_w": b[:, 2] - b[:, 0], "bbox_h": b[:, 3] - b[:, 1],
+        }  # fmt: skip
+    )
+
+
+class Detector:
+    """A checkpoint dict ready to detect on encoded images, in this process: the pyfunc model's engine, and
+    the in-process reference the serving test compares the served detections with."""
+
+    def __init__(self, state: Mapping[str, Any], device: torch.device | str | None = None) -> None:
+        from ray_retina.engine.restore import AMP_DTYPES, model_from_state
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.cfg, cat_ids = model_from_state(state, self.device)
+        self.cat_ids = np.asarray(cat_ids, dtype=np.int64)
+        names = category_names_of(state)
+        self.names = np.asarray([names.get(int(c), str(c)) for c in cat_ids], dtype=object)
+        self.amp_dtype = AMP_DTYPES[self.cfg.optim.amp]
+
+    def postprocessor(self, score_thresh: float | None = None, detections_per_img: int | None = None) -> Any:
+        """The checkpoint's post-processor with these two parameters replaced (validated as config values).
+
+        With ``score_thresh`` t >= the checkpoint's and ``detections_per_img`` D <= the checkpoint's, the
+        result is the checkpoint's detections with score > t, the first D: a lower-scoring box neither
+        enters the top-k before a higher one nor suppresses it in NMS."""
+        from ray_retina.config import ConfigError, apply_overrides
+        from ray_retina.model import build_postprocessor
+
+        over: dict[str, Any] = {}
+        if score_thresh is not None:
+            over["postprocess.score_thresh"] = float(score_thresh)
+        if detections_per_img is not None:
+            over["postprocess.detections_per_img"] = int(detections_per_img)
+        try:
+            return build_postprocessor(apply_overrides(self.cfg, over) if over else self.cfg)
+        except ConfigError as err:
+            raise _invalid(str(err)) from None
+
+    def detect(self, images: Sequence[bytes], postprocess: Any, first: int = 0) -> list[dict[str, np.ndarray]]:
+        """Per image (in order): ``boxes`` (D, 4) float32 XYXY in original pixels, ``scores`` (D,),
+        ``category_ids`` (D,): one padded batch of ``images``, exactly as ``predict.Predictor`` runs one.
+        ``first``: the request position of ``images[0]``, for error messages."""
+        from ray_retina.data.augment import object_array
+        from ray_retina.data.collate import pad_images
+        from ray_retina.data.decode import header_size
+        from ray_retina.engine.evaluate import detect
+        from ray_retina.predict import preprocess_batch
+
+        for i, data in enumerate(images):
+            try:
+                header_size(data)
+            except Exception as err:  # noqa: BLE001 - any reason Pillow has: the request is bad
+                raise _invalid(f"image {first + i} is not an image Pillow can read: {type(err).__name__}: {err}") from None
+        keys = [str(i) for i in range(len(images))]
+        pre = preprocess_batch(
+            {"path": np.asarray(keys), "bytes": object_array(list(images))},
+            min_size=self.cfg.data.test_min_size, max_size=self.cfg.data.max_size,
+            files={k: (i, f"image {i}", "") for i, k in enumerate(keys)},
+        )  # fmt: skip
+        if len(pre["image_id"]) != len(images):
+            bad = sorted({first + i for i in range(len(images))} - {first + int(i) for i in pre["image_id"]})
+            raise _invalid(f"image(s) {bad} do not decode")
+        padded, sizes = pad_images(list(pre["image"]), self.cfg.data.size_divisibility)
+        batch = {
+            "images": torch.from_numpy(padded),
+            "image_sizes": torch.from_numpy(sizes),
+            "orig_sizes": torch.from_numpy(np.array(pre["orig_size"], dtype=np.int64).reshape(-1, 2)),
+        }
+        dets = detect(self.model, postprocess, batch, device=self.device, amp_dtype=self.amp_dtype,
+                      channels_last=self.cfg.model.channels_last)  # fmt: skip
+        return [
+            {"boxes": d["boxes"].float().cpu().numpy().reshape(-1, 4), "scores": d["scores"].float().cpu().numpy(),
+             "category_ids": self.cat_ids[d["labels"].cpu().numpy()]}
+            for d in dets
+        ]  # fmt: skip
+
+    def frame(
+        self,
+        images: Sequence[bytes],
+        *,
+        score_thresh: float | None = None,
+        detections_per_img: int | None = None,
+        batch_size: int = 1,
+    ) -> pd.DataFrame:
+        """The detections of ``images`` as the pyfunc returns them (``OUTPUT_COLUMNS``), sorted by image and
+        descending score. Images go through the network ``batch_size`` at a time, each batch padded to its
+        largest image: with the default 1 an image's detections do not depend on the rest of the request."""
+        if int(batch_size) < 1:
+            raise _invalid(f"batch_size must be >= 1, got {batch_size}")
+        postprocess = self.postprocessor(score_thresh, detections_per_img)
+        cols: dict[str, list[Any]] = {"index": [], "cats": [], "scores": [], "boxes": []}
+        for start in range(0, len(images), int(batch_size)):
+            for j, d in enumerate(self.detect(images[start : start + int(batch_size)], postprocess, start)):
+                cols["index"].extend([start + j] * len(d["scores"]))
+                cols["cats"].extend(d["category_ids"].tolist())
+                cols["scores"].extend(d["scores"].tolist())
+                cols["boxes"].append(d["boxes"])
+        if not cols["index"]:
+            return empty_detections()
+        lookup = dict(zip(self.cat_ids.tolist(), self.names.tolist(), strict=True))
+        boxes = np.concatenate(cols["boxes"]).astype(np.float64)
+        return detections_frame(cols["index"], cols["cats"], [lookup[c] for c in cols["cats"]], cols["scores"], boxes)
+
+
+class RetinaNetModel(PythonModel):
+    """The ``mlflow.pyfunc`` model: encoded images in, one row per detection out (module docstring).
+
+    Params at predict time (``ParamSchema``, defaults from the checkpoint's config): ``score_thresh`` (keep
+    scores above it), ``detections_per_img`` (at most this many per image, best first), ``batch_size``
+    (images per forward pass; default 1, so an image's result is independent of the rest of the request)."""
+
+    def load_context(self, context: Any) -> None:
+        state = torch.load(context.artifacts[MODEL_ARTIFACT], map_location="cpu", weights_only=True)
+        self.detector = Detector(state)
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        p = dict(params or {})
+        return self.detector.frame(
+            images_of(model_input),
+            score_thresh=p.get("score_thresh"),
+            detections_per_img=p.get("detections_per_img"),
+            batch_size=int(p.get("batch_size") or 1),
+        )
+
+
+MODEL_CODE = """\
+# The ray-retina MLflow model (ray_retina.export.RetinaNetModel): needs ray-retina installed where it is served.
+import mlflow
+
+from ray_retina.export import RetinaNetModel
+
+mlflow.models.set_model(RetinaNetModel())
+"""
+
+
+def model_signature(cfg: Any) -> Any:
+    """Input: column ``image`` (binary); output: ``OUTPUT_COLUMNS``; params with the checkpoint's defaults."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    types = {"image_index": "long", "category_id": "long", "category_name": "string"}
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", INPUT_COLUMN)]),
+        outputs=Schema([ColSpec(types.get(c, "double"), c) for c in OUTPUT_COLUMNS]),
+        params=ParamSchema(
+            [
+                ParamSpec("score_thresh", "double", float(cfg.postprocess.score_thresh)),
+                ParamSpec("detections_per_img", "long", int(cfg.postprocess.detections_per_img)),
+                ParamSpec("batch_size", "long", 1),
+            ]
+        ),
+    )
+
+
+def example_image(height: int = 96, width: int = 128) -> bytes:
+    """A small PNG (a bright rectangle and a dark disc on grey): the model's input example."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (width, height), (118, 118, 118))
+    draw = ImageDraw.Draw(im)
+    draw.rectangle((width // 8, height // 6, width // 2, height // 2), fill=(230, 60, 40))
+    draw.ellipse((width // 2, height // 3, width - width // 8, height - height // 8), fill=(30, 40, 160))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of the served model: this ray-retina, the torch / torchvision it was built with
+    and the other distributions it imports, at the versions installed here (local version labels such as
+    ``+cu130`` dropped: ``torch==2.14.1`` accepts any build of 2.14.1)."""
+
+    def pin(dist: str) -> str | None:
+        try:
+            return f"{dist}=={importlib.metadata.version(dist).split('+', 1)[0]}"
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    required = [f"ray-retina=={__version__}", pin("torch"), pin("torchvision")] + [pin(d) for d in RUNTIME_DISTRIBUTIONS]
+    if None in required:
+        missing = [d for d, r in zip(("torch", "torchvision", *RUNTIME_DISTRIBUTIONS), required[1:], strict=True) if r is None]
+        raise RuntimeError(f"cannot pin the served model's requirements: {missing} not installed")
+    return [r for r in required if r] + [r for r in map(pin, OPTIONAL_DISTRIBUTIONS) if r]
+
+
+def save_pyfunc(state: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write the MLflow model of a checkpoint dict into the directory ``path`` (``mlflow.pyfunc.save_model``)."""
+    import mlflow.pyfunc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        kwargs = _pyfunc_kwargs(state, Path(tmp))
+        mlflow.pyfunc.save_model(path=os.fspath(path), **kwargs)
+    return Path(path)
+
+
+def _pyfunc_kwargs(state: Mapping[str, Any], tmp: Path) -> dict[str, Any]:
+    from ray_retina.config import config_from_dict, to_yaml
+
+    slim = slim_state(state, category_names_of(state))
+    cfg = config_from_dict(slim["config"], source="checkpoint config")
+    torch.save(slim, tmp / MODEL_FILE)
+    (tmp / "config.yaml").write_text(to_yaml(cfg))
+    # MLflow's "models from code": the model directory holds this two-line script rather than a pickle
+    # of the class (which would only have pickled a reference to ray_retina.export anyway).
+    code = tmp / "retinanet_model.py"
+    code.write_text(MODEL_CODE)
+    return {
+        "python_model": str(code),
+        "artifacts": {MODEL_ARTIFACT: str(tmp / MODEL_FILE), "config": str(tmp / "config.yaml")},
+        "signature": model_signature(cfg),
+        "input_example": pd.DataFrame({INPUT_COLUMN: [example_image()]}),
+        "pip_requirements": pip_requirements(),
+        "metadata": {
+            "ray_retina_version": __version__,
+            "cat_ids": slim["cat_ids"],
+            "categories": slim["categories"],
+            "iteration": slim["iteration"],
+            "test_min_size": cfg.data.test_min_size,
+            "max_size": cfg.data.max_size,
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------- ONNX / TorchScript
+
+
+def level_anchors(feature: Tensor, stride: int, cell_anchors: Tensor) -> Tensor:
+    """``AnchorGenerator``'s anchors (h * w * A, 4) of one feature map, written so that a trace keeps them a
+    function of its size (``torch.arange`` of the traced sizes: no ``int()``, no cache)."""
+    xs = torch.arange(feature.shape[-1], dtype=torch.float32, device=feature.device) * stride
+    ys = torch.arange(feature.shape[-2], dtype=torch.float32, device=feature.device) * stride
+    sy, sx = torch.meshgrid(ys, xs, indexing="ij")
+    shifts = torch.stack((sx.reshape(-1), sy.reshape(-1), sx.reshape(-1), sy.reshape(-1)), dim=1)
+    return (shifts[:, None, :] + cell_anchors.to(feature.device)[None, :, :]).reshape(-1, 4)
+
+
+def anchors_of(features: Sequence[Tensor], generator: Any) -> Tensor:
+    """The anchors (R, 4) of a stack of feature maps, as ``generator`` (an ``AnchorGenerator``) makes them."""
+    return torch.cat(
+        [level_anchors(f, s, b) for f, s, b in zip(features, generator.strides, generator.cell_anchors, strict=True)]
+    )
+
+
+class ExportableRetinaNet(nn.Module):
+    """``RetinaNet.forward`` for tracing: ``images`` float32 (B, 3, H, W) RGB 0..255 (resized, padded to
+    multiples of ``size_divisibility``) -> ``cls_logits`` (B, R, K), ``box_deltas`` (B, R, 4), ``anchors``
+    (R, 4) XYXY in input pixels; R and the anchors follow H and W. Equal to ``RetinaNet.forward`` (tested)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        m = self.model
+        x = (images.float() - m.pixel_mean) / m.pixel_std
+        features = m.backbone(x)
+        cls_logits, box_deltas = m.head(features)
+        return cls_logits, box_deltas, anchors_of(features, m.anchor_generator)
+
+
+class EndToEndRetinaNet(nn.Module):
+    """One image in, its detections out, post-process included, for ONNX: ``images`` float32 (1, 3, H, W)
+    RGB 0..255 padded as for the network, ``image_size`` int64 (2,) [h, w] of the resized image inside the
+    padding, ``orig_size`` int64 (2,) [height, width] of the original -> ``boxes`` (D, 4) XYXY in original
+    pixels, ``scores`` (D,) descending, ``labels`` (D,) 0..K-1, ``category_ids`` (D,).
+
+    The post-process of ``PostProcessor`` written again in traceable ops, level by level (per level
+    ``sigmoid > score_thresh`` and the top ``topk_candidates``; fp32 decode; clip; per-class NMS through
+    ``torchvision.ops.batched_nms``, which exports as ``NonMaxSuppression``; the best
+    ``detections_per_img``; back to original pixels per axis): equal to :func:`evaluate.detect` (tested)."""
+
+    def __init__(self, model: nn.Module, cfg: Any, cat_ids: Sequence[int]) -> None:
+        from ray_retina.model.retinanet import build_box_coder
+
+        super().__init__()
+        self.model = model
+        self.box_coder = build_box_coder(cfg)
+        pc = cfg.postprocess
+        self.score_thresh, self.topk, self.nms_thresh = pc.score_thresh, pc.topk_candidates, pc.nms_thresh
+        self.detections_per_img = pc.detections_per_img
+        self.register_buffer("cat_ids", torch.tensor(list(cat_ids), dtype=torch.int64))
+
+    def forward(self, images: Tensor, image_size: Tensor, orig_size: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        from torchvision.models.detection._utils import _topk_min  # min(k, n) that a trace keeps dynamic
+        from torchvision.ops import batched_nms
+
+        m = self.model
+        x = (images.float() - m.pixel_mean) / m.pixel_std
+        k = m.num_classes
+        boxes, scores, labels = [], [], []
+        gen = m.anchor_generator
+        for f, stride, cell in zip(m.backbone(x), gen.strides, gen.cell_anchors, strict=True):
+            cls, deltas = m.head([f])  # the heads are shared over levels: one level at a time
+            s = torch.sigmoid(cls[0].float().reshape(-1))  # (R_l * K,), order (anchor, class)
+            idx = torch.nonzero(s > self.score_thresh).squeeze(1)
+            s, top = s[idx].topk(_topk_min(s[idx], self.topk, 0))
+            idx = idx[top]
+            anchor = torch.div(idx, k, rounding_mode="floor")
+            boxes.append(self.box_coder.decode(deltas[0][anchor], level_anchors(f, stride, cell)[anchor]))
+            scores.append(s)
+            labels.append(idx - anchor * k)
+        b, s, lab = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+        hw = image_size.float()
+        wh = torch.stack((hw[1], hw[0], hw[1], hw[0]))
+        b = torch.minimum(b.clamp(min=0), wh)
+        keep = batched_nms(b, s, lab, self.nms_thresh)[: self.detections_per_img]
+        o = orig_size.float()
+        owh = torch.stack((o[1], o[0], o[1], o[0]))
+        b = torch.minimum((b[keep] * (owh / wh)).clamp(min=0), owh)
+        return b, s[keep], lab[keep], self.cat_ids[lab[keep]]
+
+
+def onnx_meta(
+    cfg: Any, generator: Any, cat_ids: Sequence[int], names: Mapping[int, str], iteration: int
+) -> dict[str, Any]:
+    """What the exported graph does not do, for whoever runs it: input preparation, the anchor settings
+    (``generator``: the model's ``AnchorGenerator``), box decoding, post-process and categories (label i of
+    ``cls_logits`` is ``categories[i]``)."""
+    from ray_retina.model import SCALE_CLAMP
+
+    d, pc = cfg.data, cfg.postprocess
+    return {
+        "format": "ray-retina export 1",
+        "ray_retina_version": __version__,
+        "iteration": int(iteration),
+        "onnx_opset": ONNX_OPSET,
+        "inputs": {"images": "float32 (B, 3, H, W), RGB 0..255 (mean/std normalisation is inside the graph)"},
+        "outputs": {
+            "cls_logits": "float32 (B, R, K): sigmoid -> per-class score",
+            "box_deltas": "float32 (B, R, 4): (tx, ty, tw, th), decode with box_coder against anchors",
+            "anchors": "float32 (R, 4): XYXY in input pixels, the same for every image of the batch",
+        },
+        "end_to_end": {
+            "file": END_TO_END_FILE,
+            "inputs": {"images": "float32 (1, 3, H, W) as above, one image", "image_size": "int64 (2,) [h, w] of "
+                       "the resized image inside the padding", "orig_size": "int64 (2,) [height, width] of the original"},
+            "outputs": {"boxes": "float32 (D, 4) XYXY in original pixels", "scores": "float32 (D,) descending",
+                        "labels": "int64 (D,) 0..K-1", "category_ids": "int64 (D,) the original category ids"},
+        },
+        "preprocess": {
+            "decode": "EXIF orientation applied, any mode to RGB",
+            "resize": "bilinear (Pillow) so that the shorter side is test_min_size and the longer <= max_size; "
+            "new size = int(side * scale + 0.5) per axis, scale = min(test_min_size / shorter, max_size / longer)",
+            "test_min_size": d.test_min_size,
+            "max_size": d.max_size,
+            "pad": "bottom and right with 0 to multiples of size_divisibility (batch max)",
+            "size_divisibility": d.size_divisibility,
+        },
+        "anchors": {
+            "sizes": list(generator.sizes),
+            "scales_per_octave": generator.scales_per_octave,
+            "aspect_ratios": list(generator.aspect_ratios),
+            "strides": list(generator.strides),
+            "torchvision_compat": bool(generator.torchvision_compat),
+            "order": "level, y, x, aspect ratio, scale; centres at (x * stride, y * stride)",
+        },
+        "box_coder": {"weights": list(cfg.loss.box_coder_weights), "scale_clamp": SCALE_CLAMP},
+        "postprocess": {
+            "score_thresh": pc.score_thresh,
+            "topk_candidates": pc.topk_candidates,
+            "nms_thresh": pc.nms_thresh,
+            "detections_per_img": pc.detections_per_img,
+            "rule": "per level keep sigmoid > score_thresh, top topk_candidates per image; decode; clip to the "
+            "resized image; per-class NMS; best detections_per_img; scale x by width / w and y by height / h",
+        },
+        "categories": [{"label": i, "id": int(c), "name": str(names.get(int(c), c))} for i, c in enumerate(cat_ids)],
+    }
+
+
+def _example_input(cfg: Any, batch: int = 2) -> Tensor:
+    """A trace input of the test size: batch 2 and H != W, so that no dimension is traced as a constant 1 or
+    mistaken for another."""
+    d = cfg.data.size_divisibility
+    h = -(-cfg.data.test_min_size // d) * d
+    w = h + d
+    return torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(0)) * 255
+
+
+def _traceable(state: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> tuple[ExportableRetinaNet, Tensor, Path]:
+    """The checkpoint's network ready to trace (CPU, float32, contiguous), a trace input, and ``out_dir``
+    (created) with the JSON of :func:`onnx_meta` written in it."""
+    from ray_retina.engine.restore import model_from_state
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, cfg, cat_ids = model_from_state(state, "cpu")
+    module = ExportableRetinaNet(model.to(memory_format=torch.contiguous_format)).eval()
+    meta = onnx_meta(cfg, model.anchor_generator, cat_ids, category_names_of(state), int(state.get("iteration", 0)))
+    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    return module, _example_input(cfg), out
+
+
+def export_onnx(state: Mapping[str, Any], out_dir: str | os.PathLike[str], *, end_to_end: bool = True) -> list[Path]:
+    """Write into ``out_dir`` ``retinanet.onnx`` (the network, dynamic batch, height and width),
+    ``retinanet.json`` (:func:`onnx_meta`) and, with ``end_to_end``, ``retinanet_end2end.onnx``
+    (:class:`EndToEndRetinaNet`: one image, dynamic height and width, post-process included); returns the
+    paths written.
+
+    The TorchScript-based exporter (``dynamo=False``): it needs only ``onnx``; the torch.export-based one
+    needs ``onnxscript`` besides."""
+    import warnings
+
+    module, example, out = _traceable(state, out_dir)
+    written = [out / ONNX_FILE, out / META_FILE]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # the legacy exporter says it is legacy
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit (under it) says it is deprecated
+        # torchvision's batched_nms tests a size in Python (under a trace it takes its traceable branch either
+        # way) and _topk_min makes its constant k with torch.tensor: both as they mean it.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            module, (example,), str(written[0]), dynamo=False, opset_version=ONNX_OPSET,
+            input_names=["images"], output_names=["cls_logits", "box_deltas", "anchors"],
+            dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "cls_logits": {0: "batch", 1: "anchors"},
+                          "box_deltas": {0: "batch", 1: "anchors"}, "anchors": {0: "anchors"}},
+        )  # fmt: skip
+        if end_to_end:
+            from ray_retina.config import config_from_dict
+
+            cfg = config_from_dict(dict(state["config"]), source="checkpoint config")
+            e2e = EndToEndRetinaNet(module.model, cfg, [int(c) for c in state["cat_ids"]]).eval()
+            h, w = example.shape[-2:]
+            # image_size inside the padding and an original size of another aspect: no axis mistaken for another
+            sizes = (torch.tensor([h - 3, w - 5]), torch.tensor([2 * h + 1, 3 * w - 7]))
+            torch.onnx.export(
+                e2e, (example[:1], *sizes), str(out / END_TO_END_FILE), dynamo=False, opset_version=ONNX_OPSET,
+                input_names=["images", "image_size", "orig_size"],
+                output_names=["boxes", "scores", "labels", "category_ids"],
+                dynamic_axes={"images": {2: "height", 3: "width"}, **{n: {0: "detections"} for n in
+                              ("boxes", "scores", "labels", "category_ids")}},
+            )  # fmt: skip
+            written.append(out / END_TO_END_FILE)
+    return written
+
+
+def export_torchscript(state: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write ``retinanet.torchscript.pt`` (``torch.jit.trace`` of :class:`ExportableRetinaNet`: sizes stay
+    dynamic, as in the ONNX graph; ``torch.jit.load`` or LibTorch) and the same ``retinanet.json``.
+
+    torch 2.14 marks ``torch.jit`` deprecated (a FutureWarning); ``torch.export`` of this module works but
+    specialises a feature map of size 1 (images under 2 x 128 px a side), so it is not offered yet."""
+    import warnings
+
+    module, example, out = _traceable(state, out_dir)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        traced = torch.jit.trace(module, (example,), check_trace=False)
+    traced.save(str(out / TORCHSCRIPT_FILE))
+    return [out / TORCHSCRIPT_FILE, out / META_FILE]
+
+
+# ----------------------------------------------------------------------------------------- which checkpoint
+
+
+@dataclass
+class ExportSource:
+    """The checkpoint an export uses and where it came from."""
+
+    checkpoint: str  # the checkpoint.pt file (path or URI)
+    run_id: str | None = None  # the MLflow run of the training run or trial, when known
+    sweep_run_id: str | None = None  # the sweep's parent run, for a trial
+    trial_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # what Ray recorded with this checkpoint
+
+
+def checkpoint_metrics(checkpoint_file: str) -> dict[str, float]:
+    """The metrics Ray Train reported with a checkpoint (``val/AP`` ...), from its run directory's result
+    metadata; empty when the checkpoint is not in a Ray Train run directory."""
+    from ray_retina._ray_private import CHECKPOINT_SNAPSHOT_FILE
+    from ray_retina.io import file_exists, resolve_uri
+
+    ckpt_dir = checkpoint_file.rsplit("/", 1)[0]
+    run_dir = ckpt_dir.rsplit("/", 1)[0]
+    fs, p = resolve_uri(run_dir)
+    if not file_exists(fs, f"{p}/{CHECKPOINT_SNAPSHOT_FILE}"):
+        return {}
+    try:
+        import ray.train
+
+        result = ray.train.Result.from_path(run_dir)
+        name = ckpt_dir.rsplit("/", 1)[-1]
+        for ckpt, metrics in result.best_checkpoints:
+            if ckpt.path.rstrip("/").rsplit("/", 1)[-1] == name:
+                return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    except Exception as err:  # noqa: BLE001 - metadata is a nicety here, the checkpoint is what matters
+        logger.warning("could not read Ray's result metadata of %s: %s", run_dir, err)
+    return {}
+
+
+def resolve_source(run: str | None = None, *, sweep: str | None = None, tracking_uri: str | None = None) -> ExportSource:
+    """The checkpoint that ``--run`` / ``--sweep`` mean (best by ``val/AP`` unless a checkpoint is named).
+
+    ``run``: a ``checkpoint.pt``, a ``checkpoint_*`` directory, a Ray Train run directory (local or URI), or
+    an MLflow run id (32 hex digits) of a training run or a sweep trial. ``sweep``: a sweep's parent run id:
+    its best trial's run. Raises ``FileNotFoundError`` / ``ValueError`` naming what was not found."""
+    from ray_retina import tracking
+    from ray_retina.checkpoint import find_checkpoint
+
+    if (run is None) == (sweep is None):
+        raise ValueError("give exactly one of run and sweep")
+    uri = tracking_uri or tracking.resolve_tracking_uri()
+    if sweep is not None:
+        child = tracking.best_trial_run(uri, sweep)
+        run = child.info.run_id
+    assert run is not None
+    if "://" in run or os.path.exists(run) or not _RUN_ID.fullmatch(run):
+        file = find_checkpoint(run)
+        return ExportSource(file, metrics=checkpoint_metrics(file))
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = tracking._client(uri).get_run(run).data.tags
+    except MlflowException as err:  # no such run in this store: a user error, one line
+        raise FileNotFoundError(f"no MLflow run {run} at {uri} (--tracking-uri?): {err.message}") from None
+    file = find_checkpoint(tracking.run_checkpoint_location(uri, run))
+    return ExportSource(
+        file, run_id=run, sweep_run_id=tags.get(tracking.PARENT_TAG), trial_id=tags.get(tracking.TRIAL_TAG),
+        metrics=checkpoint_metrics(file),
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportResult:
+    source: ExportSource
+    format: str
+    files: list[str] = field(default_factory=list)  # written locally (--out)
+    run_id: str | None = None  # the MLflow run the model was logged to
+    model_uri: str | None = None  # models:/<model id>
+    registered_name: str | None = None
+    registered_version: str | None = None
+    alias: str | None = None
+
+
+def registry_tags(source: ExportSource, cfg: Any, iteration: int) -> dict[str, str]:
+    """Tags of a registered version: its run, sweep and trial, checkpoint, iteration, ``val/AP`` when known,
+    and the focal parameters ``gamma``, ``alpha``, ``prior``, ``lr`` of its config."""
+    from ray_retina.config import flatten
+
+    flat = flatten(cfg)
+    tags = {k: str(flat[key]) for k, key in FOCAL_PARAMS.items()}
+    if cfg.optim.lr is None:  # a checkpoint's config is resolved (lr explicit); else the lr it runs with
+        tags["lr"] = str(cfg.lr)
+    tags.update({"ray_retina.checkpoint": source.checkpoint, "ray_retina.iteration": str(iteration),
+                 "ray_retina.config_name": str(cfg.name)})  # fmt: skip
+    for key, value in (("ray_retina.run_id", source.run_id), ("ray_retina.sweep_run_id", source.sweep_run_id),
+                       ("ray_retina.trial_id", source.trial_id)):  # fmt: skip
+        if value:
+            tags[key] = value
+    if "val/AP" in source.metrics:
+        tags["val/AP"] = f"{source.metrics['val/AP']:.6f}"
+    return tags
+
+
+def export(
+    run: str | None = None,
+    *,
+    sweep: str | None = None,
+    format: Format = "mlflow",
+    out: str | os.PathLike[str] | None = None,
+    register: str | None = None,
+    alias: str | None = None,
+    tracking_uri: str | None = None,
+) -> ExportResult:
+    """``ray-retina export``: the best checkpoint of ``run`` (or of ``sweep``'s best trial) as
+
+    * ``mlflow``: an MLflow model logged to the MLflow run of the checkpoint (or, for a checkpoint path
+      with no run, to a new run ``export-<run dir name>`` in the config's experiment), registered as a new
+      version of ``register`` with ``alias`` when given; with ``out`` also saved to that directory;
+    * ``onnx`` / ``torchscript``: files in ``out`` (required), logged as artifacts of the MLflow run when
+      there is one.
+    """
+    from ray_retina import tracking
+    from ray_retina.checkpoint import load_checkpoint_state
+    from ray_retina.config import config_from_dict
+
+    if format not in ("mlflow", "onnx", "torchscript"):
+        raise ValueError(f"format must be mlflow, onnx or torchscript, got {format!r}")
+    if format != "mlflow" and (register or alias):
+        raise ValueError("--register and --alias need --format mlflow (the registry holds MLflow models)")
+    if alias and not register:
+        raise ValueError("--alias needs --register NAME")
+    if format != "mlflow" and out is None:
+        raise ValueError(f"--format {format} needs --out DIR")
+    source = resolve_source(run, sweep=sweep, tracking_uri=tracking_uri)
+    state = load_checkpoint_state(source.checkpoint)
+    cfg = config_from_dict(dict(state["config"]), source="checkpoint config")
+    iteration = int(state.get("iteration", 0))
+    logger.info("exporting %s (iteration %d%s)", source.checkpoint, iteration,
+                f", val/AP {source.metrics['val/AP']:.4f}" if "val/AP" in source.metrics else "")  # fmt: skip
+    result = ExportResult(source=source, format=format)
+    # A checkpoint path: its run is the config's tracking store; a run id: the store it was found in.
+    uri = tracking_uri or (tracking.resolve_tracking_uri(cfg) if source.run_id is None else tracking.resolve_tracking_uri())
+
+    if format != "mlflow":
+        writer = export_onnx if format == "onnx" else export_torchscript
+        files = writer(state, out)  # type: ignore[arg-type]
+        result.files = [str(f) for f in files]
+        if source.run_id:
+            log = tracking.RunLogger(uri, source.run_id)
+            for f in files:
+                log.log_artifact(f, f"export/{format}")
+            result.run_id = source.run_id
+        return result
+
+    if out is not None:
+        result.files = [str(save_pyfunc(state, out))]
+    run_id = source.run_id or _export_run(uri, cfg, source)
+    result.run_id = run_id
+    with tempfile.TemporaryDirectory() as tmp, tracking.using_uri(uri):
+        import mlflow
+        from mlflow.models import Model
+
+        mlflow.set_experiment(experiment_id=tracking._client(uri).get_run(run_id).info.experiment_id)
+        info = Model.log(
+            artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
+            tags=registry_tags(source, cfg, iteration), **_pyfunc_kwargs(state, Path(tmp)),
+        )  # fmt: skip
+    result.model_uri = info.model_uri
+    if register:
+        version = tracking.register_model_version(
+            uri, info.model_uri, register, tags=registry_tags(source, cfg, iteration), alias=alias,
+            description=f"ray-retina {cfg.name}: {source.checkpoint} (iteration {iteration})",
+        )  # fmt: skip
+        result.registered_name, result.registered_version, result.alias = register, str(version.version), alias
+    return result
+
+
+def _export_run(uri: str, cfg: Any, source: ExportSource) -> str:
+    """The MLflow run to log a checkpoint path's model to: the training run of its Ray Train run directory
+    when the config's experiment has one (same name, and its tags lead to that directory; ``source`` then
+    gets its ids), else a run ``export-<run dir name>`` (reused by the next export of that run dir)."""
+    from ray_retina import tracking
+
+    parts = source.checkpoint.rstrip("/").split("/")
+    in_run_dir = len(parts) >= 3 and parts[-2].startswith("checkpoint_")
+    name = parts[-3] if in_run_dir else parts[-2]
+    experiment = tracking.experiment_name(cfg)
+    found = tracking.find_run_by_name(uri, experiment, name) if in_run_dir else None
+    if found is not None:
+        try:
+            if tracking.run_checkpoint_location(uri, found).rstrip("/") == "/".join(parts[:-2]):
+                tags = tracking._client(uri).get_run(found).data.tags
+                source.run_id, source.sweep_run_id = found, tags.get(tracking.PARENT_TAG)
+                source.trial_id = tags.get(tracking.TRIAL_TAG)
+                return found
+        except FileNotFoundError:
+            pass
+    run_id = tracking.find_run_by_name(uri, experiment, f"export-{name}")
+    if run_id is None:
+        run_id = tracking.create_run(cfg, run_name=f"export-{name}", uri=uri,
+                                     tags={"ray_retina.kind": "export", "ray_retina.checkpoint": source.checkpoint})  # fmt: skip
+        tracking.RunLogger(uri, run_id).end("FINISHED")
+    return run_id
