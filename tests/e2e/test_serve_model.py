@@ -270,3 +270,25 @@ def test_export_register_serve(mlflow_server, checkpoints, images, free_port, tm
     # The alias moved: checkpoint a's detections are not what is served.
     ref_a = _reference(load_checkpoint_state(runs["a"]), images, 0.0, 100)
     assert [d["score"] for d in ref_a[0][:5]] != [d["score"] for d in _served_records(rows, n)[0][:5]]
+
+
+def test_registry_in_mlflow_ui(mlflow_server, open_mlflow_page, shot_dir):
+    """The model's Model Registry page in headless chromium, as test_export_register_serve (run before it in
+    this module, on the same server) left it: versions 1 and 2, @champion on version 2. The screenshot is
+    docs/model_registry.png under `make docs`."""
+    from mlflow.tracking import MlflowClient
+
+    if not MlflowClient(mlflow_server, registry_uri=mlflow_server).search_registered_models(f"name = '{NAME}'"):
+        pytest.fail(f"no registered model {NAME}: run with test_export_register_serve, which registers it")
+    page = open_mlflow_page(f"{mlflow_server}/#/models/{NAME}", "Version 2")
+    page.get_by_text("champion").first.wait_for(timeout=30_000)
+    page.wait_for_timeout(1000)
+    body = page.inner_text("body")
+    assert NAME in body and "Version 1" in body and "Version 2" in body
+    # @champion sits in version 2's row of the versions table, not in version 1's.
+    rows = page.get_by_role("row")
+    assert "champion" in rows.filter(has_text="Version 2").first.inner_text()
+    assert "champion" not in rows.filter(has_text="Version 1").first.inner_text()
+    shot = shot_dir / "model_registry.png"
+    page.screenshot(path=str(shot), full_page=False)
+    assert shot.stat().st_size > 10_000
