@@ -1,8 +1,9 @@
 """Decode + augment throughput on the same shards: single process vs torch DataLoader vs Ray Data.
 
     .venv/bin/python benchmarks/data_pipeline.py [--images 960] [--repeats 3] [--cpus 2] [--no-simplejpeg]
+        [--augment-config configs/retinanet_r50_fpn_finetune_small.yaml] [--compare-torchvision]
 
-All three run the same function (``ray_retina.data.pipeline.augment_batch``, training mode: decode,
+All three run the same function (``ray_retina.data.augment.augment_batch``, training mode: decode,
 shorter side drawn from ``--train-min-size``, longer side capped, flip) over the same Parquet shards
 and hand the augmented rows to the consuming process, which only counts them:
 
@@ -15,6 +16,13 @@ and hand the augmented rows to the consuming process, which only counts them:
       ``read_parquet`` variant). Ray Data's executor notices finished tasks by polling (``ray.wait``
       with a 0.1 s timeout), so with one task per CPU each core idles between the end of one task
       (one row group, ~0.2 s here) and the start of the next; two tasks per core fill those gaps.
+
+The single process and Ray Data (0.5 CPU per task) are also timed with the training augmentation of
+``--augment-config`` on (its ``data.augment``: photometric jitter, crop, zoom-out; the sizes stay this
+script's), as rows beside their twins without it, in the same rounds. ``--compare-torchvision`` adds the
+same augmentation done by ``torchvision.transforms.v2`` on ``tv_tensors`` (RandomIoUCrop, RandomZoomOut,
+RandomShortestSize, ColorJitter, flip, SanitizeBoundingBoxes) in the single process, and times the colour
+jitter alone, ours against ColorJitter's four ``adjust_*`` on one (800, 1067) image.
 
 Each figure is the median of ``--repeats`` full passes, run in interleaved rounds after one warm-up
 pass each (Ray's and the DataLoader's start-up is outside the timing; a Ray pass includes its
@@ -32,7 +40,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 
 def _args() -> argparse.Namespace:
@@ -55,6 +63,15 @@ def _args() -> argparse.Namespace:
     ap.add_argument(
         "--compare-readers", action="store_true", help="also time build_dataset(reader='read_parquet')"
     )
+    ap.add_argument(
+        "--augment-config", default=str(Path(__file__).resolve().parent.parent / "configs"
+                                        / "retinanet_r50_fpn_finetune_small.yaml"),
+        help="config whose data.augment the 'augmentation on' rows use",
+    )  # fmt: skip
+    ap.add_argument(
+        "--compare-torchvision", action="store_true",
+        help="also time the same augmentation with torchvision.transforms.v2 (single process)",
+    )  # fmt: skip
     ap.add_argument("--workdir", default="bench_out/data_pipeline")
     ap.add_argument("--json", default=None, help="write the results here too")
     return ap.parse_args()
@@ -74,26 +91,30 @@ def _prepare(args: argparse.Namespace) -> Path:
     return shards
 
 
-def _kwargs(args: argparse.Namespace, shards: Path) -> dict:
-    from ray_retina.data.pipeline import augment_kwargs
-
+def _kwargs(args: argparse.Namespace, shards: Path, augment: bool = False) -> dict:
+    from ray_retina.data.datasets import augment_kwargs
     from ray_retina.data.shards import read_manifest
 
     cat_ids = [c["id"] for c in read_manifest(shards)["categories"]]
-    return augment_kwargs(_data_cfg(args), train=True, cat_ids=cat_ids, seed=0)
+    return augment_kwargs(_data_cfg(args, augment), train=True, cat_ids=cat_ids, seed=0)
 
 
-def _data_cfg(args: argparse.Namespace) -> SimpleNamespace:
-    return SimpleNamespace(
+def _data_cfg(args: argparse.Namespace, augment: bool = False) -> Any:
+    """The benchmark's DataConfig; ``augment``: with the ``data.augment`` of ``--augment-config``."""
+    from ray_retina.config import DataConfig, load_config
+
+    return DataConfig(
         train_min_size=list(args.train_min_size), test_min_size=args.train_min_size[0], max_size=args.max_size,
         hflip_prob=0.5, map_batch_size=args.map_batch_size, map_num_cpus=args.map_num_cpus, size_divisibility=128,
+        augment=load_config(args.augment_config).data.augment if augment else {},
     )  # fmt: skip
 
 
 def iter_augmented(files: list[str], kwargs: dict, batch_size: int):
     """Read shard files with pyarrow and augment them, in the calling process."""
     import pyarrow.parquet as pq
-    from ray_retina.data.pipeline import READ_COLUMNS, augment_batch
+
+    from ray_retina.data.augment import READ_COLUMNS, augment_batch
 
     for path in files:
         for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=READ_COLUMNS):
@@ -210,6 +231,102 @@ def single_pass(files: list[str], kwargs: dict, args: argparse.Namespace):
     return lambda: count_pass(iter_augmented(files, kwargs, args.map_batch_size))
 
 
+def torchvision_pass(files: list[str], args: argparse.Namespace):
+    """The same training augmentation with torchvision.transforms.v2 on tv_tensors, one image at a time, in
+    this process: decode (same decoder) -> [RandomIoUCrop] -> [RandomZoomOut] -> RandomShortestSize ->
+    [ColorJitter] -> flip -> SanitizeBoundingBoxes, each [] with the probability of --augment-config; the
+    image handed on as a contiguous (h, w, 3) uint8 array, as ours."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    from ray_retina.config import load_config
+    from ray_retina.data.augment import READ_COLUMNS, _as_array
+    from ray_retina.data.decode import decode_image
+    from ray_retina.data.formats.coco import xywh_to_xyxy
+
+    torch.set_num_threads(1)  # one core, as a decode task
+    a = load_config(args.augment_config).data.augment
+    p, c, z = a.photometric, a.crop, a.zoom_out
+    lo, hi = args.train_min_size
+    transform = v2.Compose([
+        v2.RandomApply([v2.RandomIoUCrop(min_scale=c.min_scale)], p=c.prob),
+        v2.RandomZoomOut(fill={tv_tensors.Image: tuple(z.fill), "others": 0}, side_range=(1.0, z.max_ratio),
+                         p=z.prob),
+        v2.RandomShortestSize(min_size=list(range(lo, hi + 1)), max_size=args.max_size),
+        v2.RandomApply([v2.ColorJitter(brightness=p.brightness, contrast=p.contrast, saturation=p.saturation,
+                                       hue=p.hue)], p=p.prob),
+        v2.RandomHorizontalFlip(0.5),
+        v2.SanitizeBoundingBoxes(),
+    ])  # fmt: skip
+
+    def batches():
+        for path in files:
+            for rb in pq.ParquetFile(path).iter_batches(batch_size=args.map_batch_size, columns=READ_COLUMNS):
+                rows = {k: rb.column(k).to_numpy(zero_copy_only=False) for k in READ_COLUMNS}
+                out = []
+                for i in range(len(rows["image_id"])):
+                    img = torch.from_numpy(decode_image(bytes(rows["image"][i]))).permute(2, 0, 1)
+                    boxes = xywh_to_xyxy(_as_array(rows["bbox"][i], np.float32).reshape(-1, 4))
+                    sample = {
+                        "image": tv_tensors.Image(img),
+                        "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY",
+                                                          canvas_size=tuple(img.shape[1:])),
+                        "labels": torch.tensor(_as_array(rows["category_id"][i], np.int64).reshape(-1)),
+                    }  # fmt: skip
+                    t = transform(sample)
+                    out.append(t["image"].permute(1, 2, 0).contiguous().numpy())
+                yield {"image_id": rows["image_id"][: len(out)], "image": out}
+
+    return lambda: count_pass(batches())
+
+
+def photometric_timing(repeats: int = 15) -> dict[str, float]:
+    """ms per (800, 1067) image: our colour jitter (one Pillow colour-matrix pass + a histogram for the
+    contrast's mean) vs torchvision v2's four adjust_* (ColorJitter), one thread, the same factors."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    from ray_retina.data.augment import photometric
+
+    torch.set_num_threads(1)
+    yy, xx = np.mgrid[0:800, 0:1067]
+    img = np.stack([128 + 90 * np.sin(xx / (9 + 4 * k) + yy / (13 + k)) for k in range(3)], 2)
+    img = img.astype(np.uint8)
+    t = torch.from_numpy(img).permute(2, 0, 1)
+    b, c, s, h = 1.2, 0.8, 1.3, 0.05
+
+    def tv_all():
+        x = F.adjust_hue(F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(t, b), c), s), h)
+        return x.permute(1, 2, 0).contiguous()
+
+    def tv_no_hue():
+        return F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(t, b), c), s)
+
+    cases = {
+        "ours, all four": lambda: photometric(img, brightness=b, contrast=c, saturation=s, hue=h),
+        "torchvision v2, all four": tv_all,
+        "torchvision v2, without hue": tv_no_hue,
+        "for scale: Pillow bilinear resize 1067x800 -> 1200x900": lambda: Image.fromarray(img).resize(
+            (1200, 900), Image.BILINEAR
+        ),
+    }
+    out = {}
+    for name, fn in cases.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = 1000 * statistics.median(times)
+    return out
+
+
 def dataloader_pass(files: list[str], kwargs: dict, args: argparse.Namespace):
     import torch
     from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -237,9 +354,10 @@ def dataloader_pass(files: list[str], kwargs: dict, args: argparse.Namespace):
 _LOADER_PIDS: set[int] = set()
 
 
-def ray_pass(shards: Path, args: argparse.Namespace, reader: str):
+def ray_pass(shards: Path, args: argparse.Namespace, reader: str, augment: bool = False):
     import ray
-    from ray_retina.data.pipeline import build_dataset
+
+    from ray_retina.data.datasets import build_dataset
 
     if not ray.is_initialized():
         env = {"RAY_RETINA_NO_SIMPLEJPEG": "1"} if args.no_simplejpeg else {}
@@ -248,7 +366,7 @@ def ray_pass(shards: Path, args: argparse.Namespace, reader: str):
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-    ds = build_dataset(shards, _data_cfg(args), train=True, seed=0, reader=reader)
+    ds = build_dataset(shards, _data_cfg(args, augment), train=True, seed=0, reader=reader)
     return lambda: count_pass(ds.iter_batches(batch_size=None))
 
 
@@ -256,22 +374,31 @@ def main() -> None:
     args = _args()
     if args.no_simplejpeg:
         os.environ["RAY_RETINA_NO_SIMPLEJPEG"] = "1"
-    from ray_retina.data import pipeline
+    from ray_retina.data.decode import _use_simplejpeg
     from ray_retina.data.shards import shard_files
 
     shards = _prepare(args)
     files = shard_files(shards)
     kwargs = _kwargs(args, shards)
-    decoder = "simplejpeg" if pipeline._use_simplejpeg() else "Pillow"
+    aug_kwargs = _kwargs(args, shards, augment=True)
+    decoder = "simplejpeg" if _use_simplejpeg() else "Pillow"
     print(f"{args.images} images {args.image_size[0]}-{args.image_size[1]} px in {len(files)} shards, "
           f"shorter side {args.train_min_size}, max {args.max_size}, decoder {decoder}, {os.cpu_count()} cores here, "
           f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr)  # fmt: skip
+    augment = {k: v for k, v in aug_kwargs.items() if k in ("photometric", "crop", "zoom_out")}
+    print(f"augmentation on: {augment} (from {args.augment_config})", file=sys.stderr)
+    photo_ms = photometric_timing() if args.compare_torchvision else None
 
+    ray_name = f"Ray Data, {args.cpus} CPUs"
     passes = {
         "single process": single_pass(files, kwargs, args),
         f"torch DataLoader, {args.cpus} workers": dataloader_pass(files, kwargs, args),
-        f"Ray Data, {args.cpus} CPUs": ray_pass(shards, args, "row_groups"),
+        ray_name: ray_pass(shards, args, "row_groups"),
+        "single process, augmentation on": single_pass(files, aug_kwargs, args),
+        f"{ray_name}, augmentation on": ray_pass(shards, args, "row_groups", augment=True),
     }
+    if args.compare_torchvision:
+        passes["single process, augmentation on, torchvision v2"] = torchvision_pass(files, args)
     if args.map_num_cpus != 1.0:  # one task per CPU: the executor's polling leaves the CPUs idle between tasks
         one = argparse.Namespace(**{**vars(args), "map_num_cpus": 1.0})
         passes[f"Ray Data, {args.cpus} CPUs, 1 CPU per task"] = ray_pass(shards, one, "row_groups")
@@ -327,18 +454,32 @@ def main() -> None:
         "ray_vs_dataloader": ray_ / loader,
         "ray_vs_single": ray_ / single,
         "dataloader_vs_single": loader / single,
+        "single_augment_on_vs_off": results["single process, augmentation on"]["images_per_s"] / single,
+        "ray_augment_on_vs_off": results[f"{ray_name}, augmentation on"]["images_per_s"] / ray_,
     }
+    if args.compare_torchvision:
+        ours, tv = (
+            results[f"single process, augmentation on{x}"]["images_per_s"] for x in ("", ", torchvision v2")
+        )
+        ratios["ours_vs_torchvision_augment_on"] = ours / tv
     print("\n| pipeline | images/s | vs single process | CPU ms / image | images/s per busy core |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
         print(f"| {name} | {r['images_per_s']:.1f} | {r['images_per_s'] / single:.2f}x | {r['cpu_ms']:.1f} | "
               f"{1000 / r['cpu_ms']:.1f} |")  # fmt: skip
     ok_loader, ok_single = ratios["ray_vs_dataloader"] >= 0.8, ratios["ray_vs_single"] >= 1.6
-    print(f"\nRay Data / DataLoader = {ratios['ray_vs_dataloader']:.2f}x (target >= 0.8: {'met' if ok_loader else 'MISSED'}); "
+    print(f"\naugmentation on / off: single process {ratios['single_augment_on_vs_off']:.2f}x, "
+          f"Ray Data {ratios['ray_augment_on_vs_off']:.2f}x")  # fmt: skip
+    if args.compare_torchvision:
+        print(f"ours / torchvision v2, augmentation on, single process: {ratios['ours_vs_torchvision_augment_on']:.2f}x")
+        print("colour jitter alone, ms per (800, 1067) image, 1 thread: "
+              + "; ".join(f"{k} {v:.1f}" for k, v in photo_ms.items()))  # fmt: skip
+    print(f"Ray Data / DataLoader = {ratios['ray_vs_dataloader']:.2f}x (target >= 0.8: {'met' if ok_loader else 'MISSED'}); "
           f"Ray Data / single = {ratios['ray_vs_single']:.2f}x (target >= 1.6: {'met' if ok_single else 'MISSED'})")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "decoder": decoder, "results": results,
-                                               "ratios": ratios}, indent=1))  # fmt: skip
+                                               "ratios": ratios, "augment": augment,
+                                               "photometric_ms": photo_ms}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":
