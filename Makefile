@@ -41,11 +41,14 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check ray_retina tests jobs benchmarks
 
-# Refresh docs/mlflow_compare.png on purpose (the tests themselves write under tmp_path only): the e2e sweep
-# against a real MLflow server, then the browser test with its screenshot sent to docs/. Needs chromium.
+# Refresh docs/mlflow_compare.png and docs/model_registry.png on purpose (the tests themselves write under
+# tmp_path only): the e2e sweep against a real MLflow server and its compare-runs page, then the export +
+# registry + serve test and the registry's page (it needs the model the serve test registers, so the whole
+# module runs). Headless chromium drives the MLflow UI; needs chromium.
 docs: $(STAMP)
 	RAY_RETINA_DOCS_DIR=$(CURDIR)/docs $(BIN)/python -m pytest tests/e2e/test_sweep_mlflow.py -q \
 		-k test_compare_trials_in_mlflow_ui $(PYTEST_ARGS)
+	RAY_RETINA_DOCS_DIR=$(CURDIR)/docs $(BIN)/python -m pytest tests/e2e/test_serve_model.py -q $(PYTEST_ARGS)
 
 # The first GPU (issue 14): correctness of the GPU path and the paper setting's numbers in < 5 min of device
 # time; the table goes to stdout and bench_out/gpu_check.json. The dry run executes every path on the CPU.

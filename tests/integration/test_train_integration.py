@@ -11,12 +11,12 @@ from _train_utils import tiny_config
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_train_two_workers_end_to_end(ray_local, tmp_path, mlflow_uri):
+def test_train_two_workers_end_to_end(ray_session, tiny_data, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     from ray_retina.engine.trainer import train
 
-    cfg = tiny_config(tmp_path, mlflow_uri)
+    cfg = tiny_config(tmp_path, mlflow_uri, **tiny_data)
     out = train(cfg, run_name="it-run")
     assert out.error is None
     assert out.metrics["iteration"] == 12
@@ -62,13 +62,13 @@ def test_train_two_workers_end_to_end(ray_local, tmp_path, mlflow_uri):
     assert stats["num_images"] == out.metrics["val/num_images"] == 8
 
 
-def test_tune_two_trials(ray_local, tmp_path, mlflow_uri):
+def test_tune_two_trials(ray_session, tiny_data, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     from ray_retina.tune import run_sweep
 
     cfg = tiny_config(
-        tmp_path, mlflow_uri, name="it_tune",
+        tmp_path, mlflow_uri, name="it_tune", **tiny_data,
         **{"scaling.num_workers": 1, "data.batch_size": 8,
            "tune.search_space": {"loss.gamma": {"type": "uniform", "low": 0.0, "high": 5.0},
                                  "loss.alpha": {"type": "uniform", "low": 0.1, "high": 0.9},

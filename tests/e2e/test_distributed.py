@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,11 @@ def two_node_cluster():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    # The probe functions below live in this test module: workers import it from the tests folder.
-    tests_dir = str(Path(__file__).resolve().parent)
-    ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
+    # The probe functions below live in this test module: workers import it from its folder, and the
+    # helpers it imports (_train_utils) from tests/.
+    here = Path(__file__).resolve().parent
+    pythonpath = os.pathsep.join([str(here), str(here.parent)])
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     yield cluster
     ray.shutdown()
     cluster.shutdown()

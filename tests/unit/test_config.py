@@ -15,7 +15,7 @@ from ray_retina.config import (
     load_config,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["smoke.yaml", "retinanet_r50_fpn_1x_coco.yaml", "tune_focal.yaml"])

@@ -1,24 +1,20 @@
-"""Decode/augment (plain functions), collate, and the Ray Data pipeline end to end on real shards."""
+"""Decode/augment (plain functions), collate, a shard row group read and augmented, Ray Train's ingest options.
+The Ray Data pipeline end to end on real shards: tests/integration/test_pipeline_ray.py."""
 
 from __future__ import annotations
 
 import io
-import threading
 import uuid
 
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 
-from ray_retina.config import DataConfig
 from ray_retina.data.augment import AUGMENTED_COLUMNS, augment_batch
 from ray_retina.data.collate import RetinaCollate
-from ray_retina.data.datasets import build_dataset, iter_eval_batches
 from ray_retina.data.decode import decode_image
-from ray_retina.data.shards import prepare_shards, read_shards_table, shard_files, write_shards
-from ray_retina.data.synthetic import make_synthetic_coco
+from ray_retina.data.shards import read_shards_table, shard_files
 
 CATS = [3, 17, 42]
 
@@ -309,39 +305,13 @@ def test_corrupt_rows_are_dropped_and_counted():
     assert set(out) == set(AUGMENTED_COLUMNS) and all(len(v) == 0 for v in out.values())
 
 
-# ------------------------------------------------------------------------------------------------ Ray Data
+# ------------------------------------------------------------------ shard reads and ingest options (no Ray)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-
-    if ray.is_initialized():
-        ray.shutdown()
-    # address="local": always a fresh cluster of our own, never one another process started on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    p = make_synthetic_coco(root / "synth", num_train=36, num_val=10, seed=5)
-    write_shards(p.train_annotations, p.train_images, root / "train", rows_per_shard=6)
-    write_shards(p.val_annotations, p.val_images, root / "val", rows_per_shard=4)
-    return root
-
-
-def _data_cfg(**kw) -> DataConfig:
-    base = dict(train_min_size=[96, 128], test_min_size=128, max_size=256, batch_size=4, size_divisibility=32,
-                map_num_cpus=0.5, map_batch_size=4)  # fmt: skip
-    return DataConfig(**{**base, **kw})
-
-
-def test_read_and_augment_is_augment_batch_over_a_row_group(shards):
+def test_read_and_augment_is_augment_batch_over_a_row_group(synth_shards):
     from ray_retina.data.datasets import read_and_augment
 
-    files = shard_files(shards / "val")  # 10 rows, 4 per shard: one row group each
+    files = shard_files(synth_shards / "val")  # 10 rows, 4 per shard: one row group each
     kw = {
         "train": False,
         "min_size_range": [64, 64],
@@ -356,61 +326,13 @@ def test_read_and_augment_is_augment_batch_over_a_row_group(shards):
     out = list(read_and_augment(frags, augment=kw, batch_size=3))
     assert [len(b["image_id"]) for b in out] == [3, 1, 3, 1]  # streamed per map batch
     ids = [int(i) for b in out for i in b["image_id"]]
-    table = read_shards_table(shards / "val")
+    table = read_shards_table(synth_shards / "val")
     assert ids == table.column("image_id").to_pylist()[:8]
     first = augment_batch({c: table.column(c).to_numpy(zero_copy_only=False)[:3] for c in
                            ["image_id", "height", "width", "image", "bbox", "category_id", "iscrowd"]}, **kw)  # fmt: skip
     for a, b, c in zip(first["image"], out[0]["image"], whole[0]["image"][:3], strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
-
-
-@pytest.mark.ray
-def test_streaming_split_covers_every_row_once_per_epoch(ray_cluster, shards):
-    ds = build_dataset(shards / "train", _data_cfg(), train=True, seed=0)
-    splits = ds.streaming_split(2, equal=True)  # as Ray Train splits a training set
-    seen: dict[int, list[tuple[list[int], list[tuple[int, int]]]]] = {}
-
-    def consume(rank: int) -> None:
-        seen[rank] = []
-        for _epoch in range(2):
-            ids, sizes = [], []
-            for b in splits[rank].iter_torch_batches(batch_size=4, collate_fn=RetinaCollate(32)):
-                assert b["images"].shape[2] % 32 == 0 and b["images"].shape[3] % 32 == 0
-                assert b["gt_labels"].shape == b["gt_boxes"].shape[:2] == b["gt_crowd"].shape
-                ids += b["image_id"].tolist()
-                sizes += [tuple(s) for s in b["image_sizes"].tolist()]
-            seen[rank].append((ids, sizes))
-
-    threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
-    [t.start() for t in threads]
-    [t.join(timeout=120) for t in threads]
-    expected = sorted(read_shards_table(shards / "train", ["image_id"]).column("image_id").to_pylist())
-    per_epoch_sizes = []
-    for epoch in range(2):
-        a, b = seen[0][epoch][0], seen[1][epoch][0]
-        assert a and b and not set(a) & set(b)  # each worker its own part
-        assert sorted(a + b) == expected  # every row exactly once
-        per_epoch_sizes.append(dict(zip(a + b, seen[0][epoch][1] + seen[1][epoch][1], strict=True)))
-    # the shorter side is re-drawn each epoch
-    assert sum(per_epoch_sizes[0][i] != per_epoch_sizes[1][i] for i in expected) > len(expected) // 2
-
-
-@pytest.mark.ray
-def test_deterministic_training_order_repeats_for_a_seed(ray_cluster, shards):
-    """data.deterministic: the same seed gives the same row order, epoch by epoch, however the parallel
-    decode tasks finish (reproducible trials); each epoch still visits the rows in a new order."""
-    cfg = _data_cfg(deterministic=True)
-
-    def two_epochs(seed: int) -> list[list[int]]:
-        ds = build_dataset(shards / "train", cfg, train=True, seed=seed)
-        assert ds.context.execution_options.preserve_order
-        return [[int(i) for b in ds.iter_batches(batch_size=4) for i in b["image_id"]] for _ in range(2)]
-
-    first = two_epochs(0)
-    assert two_epochs(0) == first
-    assert sorted(first[0]) == sorted(first[1]) and first[0] != first[1]
-    assert not build_dataset(shards / "train", _data_cfg(), train=True, seed=0).context.execution_options.preserve_order
 
 
 def test_ray_train_ingest_keeps_deterministic_order():
@@ -423,67 +345,3 @@ def test_ray_train_ingest_keeps_deterministic_order():
     off = ingest_config(Config())
     assert on._resolve_execution_options("train").preserve_order is True
     assert off._resolve_execution_options("train").preserve_order is False
-
-
-@pytest.mark.ray
-def test_val_dataset_is_deterministic_and_matches_eval_iterator(ray_cluster, shards):
-    cfg = _data_cfg()
-    ds = build_dataset(shards / "val", cfg, train=False, seed=0)
-    rows = {int(r["image_id"]): r for r in ds.take_all()}
-    assert len(rows) == 10
-    # Ray's own Parquet reader gives the same rows
-    native = build_dataset(shards / "val", cfg, train=False, seed=0, reader="read_parquet").take_all()
-    assert sorted(int(r["image_id"]) for r in native) == sorted(rows)
-    for r in native:
-        np.testing.assert_array_equal(r["image"], rows[int(r["image_id"])]["image"])
-    n = 0
-    for b in iter_eval_batches(shard_files(shards / "val"), cfg, batch_size=3):
-        for k, image_id in enumerate(b["image_id"].tolist()):
-            r = rows[image_id]
-            h, w = (int(v) for v in r["image_size"])
-            assert min(h, w) == 128 or max(h, w) == 256
-            np.testing.assert_array_equal(b["images"][k, :, :h, :w].permute(1, 2, 0).numpy(), r["image"])
-            g = len(r["gt_labels"])
-            np.testing.assert_allclose(b["gt_boxes"][k, :g].numpy(), r["gt_boxes"])
-            n += 1
-    assert n == 10
-    assert (
-        sum(len(b["image_id"]) for b in iter_eval_batches(shard_files(shards / "val"), cfg, max_images=5))
-        == 5
-    )
-
-
-@pytest.fixture(scope="module")
-def damaged(tmp_path_factory):
-    """8 synthetic images, image 3's file cut in half (its JPEG header still reads)."""
-    root = tmp_path_factory.mktemp("damaged")
-    p = make_synthetic_coco(root / "synth", num_train=8, num_val=0, seed=9)
-    f = p.train_images / f"{3:012d}.jpg"
-    data = f.read_bytes()
-    f.write_bytes(data[: len(data) // 2])
-    return p
-
-
-@pytest.mark.ray
-def test_prepare_with_ray_tasks_equals_in_process(ray_cluster, damaged, tmp_path):
-    a = prepare_shards(damaged.train_annotations, damaged.train_images, tmp_path / "ray", rows_per_shard=3)
-    b = write_shards(damaged.train_annotations, damaged.train_images, tmp_path / "local", rows_per_shard=3)
-    assert a == b and a["num_images"] == 8 and a["num_shards"] == 3
-    for name in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "manifest.json"):
-        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
-
-
-@pytest.mark.ray
-def test_undecodable_rows_are_skipped_and_counted_per_data_set(ray_cluster, damaged, tmp_path):
-    from ray_retina.data.skips import new_counter, skipped_images
-
-    write_shards(damaged.train_annotations, damaged.train_images, tmp_path / "s", rows_per_shard=3)
-    counter = new_counter()
-    ds = build_dataset(tmp_path / "s", _data_cfg(), train=True, seed=1, skip_counter=counter)
-    ids = [int(i) for b in ds.iter_batches(batch_size=4) for i in b["image_id"]]
-    assert sorted(ids) == [1, 2, 4, 5, 6, 7, 8]
-    # The data set's own named actor, readable from any process of the job: exactly its one bad image.
-    assert skipped_images(counter) == 1
-    ids = [int(i) for b in ds.iter_batches(batch_size=4) for i in b["image_id"]]  # a second epoch
-    assert len(ids) == 7 and skipped_images(counter) == 1  # distinct images, not skip events
-    assert skipped_images(new_counter()) == 0  # another data set's counter starts at zero

@@ -16,7 +16,9 @@ def _history(client, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
-def test_worker_death_restarts_from_checkpoint_and_resume(ray_local, tmp_path, mlflow_uri, monkeypatch):
+def test_worker_death_restarts_from_checkpoint_and_resume(
+    ray_session, tiny_data, tmp_path, mlflow_uri, monkeypatch
+):
     from mlflow.tracking import MlflowClient
 
     from ray_retina.checkpoint import cleanup_unregistered_checkpoints
@@ -26,7 +28,7 @@ def test_worker_death_restarts_from_checkpoint_and_resume(ray_local, tmp_path, m
     from ray_retina.engine.worker import FAIL_ENV
 
     cfg = tiny_config(
-        tmp_path, mlflow_uri, name="ft",
+        tmp_path, mlflow_uri, name="ft", **tiny_data,
         **{"optim.max_iters": 12, "optim.steps": [8], "optim.warmup_iters": 3, "train.eval_period": 4,
            "run.max_failures": 1, "train.log_period": 1},
     )  # fmt: skip
@@ -56,7 +58,7 @@ def test_worker_death_restarts_from_checkpoint_and_resume(ray_local, tmp_path, m
     stray = tmp_path / "runs" / "ft" / "checkpoint_9999999"
     stray.mkdir()
     longer = tiny_config(
-        tmp_path, mlflow_uri, name="ft",
+        tmp_path, mlflow_uri, name="ft", **tiny_data,
         **{"optim.max_iters": 16, "optim.steps": [8], "optim.warmup_iters": 3, "train.eval_period": 4,
            "train.log_period": 1},
     )  # fmt: skip
