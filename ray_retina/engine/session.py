@@ -21,6 +21,7 @@ from ray_retina.io import absolute
 TRIAL_RESOURCE = "ray_retina_trial"
 # Ray Data's per-operator progress bars and INFO lines ("Dataset ... execution finished") off in every
 # process of a run unless --verbose: the console shows our own progress lines.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "WARNING"}
 
 
@@ -127,7 +128,21 @@ def ensure_ray(cfg: Config, *, verbose: bool = False) -> None:
         kwargs["num_cpus"] = cfg.run.ray_num_cpus
     if not verbose:
         kwargs["logging_level"] = logging.WARNING  # no "Started a local Ray instance ..." banner
+    # Ray Train's placement-group cleaner asks the state API without an address; on a host with several Ray
+    # instances it fails ("Found multiple active Ray instances") and the placement groups of ASHA-stopped
+    # trials leak. Our instance's processes inherit RAY_API_SERVER_ADDRESS naming its own dashboard.
+    port = _free_port()
+    kwargs["dashboard_port"] = port
+    os.environ.setdefault(API_SERVER_ENV, f"http://127.0.0.1:{port}")
     ray.init(**kwargs)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def quiet_ray_data() -> None:
