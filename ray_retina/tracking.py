@@ -47,6 +47,17 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _artifact_location(uri: str, name: str) -> str | None:
+    """Artifacts of a local SQLite store beside its database file (``<db dir>/mlartifacts/<experiment>``),
+    not MLflow's default ``./mlruns`` of whatever directory the process runs in. None (the server's or
+    store's own default) for any other tracking URI."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///") :])
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return (db.parent.resolve() / "mlartifacts" / safe).as_uri()
+
+
 def get_or_create_experiment(uri: str, name: str) -> str:
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
@@ -54,7 +65,10 @@ def get_or_create_experiment(uri: str, name: str) -> str:
         return exp.experiment_id
     try:
         # Open in the MLflow UI's "Model training" view (runs table, Compare) rather than the GenAI one.
-        return client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
+        return client.create_experiment(
+            name, artifact_location=_artifact_location(uri, name),
+            tags={"mlflow.experimentKind": "custom_model_development"},
+        )  # fmt: skip
     except Exception:  # another process created it between our two calls
         exp = client.get_experiment_by_name(name)
         if exp is None:
