@@ -117,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from ray_retina.data.shards import read_manifest
-    from ray_retina.engine.evaluate import category_names, evaluate_checkpoint, format_per_class, format_stats
+    from ray_retina.engine.evaluate import evaluate_checkpoint, format_per_class, format_stats, names_by_id
 
     per_class: dict[int, dict[str, float]] = {}
     stats = evaluate_checkpoint(
@@ -129,7 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_stats(stats))
     print()
     if per_class:
-        print(format_per_class(per_class, category_names(read_manifest(args.shards)["categories"])))
+        print(format_per_class(per_class, names_by_id(read_manifest(args.shards)["categories"])))
     else:
         print("per-class AP: n/a (the model made no detections)")
     if args.plots:

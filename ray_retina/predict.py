@@ -37,10 +37,10 @@ RESULTS_FILE = "detections.json"  # COCO results format
 IMAGES_FILE = "images.json"  # every input image (id, file_name, height, width), with or without detections
 DRAWN_DIR = "images"  # one PNG per input image with its detections drawn
 
-__all__ = ["draw_detections", "predict"]
+__all__ = ["detect_images", "draw_detections", "predict", "preprocess_batch"]
 
 
-def category_names(cfg: Config, cat_ids: Sequence[int], *shard_dirs: str | os.PathLike[str] | None) -> dict[int, str]:
+def manifest_category_names(cfg: Config, cat_ids: Sequence[int], *shard_dirs: str | os.PathLike[str] | None) -> dict[int, str]:
     """id -> name from the first readable manifest among ``shard_dirs`` and the run's own shards; ids
     without a name are named by their number."""
     from ray_retina.data.shards import read_manifest
@@ -56,6 +56,17 @@ def category_names(cfg: Config, cat_ids: Sequence[int], *shard_dirs: str | os.Pa
         if set(cat_ids) <= set(names):
             break
     return {int(c): names.get(int(c), str(c)) for c in cat_ids}
+
+
+def category_names_of(state: Mapping[str, Any]) -> dict[int, str]:
+    """id -> name: the checkpoint's own ``categories`` when it has them (an exported one), else the run's
+    shard manifests (:func:`manifest_category_names`), else the ids as names."""
+    if "categories" in state:
+        return {int(c["id"]): str(c["name"]) for c in state["categories"]}
+    if state.get("cat_names") is not None:  # checkpoints since fine-tuning by class name (model.init_from)
+        return {int(c): str(n) for c, n in zip(state["cat_ids"], state["cat_names"], strict=True)}
+    cfg = config_from_dict(dict(state["config"]), source="checkpoint config")
+    return manifest_category_names(cfg, [int(c) for c in state["cat_ids"]])
 
 
 # ----------------------------------------------------------------------------------------- drawing
@@ -153,11 +164,51 @@ def preprocess_batch(
     }
 
 
+@torch.no_grad()
+def detect_images(
+    model: torch.nn.Module,
+    postprocess: Any,
+    cfg: Config,
+    batch: Mapping[str, Any],
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    cat_ids: np.ndarray,
+    score_thresh: float | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """The detections of a :func:`preprocess_batch` output (``image``, ``orig_size``): its images padded into
+    one batch (``collate.pad_images``), then ``evaluate.detect`` (the network, the post-process, boxes back to
+    original pixels). Per image, in order: ``boxes`` (D, 4) float32 XYXY in original pixels, ``scores`` (D,)
+    float32, ``category_ids`` (D,) original ids (``cat_ids[label]``); with ``score_thresh`` only scores above
+    it (the post-process's own rule, ``>``). ``ray-retina predict``'s actors and the exported model both run
+    this, so a served image's detections are predict's."""
+    from ray_retina.data.collate import pad_images
+    from ray_retina.engine.evaluate import detect
+
+    padded, sizes = pad_images(list(batch["image"]), cfg.data.size_divisibility)
+    inputs = {
+        "images": torch.from_numpy(padded),
+        "image_sizes": torch.from_numpy(sizes),
+        "orig_sizes": torch.from_numpy(np.array(list(batch["orig_size"]), dtype=np.int64).reshape(-1, 2)),
+    }
+    dets = detect(model, postprocess, inputs, device=device, amp_dtype=amp_dtype,
+                  channels_last=cfg.model.channels_last)  # fmt: skip
+    out = []
+    for d in dets:
+        keep = d["scores"] > score_thresh if score_thresh is not None else slice(None)
+        out.append({
+            "boxes": d["boxes"][keep].float().cpu().numpy().reshape(-1, 4),
+            "scores": d["scores"][keep].float().cpu().numpy().reshape(-1),
+            "category_ids": np.asarray(cat_ids, dtype=np.int64)[d["labels"][keep].cpu().numpy()].reshape(-1),
+        })  # fmt: skip
+    return out
+
+
 class Predictor:
     """Ray Data actor (``map_batches`` with an actor pool): holds one model, runs it on preprocessed batches.
 
     Output columns per image: ``image_id``, ``file_name``, ``png_name``, ``bytes``, ``orig_size``, and the
-    detections with score >= ``score_thresh``: ``boxes`` (D, 4) XYXY float32 in original pixels, ``scores``
+    detections with score > ``score_thresh`` (:func:`detect_images`): ``boxes`` (D, 4) XYXY float32 in original pixels, ``scores``
     (D,), ``category_ids`` (D,) original category ids.
     """
 
@@ -181,34 +232,18 @@ class Predictor:
         self.amp_dtype = AMP_DTYPES[cfg.optim.amp]
         self.score_thresh = score_thresh
 
-    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ray_retina.data.collate import pad_images
-        from ray_retina.engine.evaluate import detect
-
-        padded, sizes = pad_images(list(batch["image"]), self.cfg.data.size_divisibility)
-        inputs = {
-            "images": torch.from_numpy(padded),
-            "image_sizes": torch.from_numpy(sizes),
-            "orig_sizes": torch.from_numpy(np.array(batch["orig_size"], dtype=np.int64).reshape(-1, 2)),
-        }
-        dets = detect(self.model, self.postprocess, inputs, device=self.device, amp_dtype=self.amp_dtype,
-                      channels_last=self.cfg.model.channels_last)  # fmt: skip
-        boxes, scores, cats = [], [], []
-        for d in dets:
-            keep = d["scores"] >= self.score_thresh
-            boxes.append(d["boxes"][keep].float().cpu().numpy().reshape(-1, 4))
-            scores.append(d["scores"][keep].float().cpu().numpy())
-            cats.append(self.cat_ids[d["labels"][keep].cpu().numpy()])
+        dets = detect_images(self.model, self.postprocess, self.cfg, batch, device=self.device,
+                             amp_dtype=self.amp_dtype, cat_ids=self.cat_ids, score_thresh=self.score_thresh)  # fmt: skip
         return {
             "image_id": batch["image_id"],
             "file_name": batch["file_name"],
             "png_name": batch["png_name"],
             "bytes": batch["bytes"],
             "orig_size": batch["orig_size"],
-            "boxes": object_array(boxes),
-            "scores": object_array(scores),
-            "category_ids": object_array(cats),
+            "boxes": object_array([d["boxes"] for d in dets]),
+            "scores": object_array([d["scores"] for d in dets]),
+            "category_ids": object_array([d["category_ids"] for d in dets]),
         }
 
 
@@ -279,7 +314,7 @@ def predict(
 
     Writes into ``out_dir``:
       * ``detections.json``: COCO results, ``{"image_id", "category_id" (original id), "bbox" [x, y, w, h] in
-        original pixels, "score", "file_name"}`` for every detection with score >= ``score_thresh``, sorted
+        original pixels, "score", "file_name"}`` for every detection with score > ``score_thresh``, sorted
         by image id and descending score (this threshold is for looking at results; for COCO AP use
         :func:`evaluate_checkpoint`, which keeps the post-process's 0.05);
       * ``images.json``: every image read (``id``, ``file_name``, ``height``, ``width``), detections or not;
@@ -302,7 +337,7 @@ def predict(
     if fs.get_file_info(in_path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"input not found: {os.fspath(input)} is not a folder of images or shards")
     is_shards = manifest_exists(input)
-    names = category_names(cfg, cat_ids, input if is_shards else None)
+    names = manifest_category_names(cfg, cat_ids, input if is_shards else None)
 
     if not ray.is_initialized():
         ray.init()
@@ -362,6 +397,6 @@ def predict(
     (out / IMAGES_FILE).write_text(json.dumps(images, indent=1))
     results = out / RESULTS_FILE
     results.write_text(json.dumps(records))
-    logger.info("%d images, %d detections (score >= %g) -> %s, drawn in %s", len(images), len(records),
+    logger.info("%d images, %d detections (score > %g) -> %s, drawn in %s", len(images), len(records),
                 score_thresh, results, out / DRAWN_DIR)  # fmt: skip
     return results

@@ -253,7 +253,8 @@ def gather_to_rank0(items: list[Any]) -> list[Any]:
     return [x for p in parts for x in p] if parts is not None else []
 
 
-def category_names(categories: Sequence[Mapping[str, Any]]) -> dict[int, str]:
+def names_by_id(categories: Sequence[Mapping[str, Any]]) -> dict[int, str]:
+    """id -> name of a COCO ``categories`` list (a category without a name is named by its id)."""
     return {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
 
 
@@ -280,9 +281,10 @@ def evaluate_distributed(
     skipped: list[int] = []
     if mine:
         dets, img_ids = engine.predict_all(iter_eval_batches(mine, cfg.data, skipped=skipped))
-    all_dets = gather_to_rank0(dets)
-    all_ids = gather_to_rank0(img_ids + skipped)
-    all_skipped = gather_to_rank0(skipped)
+    parts = gather_to_rank0([(dets, img_ids, skipped)])  # one gather per eval: every rank's three lists
+    all_dets = [d for p in parts for d in p[0]]
+    all_ids = [i for p in parts for i in (*p[1], *p[2])]
+    all_skipped = [i for p in parts for i in p[2]]
     stats: dict[str, float] = {}
     if rank == 0:
         assert gt is not None
@@ -291,7 +293,7 @@ def evaluate_distributed(
         if keep_eval is not None:
             keep_eval.append(ev)
         stats = {f"val/{k}": v for k, v in raw.items()}
-        stats.update(per_class_metrics(per_class_ap(ev), category_names(gt["categories"])))
+        stats.update(per_class_metrics(per_class_ap(ev), names_by_id(gt["categories"])))
         stats["val/num_images"] = float(len(ids))
         stats["val/skipped_images"] = float(len(set(all_skipped)))
         stats["val/num_detections"] = float(len(all_dets))

@@ -4,7 +4,7 @@ tiny checkpoints (untrained, from configs/smoke.yaml with the tiny overrides), `
 serve -m models:/NAME@champion --env-manager local` answering POSTs to /invocations.
 
 The served detections are compared with ray-retina's own detection path in this process, run as
-`ray-retina predict` runs it (predict.preprocess_batch, collate.pad_images, evaluate.detect, one image per
+`ray-retina predict` runs it (predict.preprocess_batch, then predict.detect_images, one image per
 batch) and written in predict's records format (evaluate.coco_records): the same boxes and category ids,
 scores within 1e-4. (`ray-retina predict` itself needs a Ray cluster; its Ray Data steps are these functions.)
 """
@@ -142,28 +142,22 @@ def images(synth_val) -> list[bytes]:
 
 
 def _reference(state: dict, images: list[bytes], score_thresh: float, per_image: int) -> list[list[dict]]:
-    """predict's records of each image, by the detect() path as predict.Predictor runs a batch of one."""
+    """predict's records of each image, as predict.Predictor makes them for a batch of one (preprocess_batch,
+    then detect_images with predict's score filter)."""
     from ray_retina.data.augment import object_array
-    from ray_retina.data.collate import pad_images
-    from ray_retina.engine.evaluate import coco_records, detect
+    from ray_retina.engine.evaluate import coco_records
     from ray_retina.engine.restore import AMP_DTYPES, model_from_state
     from ray_retina.model import build_postprocessor
-    from ray_retina.predict import preprocess_batch
+    from ray_retina.predict import detect_images, preprocess_batch
 
     model, cfg, cat_ids = model_from_state(state, "cpu")
-    lookup = np.asarray(cat_ids)
     out = []
     for i, data in enumerate(images):
         pre = preprocess_batch({"path": np.asarray(["x"]), "bytes": object_array([data])}, min_size=cfg.data.test_min_size,
                                max_size=cfg.data.max_size, files={"x": (i, "x", "x.png")})  # fmt: skip
-        padded, sizes = pad_images(list(pre["image"]), cfg.data.size_divisibility)
-        batch = {"images": torch.from_numpy(padded), "image_sizes": torch.from_numpy(sizes),
-                 "orig_sizes": torch.from_numpy(np.array(pre["orig_size"], dtype=np.int64).reshape(-1, 2))}  # fmt: skip
-        d = detect(model, build_postprocessor(cfg), batch, device=torch.device("cpu"), amp_dtype=AMP_DTYPES[cfg.optim.amp])[0]
-        keep = d["scores"] >= score_thresh
-        recs = coco_records(i, d["boxes"][keep].float().numpy(), d["scores"][keep].float().numpy(),
-                            lookup[d["labels"][keep].numpy()])  # fmt: skip
-        out.append(recs[:per_image])
+        d = detect_images(model, build_postprocessor(cfg), cfg, pre, device=torch.device("cpu"),
+                          amp_dtype=AMP_DTYPES[cfg.optim.amp], cat_ids=np.asarray(cat_ids), score_thresh=score_thresh)[0]  # fmt: skip
+        out.append(coco_records(i, d["boxes"], d["scores"], d["category_ids"])[:per_image])
     return out
 
 

@@ -50,7 +50,7 @@ SIZES = [(1, 96, 64), (3, 128, 160)]
 
 @pytest.mark.parametrize("batch,h,w", SIZES)
 def test_exportable_module_is_the_forward(model, batch, h, w):
-    from ray_retina.export import ExportableRetinaNet
+    from ray_retina.onnx_export import ExportableRetinaNet
 
     x = _inputs(batch, h, w)
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_exportable_module_is_the_forward(model, batch, h, w):
 @pytest.fixture(scope="module")
 def onnx_files(state, tmp_path_factory):
     pytest.importorskip("onnx")
-    from ray_retina.export import export_onnx
+    from ray_retina.onnx_export import export_onnx
 
     return export_onnx(state, tmp_path_factory.mktemp("onnx"))
 
@@ -135,7 +135,7 @@ def test_onnx_json_rebuilds_the_anchors_and_names_the_labels(onnx_files, model, 
 
 
 def test_torchscript_matches_pytorch(state, model, tmp_path):
-    from ray_retina.export import export_torchscript
+    from ray_retina.onnx_export import export_torchscript
 
     path, _ = export_torchscript(state, tmp_path)
     with pytest.warns(FutureWarning):  # torch.jit is deprecated in torch 2.14; it still loads in LibTorch
@@ -152,28 +152,22 @@ def test_torchscript_matches_pytorch(state, model, tmp_path):
 
 
 def _reference_records(state, images: list[bytes], score_thresh: float) -> list[list[dict]]:
-    """Per image, predict's records (evaluate.coco_records) of the detect() path, run as predict.Predictor
-    runs a batch of one image (preprocess_batch, pad_images, detect), then its score filter."""
+    """Per image, predict's records (evaluate.coco_records) as predict.Predictor makes them for a batch of
+    one image: preprocess_batch, then detect_images with predict's score filter."""
     from ray_retina.data.augment import object_array
-    from ray_retina.data.collate import pad_images
-    from ray_retina.engine.evaluate import coco_records, detect
-    from ray_retina.engine.restore import model_from_state
+    from ray_retina.engine.evaluate import coco_records
+    from ray_retina.engine.restore import AMP_DTYPES, model_from_state
     from ray_retina.model import build_postprocessor
-    from ray_retina.predict import preprocess_batch
+    from ray_retina.predict import detect_images, preprocess_batch
 
     model, cfg, cat_ids = model_from_state(state, "cpu")
-    lookup = np.asarray(cat_ids)
     out = []
     for i, data in enumerate(images):
         pre = preprocess_batch({"path": np.asarray(["x"]), "bytes": object_array([data])}, min_size=cfg.data.test_min_size,
                                max_size=cfg.data.max_size, files={"x": (i, "x", "x.png")})  # fmt: skip
-        padded, sizes = pad_images(list(pre["image"]), cfg.data.size_divisibility)
-        batch = {"images": torch.from_numpy(padded), "image_sizes": torch.from_numpy(sizes),
-                 "orig_sizes": torch.from_numpy(np.array(pre["orig_size"], dtype=np.int64).reshape(-1, 2))}  # fmt: skip
-        d = detect(model, build_postprocessor(cfg), batch, device=torch.device("cpu"))[0]
-        keep = d["scores"] >= score_thresh
-        out.append(coco_records(i, d["boxes"][keep].float().numpy(), d["scores"][keep].float().numpy(),
-                                lookup[d["labels"][keep].numpy()]))  # fmt: skip
+        d = detect_images(model, build_postprocessor(cfg), cfg, pre, device=torch.device("cpu"),
+                          amp_dtype=AMP_DTYPES[cfg.optim.amp], cat_ids=np.asarray(cat_ids), score_thresh=score_thresh)[0]  # fmt: skip
+        out.append(coco_records(i, d["boxes"], d["scores"], d["category_ids"]))
     return out
 
 
