@@ -19,9 +19,10 @@ from ray_retina.io import absolute
 # must not hold a CPU the trainers or Ray Data need. `ray-retina` declares it on the local Ray it starts;
 # on a cluster, add it to the head's `ray start --resources` (cluster/ does).
 TRIAL_RESOURCE = "ray_retina_trial"
+# Where a local instance's processes find its state API (``local_instance_options``).
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 # Ray Data's per-operator progress bars and INFO lines ("Dataset ... execution finished") off in every
 # process of a run unless --verbose: the console shows our own progress lines.
-API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "WARNING"}
 
 
@@ -114,16 +115,9 @@ def ensure_ray(cfg: Config, *, verbose: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
-    kwargs: dict[str, Any] = {
-        "address": "local",  # a new local instance, never an unrelated cluster left running on this host
-        # The dashboard serves Ray's state API, which Ray Train's PlacementGroupCleaner needs to see that a
-        # trial's controller died (ASHA stopping a trial): without it the trial's worker placement group
-        # leaks and later trials wait forever for its CPUs. Local only (127.0.0.1).
-        "include_dashboard": True,
-        "dashboard_host": "127.0.0.1",
-        "log_to_driver": True,  # rank 0's progress lines reach the console this way
-        "resources": {TRIAL_RESOURCE: 64},
-    }
+    port = free_port()
+    kwargs = local_instance_options(port)
+    kwargs["log_to_driver"] = True  # rank 0's progress lines reach the console this way
     if cfg.run.ray_num_cpus is not None:
         kwargs["num_cpus"] = cfg.run.ray_num_cpus
     if not verbose:
@@ -131,13 +125,28 @@ def ensure_ray(cfg: Config, *, verbose: bool = False) -> None:
     # Ray Train's placement-group cleaner asks the state API without an address; on a host with several Ray
     # instances it fails ("Found multiple active Ray instances") and the placement groups of ASHA-stopped
     # trials leak. Our instance's processes inherit RAY_API_SERVER_ADDRESS naming its own dashboard.
-    port = _free_port()
-    kwargs["dashboard_port"] = port
     os.environ.setdefault(API_SERVER_ENV, f"http://127.0.0.1:{port}")
     ray.init(**kwargs)
 
 
-def _free_port() -> int:
+def local_instance_options(dashboard_port: int) -> dict[str, Any]:
+    """``ray.init`` keyword arguments of a new local instance as ray-retina starts one (``ensure_ray``, and
+    the tests' clusters): never an unrelated cluster left running on this host, the trial resource, and the
+    dashboard on 127.0.0.1 at ``dashboard_port``. The dashboard serves Ray's state API, which Ray Train's
+    PlacementGroupCleaner needs to see that a trial's controller died (ASHA stopping a trial): without it
+    the trial's worker placement group leaks and later trials wait forever for its CPUs. The instance's
+    processes should get ``RAY_API_SERVER_ADDRESS`` = ``http://127.0.0.1:<dashboard_port>`` at start-up."""
+    return {
+        "address": "local",
+        "include_dashboard": True,
+        "dashboard_host": "127.0.0.1",
+        "dashboard_port": dashboard_port,
+        "resources": {TRIAL_RESOURCE: 64},
+    }
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     import socket
 
     with socket.socket() as sock:

@@ -4,7 +4,6 @@ normaliser under torch.distributed, float64 in the fused focal loss."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -127,17 +126,11 @@ def _normaliser_worker(rank: int, world: int, port: int, fg_per_rank: list[list[
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_global_normaliser_clamps_the_sum_before_dividing_by_world(tmp_path):
+def test_global_normaliser_clamps_the_sum_before_dividing_by_world(tmp_path, free_port):
     world = 2
     # per case, the foreground anchors of rank 0 and rank 1: 1 in all (fewer than the world), 0, and 2 + 3
     fg_per_rank = [[1, 0], [0, 0], [2, 3]]
-    args = (world, _free_port(), fg_per_rank, str(tmp_path))
+    args = (world, free_port(), fg_per_rank, str(tmp_path))
     mp.spawn(_normaliser_worker, args=args, nprocs=world, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for c, case in enumerate(fg_per_rank):
