@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _data_utils import png_bytes, shard_batch
 from PIL import Image
 
 from ray_retina.config import ConfigError, DataConfig, apply_overrides, load_config
@@ -33,38 +34,10 @@ PHOTO = {"prob": 1.0, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hu
 ALL_ON = {"photometric": PHOTO, "crop": CROP, "zoom_out": ZOOM}
 
 
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _jpeg(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=92)
     return buf.getvalue()
-
-
-def _batch(images, sizes, boxes, cats, crowd=None, ids=None) -> dict:  # noqa: ANN001
-    """A numpy batch shaped like a shard read: bytes, (h, w), per-object lists as object arrays."""
-    n = len(images)
-    crowd = crowd or [[0] * len(c) for c in cats]
-
-    def obj(items, dtype):  # noqa: ANN001, ANN202
-        a = np.empty(n, dtype=object)
-        for i, x in enumerate(items):
-            a[i] = np.asarray(x, dtype=dtype)
-        return a
-
-    return {
-        "image_id": np.array(ids or list(range(1, n + 1)), dtype=np.int64),
-        "height": np.array([s[0] for s in sizes], dtype=np.int32),
-        "width": np.array([s[1] for s in sizes], dtype=np.int32),
-        "image": np.array(images, dtype=object),
-        "bbox": obj([np.asarray(b, np.float32).reshape(-1, 4) for b in boxes], np.float32),
-        "category_id": obj(cats, np.int64),
-        "iscrowd": obj(crowd, np.int8),
-    }
 
 
 def _smooth(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -90,7 +63,7 @@ def _random_set(n: int, seed: int, *, crowd_share: float = 0.2, empty_every: int
         boxes.append(np.stack([x0, y0, bw, bh], axis=1) if k else np.zeros((0, 4)))
         cats.append(list(rng.choice(CATS, k)))
         crowd.append(list((rng.random(k) < crowd_share).astype(int)))
-    return _batch(images, sizes, boxes, cats, crowd=crowd, ids=[1000 + 7 * i for i in range(n)])
+    return shard_batch(images, sizes, boxes, cats, crowd=crowd, ids=[1000 + 7 * i for i in range(n)])
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -130,7 +103,7 @@ def test_off_is_bit_identical_to_the_pipeline_without_augmentation():
 def test_off_equals_an_independent_decode_resize_flip():
     """The off path by hand: the image's generator draws S then the flip; Pillow resize; mirrored boxes."""
     a = _smooth(70, 120)
-    b = _batch([_png(a)], [(70, 120)], [[[10, 20, 30, 40]]], [[17]], ids=[42])
+    b = shard_batch([png_bytes(a)], [(70, 120)], [[[10, 20, 30, 40]]], [[17]], ids=[42])
     out = augment_batch(b, **TRAIN, min_size_range=[35, 60], hflip_prob=0.5, seed=9, epoch=4)
     rng = np.random.default_rng([42, 4, 9])
     s = int(rng.integers(35, 61))
@@ -186,7 +159,7 @@ def _crop_case():
     a = _smooth(100, 200)
     a[:, 60:70] = (255, 0, 0)
     boxes = [[50, 20, 40, 30], [20, 30, 40, 40], [130, 80, 40, 20]]
-    return a, _batch([_png(a)], [(100, 200)], [boxes], [[3, 17, 42]], crowd=[[0, 1, 0]])
+    return a, shard_batch([png_bytes(a)], [(100, 200)], [boxes], [[3, 17, 42]], crowd=[[0, 1, 0]])
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -230,7 +203,7 @@ def test_zoom_out_boxes_and_canvas_by_hand(monkeypatch, flip):
     # 60 x 80 on a canvas x2 (120 x 160); S = 60: scale 0.5 -> canvas 60 x 80, image 30 x 40;
     # offset: left = int(0.1 * (80 - 40 + 1)) = 4, top = int(0.25 * (60 - 30 + 1)) = 7
     a = _smooth(60, 80)
-    b = _batch([_png(a)], [(60, 80)], [[[10, 20, 30, 20], [0, 0, 80, 60]]], [[3, 42]])
+    b = shard_batch([png_bytes(a)], [(60, 80)], [[[10, 20, 30, 20], [0, 0, 80, 60]]], [[3, 42]])
     _fixed(monkeypatch, zoom=(2.0, 0.1, 0.25))
     out = augment_batch(b, **TRAIN, min_size_range=[60, 60], hflip_prob=float(flip), seed=0, zoom_out=ZOOM)
     # [10,20,40,40] x 0.5 + (4, 7); the whole image [0,0,80,60] x 0.5 + (4, 7)
@@ -340,7 +313,7 @@ def test_augmented_boxes_stay_in_the_image_and_never_all_go():
 def test_no_window_that_keeps_a_box_means_no_crop():
     # a box over the whole image and min_visible 1: no window smaller than the image keeps it, so after
     # MAX_CROP_TRIALS windows the image is left whole: the output of the pipeline without the crop
-    b = _batch([_png(_smooth(100, 120))] * 5, [(100, 120)] * 5, [[[0, 0, 120, 100]]] * 5, [[3]] * 5)
+    b = shard_batch([png_bytes(_smooth(100, 120))] * 5, [(100, 120)] * 5, [[[0, 0, 120, 100]]] * 5, [[3]] * 5)
     kw = dict(TRAIN, min_size_range=[80, 80], hflip_prob=0.5, seed=0)
     out = augment_batch(b, **kw, crop={"prob": 1.0, "min_scale": 0.5, "min_visible": 1.0})
     assert _same(out, augment_batch(b, **kw))
@@ -393,7 +366,7 @@ def test_photometric_only_changes_colours(monkeypatch, size):
     original before the resize (fewer pixels). Same boxes and sizes as without it either way."""
     rng = np.random.default_rng(5)
     arrs = [_smooth(int(rng.integers(60, 100)), int(rng.integers(60, 100)), seed=i) for i in range(3)]
-    b = _batch([_png(a) for a in arrs], [a.shape[:2] for a in arrs], [[[5, 6, 20, 30]]] * 3, [[3]] * 3)
+    b = shard_batch([png_bytes(a) for a in arrs], [a.shape[:2] for a in arrs], [[[5, 6, 20, 30]]] * 3, [[3]] * 3)
     kw = dict(TRAIN, min_size_range=[size, size], hflip_prob=0.5, seed=2)
     plain = augment_batch(b, **kw)
     factors = dict(brightness=1.2, contrast=0.8, saturation=1.3, hue=0.05)
@@ -612,7 +585,7 @@ def test_decoded_crop_matches_full_decode_when_jpeg_is_dct_reduced(monkeypatch):
     a = _smooth(480, 640, seed=3)
     a[:, 300:310] = (0, 0, 255)
     data = _jpeg(a)
-    b = _batch([data], [(480, 640)], [[[280, 100, 60, 60]]], [[3]])
+    b = shard_batch([data], [(480, 640)], [[[280, 100, 60, 60]]], [[3]])
     _fixed(monkeypatch, window=(200, 80, 520, 400))  # 320 x 320 around the blue band at x 300..309
     out = augment_batch(b, **TRAIN, min_size_range=[40, 40], hflip_prob=0.0, seed=0, crop=CROP)
     full = decode_image(data)

@@ -9,6 +9,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from _data_utils import png_bytes, shard_batch
 from PIL import Image
 
 from ray_retina.data.augment import AUGMENTED_COLUMNS, augment_batch
@@ -25,35 +26,6 @@ def _jpeg(arr: np.ndarray, **save) -> bytes:
     return buf.getvalue()
 
 
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _batch(images: list[bytes], sizes: list[tuple[int, int]], boxes: list[list[list[float]]],
-           cats: list[list[int]], crowd: list[list[int]] | None = None, ids: list[int] | None = None) -> dict:  # fmt: skip
-    """A numpy batch shaped like a shard read: bytes, (h, w), per-object lists as object arrays."""
-    n = len(images)
-    crowd = crowd or [[0] * len(c) for c in cats]
-
-    def obj(items, dtype):
-        a = np.empty(n, dtype=object)
-        for i, x in enumerate(items):
-            a[i] = np.asarray(x, dtype=dtype)
-        return a
-
-    return {
-        "image_id": np.array(ids or list(range(1, n + 1)), dtype=np.int64),
-        "height": np.array([s[0] for s in sizes], dtype=np.int32),
-        "width": np.array([s[1] for s in sizes], dtype=np.int32),
-        "image": np.array(images, dtype=object),
-        "bbox": obj([np.asarray(b, np.float32).reshape(-1, 4) for b in boxes], np.float32),
-        "category_id": obj(cats, np.int64),
-        "iscrowd": obj(crowd, np.int8),
-    }
-
-
 def _two_tone(h: int, w: int, x_red: int) -> np.ndarray:
     """Grey image with a red column band starting at x_red (5 px wide) to follow through flips."""
     a = np.full((h, w, 3), 128, np.uint8)
@@ -66,7 +38,7 @@ TEST_KW = dict(train=False, max_size=1000, hflip_prob=0.0, cat_ids=CATS, seed=0)
 
 def test_resize_moves_boxes_by_hand_numbers():
     # 100 x 200 (h x w), box xywh [10, 20, 30, 40] -> xyxy [10, 20, 40, 60]
-    b = _batch([_jpeg(_two_tone(100, 200, 50))], [(100, 200)], [[[10, 20, 30, 40]]], [[17]])
+    b = shard_batch([_jpeg(_two_tone(100, 200, 50))], [(100, 200)], [[[10, 20, 30, 40]]], [[17]])
     out = augment_batch(b, min_size_range=[50, 50], **TEST_KW)  # shorter side 100 -> 50: scale 0.5
     assert set(out) == set(AUGMENTED_COLUMNS)
     assert out["image"][0].shape == (50, 100, 3) and out["image"][0].dtype == np.uint8
@@ -85,7 +57,7 @@ def test_resize_moves_boxes_by_hand_numbers():
 
 def test_flip_mirrors_pixels_and_boxes():
     # Scale 1 (S = shorter side) so the numbers stay whole: W = 200, box x in [10, 40] -> [160, 190].
-    b = _batch(
+    b = shard_batch(
         [_jpeg(_two_tone(100, 200, 10))], [(100, 200)], [[[10, 20, 30, 40], [0, 0, 200, 100]]], [[3, 42]]
     )
     out = augment_batch(
@@ -105,7 +77,7 @@ def test_flip_mirrors_pixels_and_boxes():
 def test_batch_images_are_packed_views_that_ray_blocks_share_without_copy():
     rng = np.random.default_rng(0)
     arrs = [rng.integers(0, 255, (40 + 8 * i, 56 - 4 * i, 3), dtype=np.uint8) for i in range(3)]
-    b = _batch([_png(a) for a in arrs], [a.shape[:2] for a in arrs], [[]] * 3, [[]] * 3)
+    b = shard_batch([png_bytes(a) for a in arrs], [a.shape[:2] for a in arrs], [[]] * 3, [[]] * 3)
     kw = dict(train=True, min_size_range=[40, 40], max_size=1000, cat_ids=CATS, seed=0)
     flipped = augment_batch(b, hflip_prob=1.0, **kw)["image"]
     plain = augment_batch(b, hflip_prob=0.0, **kw)
@@ -148,7 +120,7 @@ def test_pixel_buffers_are_reused_only_when_nothing_refers_to_them():
 
 def test_train_sizes_jitter_in_range_and_depend_on_seed_image_and_epoch():
     imgs = [_jpeg(np.zeros((60 + i, 80, 3), np.uint8)) for i in range(12)]
-    b = _batch(imgs, [(60 + i, 80) for i in range(12)], [[]] * 12, [[]] * 12)
+    b = shard_batch(imgs, [(60 + i, 80) for i in range(12)], [[]] * 12, [[]] * 12)
     kw = dict(train=True, min_size_range=[40, 56], max_size=1000, hflip_prob=0.5, cat_ids=CATS)
     e0 = augment_batch(b, seed=7, epoch=0, **kw)
     shorter = [min(im.shape[:2]) for im in e0["image"]]
@@ -163,7 +135,7 @@ def test_train_sizes_jitter_in_range_and_depend_on_seed_image_and_epoch():
 
 
 def test_zero_boxes_and_crowd_are_carried():
-    b = _batch([_jpeg(np.zeros((40, 40, 3), np.uint8))] * 2, [(40, 40)] * 2, [[], [[1, 2, 3, 4], [5, 5, 5, 5]]],
+    b = shard_batch([_jpeg(np.zeros((40, 40, 3), np.uint8))] * 2, [(40, 40)] * 2, [[], [[1, 2, 3, 4], [5, 5, 5, 5]]],
                [[], [42, 3]], crowd=[[], [1, 0]])  # fmt: skip
     out = augment_batch(b, min_size_range=[40, 40], **TEST_KW)
     assert out["gt_boxes"][0].shape == (0, 4) and out["gt_labels"][0].shape == (0,)
@@ -172,7 +144,7 @@ def test_zero_boxes_and_crowd_are_carried():
 
 
 def test_unknown_category_is_an_error():
-    b = _batch([_jpeg(np.zeros((40, 40, 3), np.uint8))], [(40, 40)], [[[1, 2, 3, 4]]], [[99]])
+    b = shard_batch([_jpeg(np.zeros((40, 40, 3), np.uint8))], [(40, 40)], [[[1, 2, 3, 4]]], [[99]])
     with pytest.raises(ValueError, match="99"):
         augment_batch(b, min_size_range=[40, 40], **TEST_KW)
 
@@ -266,7 +238,7 @@ def test_exif_orientation_is_applied_and_boxes_stay_in_display_frame():
     assert out[10, 50, 0] > 200 and out[10, 50, 1] < 60  # stored top-left red is now top-right
     assert out[70, 10, 1] > 200 and out[70, 10, 0] > 200  # stored bottom-right white is now bottom-left
     # the json describes the display frame (80 x 60 h x w); a box there is scaled, not rotated
-    b = _batch([data], [(80, 60)], [[[30, 0, 30, 40]]], [[3]])
+    b = shard_batch([data], [(80, 60)], [[[30, 0, 30, 40]]], [[3]])
     aug = augment_batch(b, min_size_range=[30, 30], **TEST_KW)
     assert aug["image"][0].shape == (40, 30, 3)
     np.testing.assert_allclose(aug["gt_boxes"][0], [[15, 0, 30, 20]])
@@ -294,7 +266,7 @@ def test_corrupt_rows_are_dropped_and_counted():
 
     good = _jpeg(_quadrants())
     counter = f"local-test-{uuid.uuid4().hex}"  # a counter of its own: no other test's skips in it
-    b = _batch([good, good[: len(good) // 2], b"", b"\x00" * 100, good], [(60, 80)] * 5, [[[1, 1, 5, 5]]] * 5,
+    b = shard_batch([good, good[: len(good) // 2], b"", b"\x00" * 100, good], [(60, 80)] * 5, [[[1, 1, 5, 5]]] * 5,
                [[3]] * 5, ids=[11, 12, 13, 14, 15])  # fmt: skip
     out = augment_batch(b, min_size_range=[60, 60], skip_counter=counter, **TEST_KW)
     assert out["image_id"].tolist() == [11, 15]  # truncated, zero-byte and garbage rows dropped
