@@ -105,7 +105,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ray_retina.tune import run_sweep
 
     cfg = load_config(_config_path(args.config, DEFAULT_TUNE_CONFIG), args.overrides)
-    summary = run_sweep(cfg, preset=args.preset, resume=args.resume, sweep_name=args.name)
+    summary = run_sweep(cfg, preset=args.preset, resume=args.resume, sweep_name=args.name, verbose=args.verbose)
     print(summary.table)
     print(f"\nsweep directory: {summary.path}  (resume an interrupted sweep with --resume {summary.path})")
     if summary.parent_run_id:

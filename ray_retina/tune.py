@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
+
 from ray_retina.config import Config, apply_overrides, config_from_dict
+from ray_retina.engine.progress import format_trial_end, format_trial_round
 from ray_retina.engine.session import TRIAL_RESOURCE, abs_storage, ensure_data, ensure_ray, resolve_paths
 
 logger = logging.getLogger(__name__)
@@ -103,6 +106,13 @@ def _trial(trial_params: dict[str, Any]) -> None:
     from ray_retina import tracking
     from ray_retina.engine.trainer import build_trainer
 
+    if not trial_params.get("__verbose__"):
+        import warnings
+
+        from ray.util.annotations import RayDeprecationWarning
+
+        # Ray warns about its own internal calls (ExecutionOptions.exclude_resources): not the user's.
+        warnings.filterwarnings("ignore", category=RayDeprecationWarning)
     base = config_from_dict(trial_params["__base__"])
     params = trial_overrides(trial_params)
     cfg = apply_overrides(base, params)
@@ -122,13 +132,56 @@ def _trial(trial_params: dict[str, Any]) -> None:
                   **tracking.checkpoint_tags(abs_storage(cfg.run.storage_path), run_name)},
         )  # fmt: skip
     trainer = build_trainer(
-        cfg, run_name=run_name, mlflow_uri=uri, mlflow_run_id=run_id, callbacks=[TuneReportCallback()]
-    )
+        cfg, run_name=run_name, mlflow_uri=uri, mlflow_run_id=run_id, callbacks=[TuneReportCallback()],
+        verbose=bool(trial_params.get("__verbose__")), console_tag=trial_id,
+    )  # fmt: skip
     result = trainer.fit()
     if run_id:
         tracking.RunLogger(uri, run_id).end("FAILED" if result.error is not None else "FINISHED")
     if result.error is not None:
         raise result.error
+
+
+class SweepProgress(Callback):
+    """The console of a sweep, on the driver: a line per trial per eval round (its AP and the best trial so
+    far) and one when a trial ends (finished, stopped by ASHA, failed). It replaces Tune's status table,
+    whose "current best trial" line prints a trial's whole config (the base config rides in every trial's
+    params); ``--verbose`` brings Tune's table back beside these lines.
+
+    Plain data only: Tune pickles it with the sweep's state (``Tuner.restore`` brings it back)."""
+
+    def __init__(self, rounds: int, metric: str = "val/AP", mode: str = "max") -> None:
+        self.rounds, self.metric, self.sign = rounds, metric, 1.0 if mode == "max" else -1.0
+        self.latest: dict[str, tuple[str, float]] = {}  # trial id -> (label, its last metric value)
+
+    @staticmethod
+    def label(trial: Any) -> str:
+        return trial_label(trial_overrides(dict(trial.config or {})), trial.trial_id)
+
+    def best(self) -> tuple[str, float] | None:
+        if not self.latest:
+            return None
+        return max(self.latest.values(), key=lambda t: self.sign * t[1])
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        value = result.get(self.metric)
+        if isinstance(value, int | float) and math.isfinite(value):
+            self.latest[trial.trial_id] = (self.label(trial), float(value))
+        print(format_trial_round(self.label(trial), int(result.get("training_iteration", 0)), self.rounds,
+                                 result, self.best()), flush=True)  # fmt: skip
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        print(format_trial_end(self.label(trial), rounds_done=int(last.get("training_iteration", 0)),
+                               rounds=self.rounds, ap=last.get(self.metric)), flush=True)  # fmt: skip
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        error = trial.get_error()
+        reason = str(error).strip().splitlines()[-1][:200] if error is not None else "see error.txt"
+        print(format_trial_end(self.label(trial), rounds_done=int(last.get("training_iteration", 0)),
+                               rounds=self.rounds, ap=last.get(self.metric),
+                               error=f"{reason} (trial folder: {trial.path})"), flush=True)  # fmt: skip
 
 
 @dataclass
@@ -209,9 +262,17 @@ def _trainable():
 
 
 def run_sweep(
-    cfg: Config, *, sweep_name: str | None = None, preset: str | None = None, resume: str | None = None
+    cfg: Config,
+    *,
+    sweep_name: str | None = None,
+    preset: str | None = None,
+    resume: str | None = None,
+    verbose: bool = False,
 ) -> SweepSummary:
-    """Run (or, with `resume` = the sweep's directory, restore and finish) a sweep; summarise it in MLflow."""
+    """Run (or, with `resume` = the sweep's directory, restore and finish) a sweep; summarise it in MLflow.
+
+    The console shows :class:`SweepProgress` lines; ``verbose`` adds Tune's own status table and Ray's
+    progress bars."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -221,8 +282,9 @@ def run_sweep(
     cfg = resolve_paths(cfg)
     ensure_data(cfg)
     cfg = check_init(cfg)  # initial weights exist and fit, before any trial starts
-    ensure_ray(cfg)
+    ensure_ray(cfg, verbose=verbose)
     if resume:
+        print(f"[tune] resuming the sweep in {resume}", flush=True)
         tuner = tune.Tuner.restore(resume, trainable=_trainable(), resume_errored=True)
         results = tuner.fit()
         space_keys = _space_keys(results)
@@ -260,8 +322,15 @@ def run_sweep(
         "__mlflow_uri__": uri,
         "__parent_run_id__": parent_id,
         "__preset__": preset,
+        "__verbose__": verbose,
     }
     storage = abs_storage(cfg.run.storage_path)
+    concurrent = max_concurrent(cfg)
+    how = (f"ASHA (grace {min(cfg.tune.grace_period, rounds)}, reduction {cfg.tune.reduction_factor:g})"
+           if isinstance(scheduler, ASHAScheduler) else "every trial to the end")  # fmt: skip
+    print(f"[tune] sweep {sweep_name}: {'a grid' if preset else cfg.tune.num_samples} trials, {concurrent} at a time, "
+          f"{how} on {cfg.tune.metric}, up to {rounds} rounds of {cfg.train.eval_period} iterations"
+          + (f"; MLflow parent run {parent_id}" if parent_id else ""), flush=True)  # fmt: skip
     tuner = tune.Tuner(
         _trainable(),
         param_space=param_space,
@@ -269,10 +338,13 @@ def run_sweep(
             metric=cfg.tune.metric,
             mode=cfg.tune.mode,
             scheduler=scheduler,
-            search_alg=_search_alg(cfg, max_concurrent(cfg), grid=preset is not None),
+            search_alg=_search_alg(cfg, concurrent, grid=preset is not None),
             num_samples=1 if preset else cfg.tune.num_samples,
         ),
-        run_config=tune.RunConfig(name=sweep_name, storage_path=storage),
+        run_config=tune.RunConfig(
+            name=sweep_name, storage_path=storage, verbose=1 if verbose else 0,
+            callbacks=[SweepProgress(rounds, cfg.tune.metric, cfg.tune.mode)],
+        ),
     )
     results = tuner.fit()
     return _summarize(results, list(space), rounds, uri, parent_id, path=f"{storage}/{sweep_name}", preset=preset)

@@ -52,9 +52,11 @@ def build_trainer(
     mlflow_run_id: str | None,
     callbacks: list[Any] | None = None,
     verbose: bool = False,
+    console_tag: str | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer for `cfg` (paths resolved): scaling, storage, checkpoint retention (best by val/AP),
-    failure policy, the training data set and its skip counter."""
+    failure policy, the training data set and its skip counter. ``console_tag`` goes into the prefix of the
+    progress lines (a sweep passes the trial id)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -81,6 +83,7 @@ def build_trainer(
         "val_plan": eval_plan(cfg.data.val_shards, cfg.data.val_max_images),
         "skip_counter": new_counter(),
         "verbose": verbose,
+        "console_tag": console_tag,
         "mlflow_uri": mlflow_uri,
         "mlflow_run_id": mlflow_run_id,
         "storage_path": storage,

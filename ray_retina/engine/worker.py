@@ -126,7 +126,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # COCO AP is computed on the images of the val plan (coco_evaluate's img_ids), so a val subset
     # (data.val_max_images) is scored against its own GT only.
     gt = coco_gt_from_shards(cfg.data.val_shards) if rank == 0 else None
-    progress = ProgressPrinter(cfg.optim.max_iters, start=engine.iteration, enabled=rank == 0)
+    progress = ProgressPrinter(cfg.optim.max_iters, start=engine.iteration, enabled=rank == 0,
+                               tag=loop_config.get("console_tag"))  # fmt: skip
     if rank == 0:
         logger.info("world size %d, global batch %d, lr %g", world, cfg.data.batch_size * world, cfg.optim.lr)
 

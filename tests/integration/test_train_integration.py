@@ -62,7 +62,7 @@ def test_train_two_workers_end_to_end(ray_session, tiny_data, tmp_path, mlflow_u
     assert stats["num_images"] == out.metrics["val/num_images"] == 8
 
 
-def test_tune_two_trials(ray_session, tiny_data, tmp_path, mlflow_uri):
+def test_tune_two_trials(ray_session, tiny_data, tmp_path, mlflow_uri, capsys):
     from mlflow.tracking import MlflowClient
 
     from ray_retina.tune import run_sweep
@@ -79,6 +79,16 @@ def test_tune_two_trials(ray_session, tiny_data, tmp_path, mlflow_uri):
     summary = run_sweep(cfg, sweep_name="it-sweep")
     assert summary.num_trials == 2 and summary.num_errors == 0
     assert summary.best_ap is not None
+    # The console: our sweep lines, a round line and an end line per trial, not Tune's table whose "current
+    # best trial" line dumps the whole base config.
+    out = capsys.readouterr().out
+    tune_lines = [line for line in out.splitlines() if line.startswith("[tune]")]
+    assert tune_lines[0].startswith("[tune] sweep it-sweep: 2 trials, ")
+    for row in summary.rows:
+        mine = [line for line in tune_lines if line.split("  ")[0].endswith(f"[{row.trial_id}]")]
+        assert any(" round 1/" in line for line in mine), (row.trial_id, tune_lines)
+        assert any(" finished " in line or " stopped by the scheduler " in line for line in mine), mine
+    assert "Current best trial" not in out and "__base__" not in out
     client = MlflowClient(mlflow_uri)
     parent = client.get_run(summary.parent_run_id)
     children = client.search_runs(

@@ -105,3 +105,69 @@ def test_data_synth_json_override_round_trips():
     synth = {"num_train": 4, "num_val": 2}
     cfg = load_config(cli._config_path(None, cli.DEFAULT_TRAIN_CONFIG), [f"data.synth={json.dumps(synth)}"])
     assert cfg.data.synth.num_train == 4
+
+
+def _trial(trial_id: str, gamma: float, **last):  # noqa: ANN202
+    """What SweepProgress reads of a Tune Trial: id, config (searched keys + our __ keys), last result."""
+    from types import SimpleNamespace
+
+    config = {"loss.gamma": gamma, "optim.lr": 0.001, "__base__": {"name": "x", "data": {"root": "/long/path"}},
+              "__sweep__": "s", "__mlflow_uri__": None, "__parent_run_id__": None, "__preset__": None}  # fmt: skip
+    return SimpleNamespace(trial_id=trial_id, config=config, last_result=last, path=f"/runs/s/{trial_id}",
+                           get_error=lambda: RuntimeError("Traceback ...\nValueError: boom"))  # fmt: skip
+
+
+def test_sweep_progress_lines_name_trials_by_parameters_and_track_the_best(capsys):
+    import pickle
+
+    from ray_retina.tune import SweepProgress
+
+    cb = SweepProgress(rounds=4)
+    a, b = _trial("t_00000", 2.0), _trial("t_00001", 0.5)
+    cb.on_trial_result(0, [a, b], a, {"training_iteration": 1, "val/AP": 0.10, "val/AP50": 0.30})
+    cb.on_trial_result(0, [a, b], b, {"training_iteration": 1, "val/AP": 0.25, "val/AP50": 0.50})
+    cb.on_trial_result(0, [a, b], a, {"training_iteration": 2, "val/AP": 0.20, "val/AP50": 0.40})
+    cb = pickle.loads(pickle.dumps(cb))  # Tune pickles callbacks with the sweep's state
+    a.last_result = {"training_iteration": 2, "val/AP": 0.20}
+    cb.on_trial_complete(0, [a, b], a)  # ASHA stopped it at round 2 of 4
+    b.last_result = {"training_iteration": 4, "val/AP": 0.31}
+    cb.on_trial_result(0, [a, b], b, {"training_iteration": 4, "val/AP": 0.31, "val/AP50": 0.6})
+    cb.on_trial_complete(0, [a, b], b)
+    c = _trial("t_00002", 1.0, training_iteration=1)
+    cb.on_trial_error(0, [a, b, c], c)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "[tune] gamma=2 lr=0.001 [t_00000]  round 1/4  AP 10.0  AP50 30.0  | best AP 10.0: gamma=2 lr=0.001 [t_00000]",
+        "[tune] gamma=0.5 lr=0.001 [t_00001]  round 1/4  AP 25.0  AP50 50.0  | best AP 25.0: gamma=0.5 lr=0.001 [t_00001]",
+        "[tune] gamma=2 lr=0.001 [t_00000]  round 2/4  AP 20.0  AP50 40.0  | best AP 25.0: gamma=0.5 lr=0.001 [t_00001]",
+        "[tune] gamma=2 lr=0.001 [t_00000]  stopped by the scheduler after round 2/4 (AP 20.0)",
+        "[tune] gamma=0.5 lr=0.001 [t_00001]  round 4/4  AP 31.0  AP50 60.0  | best AP 31.0: gamma=0.5 lr=0.001 [t_00001]",
+        "[tune] gamma=0.5 lr=0.001 [t_00001]  finished 4/4 rounds (AP 31.0)",
+        "[tune] gamma=1 lr=0.001 [t_00002]  FAILED after round 1/4: ValueError: boom (trial folder: /runs/s/t_00002)",
+    ]
+    assert all("__base__" not in line and "/long/path" not in line for line in lines)
+
+
+def test_sweep_progress_in_min_mode_keeps_the_lowest():
+    from ray_retina.tune import SweepProgress
+
+    cb = SweepProgress(rounds=2, metric="val/loss", mode="min")
+    a, b = _trial("a", 1.0), _trial("b", 2.0)
+    import contextlib
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        cb.on_trial_result(0, [a, b], a, {"training_iteration": 1, "val/loss": 0.5})
+        cb.on_trial_result(0, [a, b], b, {"training_iteration": 1, "val/loss": 0.2})
+        cb.on_trial_result(0, [a, b], a, {"training_iteration": 2, "val/loss": float("nan")})  # not a best
+    assert cb.best() == ("gamma=2 lr=0.001 [b]", 0.2)
+
+
+def test_progress_lines_of_a_sweep_trial_carry_its_id():
+    buf = io.StringIO()
+    p = ProgressPrinter(100, stream=buf, tag="92f01_00003")
+    p.line(20, loss_cls=1.0, loss_box=0.5, lr=0.01, images_per_s=5.0, data_wait_s=0.1)
+    p.eval_table(20, {"val/AP": 0.25, "val/AP50": 0.5, "val/AP/dog": 0.3, "val/AP50/dog": 0.6})
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("[train 92f01_00003] iter  20/100  loss_cls 1.0000")
+    assert lines[1].startswith("[eval 92f01_00003]  iter 20  AP 25.0  AP50 50.0")
+    assert all(line.startswith("[eval 92f01_00003]") for line in lines[1:]) and len(lines) == 4
