@@ -13,7 +13,8 @@ The MLflow model (``mlflow.pyfunc``, :class:`RetinaNetModel`): a DataFrame with 
 encoded JPEG/PNG bytes in (MLflow type ``binary``: base64 strings in JSON over REST), one row per detection
 out, with the columns ``OUTPUT_COLUMNS``: the image's position in the request, the original category id and
 its name, the score, the box XYXY in original-image pixels and the same box in COCO XYWH. It carries the
-weights, the resolved config and the categories in one ``torch.load(weights_only=True)`` file, and detects
+weights, the resolved config and the categories in one ``torch.load(weights_only=True)`` file and the
+``ray_retina`` package itself (``code_paths``; its requirements pin ray-retina's dependencies), and detects
 as ``ray-retina predict`` does, through the same functions: ``predict.preprocess_batch`` (decode with EXIF
 orientation, resize to the test size) and ``predict.detect_images`` (``collate.pad_images``, then
 ``evaluate.detect``: post-process, boxes back to original pixels). ``score_thresh``, ``detections_per_img``
@@ -62,9 +63,12 @@ MODEL_FILE = "checkpoint.pt"  # a slim checkpoint: loads with checkpoint.load_ch
 
 # The config keys of the sweep's focal parameters, under the names the registry tags them with.
 FOCAL_PARAMS = {"gamma": "loss.gamma", "alpha": "loss.alpha", "prior": "model.prior", "lr": "optim.lr"}
-# Installed distributions pinned in the MLflow model's requirements (beside torch, torchvision and
-# ray-retina itself); simplejpeg only when installed, since it changes how JPEGs decode (DCT scaling).
-RUNTIME_DISTRIBUTIONS = ("mlflow", "ray", "numpy", "pandas", "pillow", "pyarrow", "pydantic", "pyyaml")
+# The MLflow model carries the ray_retina package itself (MLflow ``code_paths``: ``<model>/code/ray_retina``),
+# so its requirements are ray-retina's own runtime dependencies (pyproject's ``dependencies``, read from the
+# installed metadata) plus pandas, which the model imports directly, pinned at the installed versions;
+# simplejpeg only when installed, since it changes how JPEGs decode (DCT scaling).
+DISTRIBUTION = "ray-retina"
+EXTRA_DISTRIBUTIONS = ("pandas",)
 OPTIONAL_DISTRIBUTIONS = ("simplejpeg",)
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -268,7 +272,8 @@ class RetinaNetModel(PythonModel):
 
 
 MODEL_CODE = """\
-# The ray-retina MLflow model (ray_retina.export.RetinaNetModel): needs ray-retina installed where it is served.
+# The ray-retina MLflow model (ray_retina.export.RetinaNetModel). The package ships beside this file in the
+# model's code/ directory, which MLflow puts on sys.path before it runs this script.
 import mlflow
 
 from ray_retina.export import RetinaNetModel
@@ -310,21 +315,34 @@ def example_image(height: int = 96, width: int = 128) -> bytes:
 
 
 def pip_requirements() -> list[str]:
-    """Pinned requirements of the served model: this ray-retina, the torch / torchvision it was built with
-    and the other distributions it imports, at the versions installed here (local version labels such as
-    ``+cu130`` dropped: ``torch==2.14.1`` accepts any build of 2.14.1)."""
+    """Pinned requirements of the served model: ray-retina's runtime dependencies (torch, torchvision, ray with
+    its extras, mlflow, ...) and pandas at the versions installed here, local version labels such as ``+cu130``
+    dropped (``torch==2.14.1`` accepts any build of 2.14.1). ray-retina itself is not a requirement: the
+    model carries the package (``code_paths``), so any env manager can build its environment from PyPI."""
+    from packaging.requirements import Requirement
 
-    def pin(dist: str) -> str | None:
+    def installed(dist: str) -> str | None:
         try:
-            return f"{dist}=={importlib.metadata.version(dist).split('+', 1)[0]}"
+            return importlib.metadata.version(dist).split("+", 1)[0]
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    required = [f"ray-retina=={__version__}", pin("torch"), pin("torchvision")] + [pin(d) for d in RUNTIME_DISTRIBUTIONS]
-    if None in required:
-        missing = [d for d, r in zip(("torch", "torchvision", *RUNTIME_DISTRIBUTIONS), required[1:], strict=True) if r is None]
+    declared = [Requirement(r) for r in importlib.metadata.requires(DISTRIBUTION) or []]
+    runtime = [r for r in declared if r.marker is None or r.marker.evaluate({"extra": ""})]
+    pins = [(r.name, f"[{','.join(sorted(r.extras))}]" if r.extras else "") for r in runtime]
+    pins += [(d, "") for d in EXTRA_DISTRIBUTIONS if d not in {n for n, _ in pins}]
+    missing = [name for name, _ in pins if installed(name) is None]
+    if missing:
         raise RuntimeError(f"cannot pin the served model's requirements: {missing} not installed")
-    return [r for r in required if r] + [r for r in map(pin, OPTIONAL_DISTRIBUTIONS) if r]
+    optional = [(d, "") for d in OPTIONAL_DISTRIBUTIONS if installed(d) is not None]
+    return [f"{name}{extras}=={installed(name)}" for name, extras in pins + optional]
+
+
+def package_dir() -> Path:
+    """The ray_retina package directory, copied into the MLflow model (``code_paths``)."""
+    import ray_retina
+
+    return Path(ray_retina.__file__).resolve().parent
 
 
 def save_pyfunc(state: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -354,6 +372,7 @@ def _pyfunc_kwargs(state: Mapping[str, Any], tmp: Path) -> dict[str, Any]:
         "signature": model_signature(cfg),
         "input_example": pd.DataFrame({INPUT_COLUMN: [example_image()]}),
         "pip_requirements": pip_requirements(),
+        "code_paths": [str(package_dir())],
         "metadata": {
             "ray_retina_version": __version__,
             "cat_ids": slim["cat_ids"],

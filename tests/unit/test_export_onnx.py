@@ -9,6 +9,7 @@ Tolerances: ONNX Runtime's convolutions sum in another order than PyTorch's, mea
 from __future__ import annotations
 
 import base64
+import importlib.metadata
 import json
 
 import numpy as np
@@ -181,13 +182,17 @@ def _as_records(frame: pd.DataFrame, n: int) -> list[list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def pyfunc(state, tmp_path_factory):
-    import mlflow.pyfunc
-
+def pyfunc_dir(state, tmp_path_factory):
     from ray_retina.export import save_pyfunc
 
-    path = save_pyfunc(state, tmp_path_factory.mktemp("pyfunc") / "model")
-    return mlflow.pyfunc.load_model(str(path))
+    return save_pyfunc(state, tmp_path_factory.mktemp("pyfunc") / "model")
+
+
+@pytest.fixture(scope="module")
+def pyfunc(pyfunc_dir):
+    import mlflow.pyfunc
+
+    return mlflow.pyfunc.load_model(str(pyfunc_dir))
 
 
 def test_pyfunc_detections_are_predicts(pyfunc, state, images):
@@ -226,17 +231,27 @@ def test_pyfunc_params_and_inputs(pyfunc, images):
         pyfunc.predict(df, params={"score_thresh": 1.5})
 
 
-def test_pyfunc_signature_and_requirements(pyfunc):
+def test_pyfunc_signature_and_requirements(pyfunc, pyfunc_dir):
     sig = pyfunc.metadata.signature
     assert sig.inputs.to_dict() == [{"type": "binary", "name": "image", "required": True}]
     params = {p.name: p.default for p in sig.params.params}
     assert params == {"score_thresh": 0.05, "detections_per_img": 100, "batch_size": 1}
+    from packaging.requirements import Requirement
+
     from ray_retina.export import pip_requirements
 
-    reqs = pip_requirements()
-    assert reqs[0] == "ray-retina==0.1.0"
-    assert any(r.startswith("torch==") for r in reqs) and any(r.startswith("torchvision==") for r in reqs)
-    assert all("==" in r and "+" not in r for r in reqs)
+    reqs = {Requirement(r).name: Requirement(r) for r in pip_requirements()}
+    assert "ray-retina" not in reqs  # not on PyPI: the model carries the package (tests/e2e/test_model_package.py)
+    assert all(len(r.specifier) == 1 and next(iter(r.specifier)).operator == "==" for r in reqs.values())
+    assert all("+" not in str(r.specifier) for r in reqs.values())  # no local labels such as +cu130
+    declared = [Requirement(r) for r in importlib.metadata.requires("ray-retina")]
+    runtime = {r.name: r for r in declared if r.marker is None}
+    assert set(runtime) | {"pandas"} <= set(reqs)  # every runtime dependency of pyproject, pinned
+    assert reqs["ray"].extras == runtime["ray"].extras
+    for name, req in reqs.items():
+        assert str(req.specifier) == f"=={importlib.metadata.version(name).split('+')[0]}", name
+    saved = (pyfunc_dir / "requirements.txt").read_text().split()
+    assert "ray-retina" not in " ".join(saved) and any(r.startswith("torch==") for r in saved)
 
 
 def test_batch_size_pads_images_together(state, images):
