@@ -126,3 +126,20 @@ def untrained_checkpoint(synth_val, tmp_path_factory):
     (run / "checkpoint_0000010").mkdir()
     torch.save(engine.state_dict(), run / "checkpoint_0000010" / "checkpoint.pt")
     return run, model, cat_ids
+
+
+@pytest.fixture(scope="session")
+def val_jpegs(synth_val) -> list[bytes]:
+    """The first three synthetic validation JPEGs, encoded bytes."""
+    paths, _ = synth_val
+    return [p.read_bytes() for p in sorted(paths.val_images.glob("*.jpg"))][:3]
+
+
+@pytest.fixture(scope="session")
+def untrained_pyfunc_dir(untrained_checkpoint, tmp_path_factory) -> Path:
+    """The MLflow model directory (``export.save_pyfunc``) of ``untrained_checkpoint``."""
+    from ray_retina.checkpoint import load_checkpoint_state
+    from ray_retina.export import save_pyfunc
+
+    run, _, _ = untrained_checkpoint
+    return save_pyfunc(load_checkpoint_state(run / "checkpoint_0000010"), tmp_path_factory.mktemp("pyfunc") / "model")

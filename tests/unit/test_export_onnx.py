@@ -35,12 +35,6 @@ def model(state):
     return model_from_state(state, "cpu")[0]
 
 
-@pytest.fixture(scope="module")
-def images(synth_val) -> list[bytes]:
-    paths, _ = synth_val
-    return [p.read_bytes() for p in sorted(paths.val_images.glob("*.jpg"))][:3]
-
-
 def _inputs(batch: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 255
 
@@ -182,28 +176,21 @@ def _as_records(frame: pd.DataFrame, n: int) -> list[list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def pyfunc_dir(state, tmp_path_factory):
-    from ray_retina.export import save_pyfunc
-
-    return save_pyfunc(state, tmp_path_factory.mktemp("pyfunc") / "model")
-
-
-@pytest.fixture(scope="module")
-def pyfunc(pyfunc_dir):
+def pyfunc(untrained_pyfunc_dir):
     import mlflow.pyfunc
 
-    return mlflow.pyfunc.load_model(str(pyfunc_dir))
+    return mlflow.pyfunc.load_model(str(untrained_pyfunc_dir))
 
 
-def test_pyfunc_detections_are_predicts(pyfunc, state, images):
+def test_pyfunc_detections_are_predicts(pyfunc, state, val_jpegs):
     from ray_retina.export import OUTPUT_COLUMNS
 
     thresh = 0.52  # the untrained model scores ~0.5: keeps some, drops most
-    frame = pyfunc.predict(pd.DataFrame({"image": images}), params={"score_thresh": thresh})
+    frame = pyfunc.predict(pd.DataFrame({"image": val_jpegs}), params={"score_thresh": thresh})
     assert list(frame.columns) == list(OUTPUT_COLUMNS)
-    assert 0 < len(frame) < 100 * len(images)
-    ref = _reference_records(state, images, thresh)
-    got = _as_records(frame, len(images))
+    assert 0 < len(frame) < 100 * len(val_jpegs)
+    ref = _reference_records(state, val_jpegs, thresh)
+    got = _as_records(frame, len(val_jpegs))
     assert got == ref  # the same boxes (1e-3 px), scores (1e-5) and category ids, in the same order
     names = dict(zip(state["cat_ids"], ("rectangle", "ellipse", "triangle"), strict=True))  # the synthetic set's
     assert frame["category_name"].tolist() == [names[c] for c in frame["category_id"]]
@@ -211,27 +198,27 @@ def test_pyfunc_detections_are_predicts(pyfunc, state, images):
     np.testing.assert_allclose(frame["bbox_h"], frame["y2"] - frame["y1"])
 
 
-def test_pyfunc_params_and_inputs(pyfunc, images):
+def test_pyfunc_params_and_inputs(pyfunc, val_jpegs):
     from mlflow.exceptions import MlflowException
 
-    df = pd.DataFrame({"image": images[:2]})
+    df = pd.DataFrame({"image": val_jpegs[:2]})
     full = pyfunc.predict(df)  # the checkpoint's defaults: score > 0.05, 100 per image
     assert full.groupby("image_index").size().tolist() == [100, 100]
     top3 = pyfunc.predict(df, params={"detections_per_img": 3})
     pd.testing.assert_frame_equal(top3, full.groupby("image_index").head(3).reset_index(drop=True))
     # base64 strings, as JSON carries binary columns, give the same answer
-    b64 = pd.DataFrame({"image": [base64.b64encode(b).decode() for b in images[:2]]})
+    b64 = pd.DataFrame({"image": [base64.b64encode(b).decode() for b in val_jpegs[:2]]})
     pd.testing.assert_frame_equal(pyfunc.predict(b64, params={"detections_per_img": 3}), top3)
     # nothing above the threshold: no rows, the same columns
     none = pyfunc.predict(df, params={"score_thresh": 1.0})
     assert len(none) == 0 and list(none.columns) == list(full.columns)
     with pytest.raises(MlflowException, match="image 1 is not an image"):
-        pyfunc.predict(pd.DataFrame({"image": [images[0], b"not an image"]}))
+        pyfunc.predict(pd.DataFrame({"image": [val_jpegs[0], b"not an image"]}))
     with pytest.raises(MlflowException, match="score_thresh"):
         pyfunc.predict(df, params={"score_thresh": 1.5})
 
 
-def test_pyfunc_signature_and_requirements(pyfunc, pyfunc_dir):
+def test_pyfunc_signature_and_requirements(pyfunc, untrained_pyfunc_dir):
     sig = pyfunc.metadata.signature
     assert sig.inputs.to_dict() == [{"type": "binary", "name": "image", "required": True}]
     params = {p.name: p.default for p in sig.params.params}
@@ -250,17 +237,17 @@ def test_pyfunc_signature_and_requirements(pyfunc, pyfunc_dir):
     assert reqs["ray"].extras == runtime["ray"].extras
     for name, req in reqs.items():
         assert str(req.specifier) == f"=={importlib.metadata.version(name).split('+')[0]}", name
-    saved = (pyfunc_dir / "requirements.txt").read_text().split()
+    saved = (untrained_pyfunc_dir / "requirements.txt").read_text().split()
     assert "ray-retina" not in " ".join(saved) and any(r.startswith("torch==") for r in saved)
 
 
-def test_batch_size_pads_images_together(state, images):
+def test_batch_size_pads_images_together(state, val_jpegs):
     """batch_size 1 (default): an image's detections do not depend on the rest of the request."""
     from ray_retina.export import Detector
 
     det = Detector(state, "cpu")
-    alone = det.frame(images[1:2], detections_per_img=5)
-    with_other = det.frame(images[:2], detections_per_img=5)
+    alone = det.frame(val_jpegs[1:2], detections_per_img=5)
+    with_other = det.frame(val_jpegs[:2], detections_per_img=5)
     second = with_other[with_other["image_index"] == 1].drop(columns="image_index").reset_index(drop=True)
     pd.testing.assert_frame_equal(second, alone.drop(columns="image_index"))
 
