@@ -40,6 +40,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check ray_retina tests jobs benchmarks
+	$(BIN)/ruff format --check ray_retina tests jobs benchmarks
 
 # Refresh docs/mlflow_compare.png and docs/model_registry.png on purpose (the tests themselves write under
 # tmp_path only): the e2e sweep against a real MLflow server and its compare-runs page, then the export +

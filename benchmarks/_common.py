@@ -43,7 +43,9 @@ def interleaved_medians(
             fn()
             wall[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
-    return {k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()}
+    return {k: statistics.median(v) for k, v in wall.items()}, {
+        k: statistics.median(v) for k, v in cpu.items()
+    }
 
 
 def load_average() -> str:

@@ -43,9 +43,15 @@ def synthetic_coco(
             cat = cat_ids[int(rng.integers(num_classes))]
             crowd = int(rng.random() < 0.01)
             anns.append(
-                {"id": ann_id, "image_id": image_id, "category_id": cat, "bbox": [x, y, bw, bh],
-                 "area": float(bw * bh), "iscrowd": crowd}
-            )  # fmt: skip
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "bbox": [x, y, bw, bh],
+                    "area": float(bw * bh),
+                    "iscrowd": crowd,
+                }
+            )
             ann_id += 1
             gts.append((x, y, bw, bh, cat))
         mine = []
@@ -68,9 +74,13 @@ def synthetic_coco(
             )
         for x, y, bw, bh, score, c in mine:
             dets.append(
-                {"image_id": image_id, "category_id": int(c),
-                 "bbox": [round(float(v), 2) for v in (x, y, bw, bh)], "score": round(score, 5)}
-            )  # fmt: skip
+                {
+                    "image_id": image_id,
+                    "category_id": int(c),
+                    "bbox": [round(float(v), 2) for v in (x, y, bw, bh)],
+                    "score": round(score, 5),
+                }
+            )
     gt = {
         "images": images,
         "annotations": anns,
@@ -89,8 +99,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     gt, dets = synthetic_coco(args.images, args.dets, args.classes)
-    print(f"{args.images} images, {len(gt['annotations'])} GT boxes, {len(dets)} detections, "
-          f"{args.classes} classes (made in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    print(
+        f"{args.images} images, {len(gt['annotations'])} GT boxes, {len(dets)} detections, "
+        f"{args.classes} classes (made in {time.perf_counter() - t0:.1f} s)"
+    )
 
     stats: dict[str, dict[str, float]] = {}
     wall: dict[str, list[float]] = {}
@@ -107,8 +119,10 @@ def main() -> None:
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
     for name in variants:
-        print(f"  {name:<21} wall {', '.join(f'{t:.2f}' for t in wall[name])} s; "
-              f"cpu {', '.join(f'{t:.2f}' for t in cpu[name])} s")  # fmt: skip
+        print(
+            f"  {name:<21} wall {', '.join(f'{t:.2f}' for t in wall[name])} s; "
+            f"cpu {', '.join(f'{t:.2f}' for t in cpu[name])} s"
+        )
 
     fast, ref = stats["faster_coco_eval"], stats["pycocotools"]
     med = {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in wall}

@@ -53,9 +53,11 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--map-batch-size", type=int, default=4)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument(
-        "--map-num-cpus", type=float, default=0.5,
+        "--map-num-cpus",
+        type=float,
+        default=0.5,
         help="Ray CPUs per decode task (data.map_num_cpus); 1.0 is also timed, as an extra row",
-    )  # fmt: skip
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--no-simplejpeg", action="store_true", help="decode with Pillow even if simplejpeg is there"
@@ -64,14 +66,17 @@ def _args() -> argparse.Namespace:
         "--compare-readers", action="store_true", help="also time build_dataset(reader='read_parquet')"
     )
     ap.add_argument(
-        "--augment-config", default=str(Path(__file__).resolve().parent.parent / "configs"
-                                        / "retinanet_r50_fpn_finetune_small.yaml"),
+        "--augment-config",
+        default=str(
+            Path(__file__).resolve().parent.parent / "configs" / "retinanet_r50_fpn_finetune_small.yaml"
+        ),
         help="config whose data.augment the 'augmentation on' rows use",
-    )  # fmt: skip
+    )
     ap.add_argument(
-        "--compare-torchvision", action="store_true",
+        "--compare-torchvision",
+        action="store_true",
         help="also time the same augmentation with torchvision.transforms.v2 (single process)",
-    )  # fmt: skip
+    )
     ap.add_argument("--workdir", default="bench_out/data_pipeline")
     ap.add_argument("--json", default=None, help="write the results here too")
     return ap.parse_args()
@@ -85,8 +90,15 @@ def _prepare(args: argparse.Namespace) -> Path:
     root = Path(args.workdir) / f"n{args.images}_s{lo}-{hi}_r{args.rows_per_shard}"
     shards = root / "shards"
     if not manifest_exists(shards):
-        p = make_synthetic_coco(root / "coco", args.images, 0, seed=0, min_image_size=lo, max_image_size=hi,
-                                max_object_size=min(96, lo))  # fmt: skip
+        p = make_synthetic_coco(
+            root / "coco",
+            args.images,
+            0,
+            seed=0,
+            min_image_size=lo,
+            max_image_size=hi,
+            max_object_size=min(96, lo),
+        )
         write_shards(p.train_annotations, p.train_images, shards, rows_per_shard=args.rows_per_shard)
     return shards
 
@@ -100,14 +112,19 @@ def _kwargs(args: argparse.Namespace, shards: Path, augment: bool = False) -> di
 
 
 def _data_cfg(args: argparse.Namespace, augment: bool = False) -> Any:
-    """The benchmark's DataConfig; ``augment``: with the ``data.augment`` of ``--augment-config``."""
-    from ray_retina.config import DataConfig, load_config
+    """The benchmark's DataSection; ``augment``: with the ``data.augment`` of ``--augment-config``."""
+    from ray_retina.config import DataSection, load_config
 
-    return DataConfig(
-        train_min_size=list(args.train_min_size), test_min_size=args.train_min_size[0], max_size=args.max_size,
-        hflip_prob=0.5, map_batch_size=args.map_batch_size, map_num_cpus=args.map_num_cpus, size_divisibility=128,
+    return DataSection(
+        train_min_size=list(args.train_min_size),
+        test_min_size=args.train_min_size[0],
+        max_size=args.max_size,
+        hflip_prob=0.5,
+        map_batch_size=args.map_batch_size,
+        map_num_cpus=args.map_num_cpus,
+        size_divisibility=128,
         augment=load_config(args.augment_config).data.augment if augment else {},
-    )  # fmt: skip
+    )
 
 
 def iter_augmented(files: list[str], kwargs: dict, batch_size: int):
@@ -251,16 +268,25 @@ def torchvision_pass(files: list[str], args: argparse.Namespace):
     a = load_config(args.augment_config).data.augment
     p, c, z = a.photometric, a.crop, a.zoom_out
     lo, hi = args.train_min_size
-    transform = v2.Compose([
-        v2.RandomApply([v2.RandomIoUCrop(min_scale=c.min_scale)], p=c.prob),
-        v2.RandomZoomOut(fill={tv_tensors.Image: tuple(z.fill), "others": 0}, side_range=(1.0, z.max_ratio),
-                         p=z.prob),
-        v2.RandomShortestSize(min_size=list(range(lo, hi + 1)), max_size=args.max_size),
-        v2.RandomApply([v2.ColorJitter(brightness=p.brightness, contrast=p.contrast, saturation=p.saturation,
-                                       hue=p.hue)], p=p.prob),
-        v2.RandomHorizontalFlip(0.5),
-        v2.SanitizeBoundingBoxes(),
-    ])  # fmt: skip
+    transform = v2.Compose(
+        [
+            v2.RandomApply([v2.RandomIoUCrop(min_scale=c.min_scale)], p=c.prob),
+            v2.RandomZoomOut(
+                fill={tv_tensors.Image: tuple(z.fill), "others": 0}, side_range=(1.0, z.max_ratio), p=z.prob
+            ),
+            v2.RandomShortestSize(min_size=list(range(lo, hi + 1)), max_size=args.max_size),
+            v2.RandomApply(
+                [
+                    v2.ColorJitter(
+                        brightness=p.brightness, contrast=p.contrast, saturation=p.saturation, hue=p.hue
+                    )
+                ],
+                p=p.prob,
+            ),
+            v2.RandomHorizontalFlip(0.5),
+            v2.SanitizeBoundingBoxes(),
+        ]
+    )
 
     def batches():
         for path in files:
@@ -272,10 +298,11 @@ def torchvision_pass(files: list[str], args: argparse.Namespace):
                     boxes = xywh_to_xyxy(_as_array(rows["bbox"][i], np.float32).reshape(-1, 4))
                     sample = {
                         "image": tv_tensors.Image(img),
-                        "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY",
-                                                          canvas_size=tuple(img.shape[1:])),
+                        "boxes": tv_tensors.BoundingBoxes(
+                            torch.from_numpy(boxes), format="XYXY", canvas_size=tuple(img.shape[1:])
+                        ),
                         "labels": torch.tensor(_as_array(rows["category_id"][i], np.int64).reshape(-1)),
-                    }  # fmt: skip
+                    }
                     t = transform(sample)
                     out.append(t["image"].permute(1, 2, 0).contiguous().numpy())
                 yield {"image_id": rows["image_id"][: len(out)], "image": out}
@@ -340,8 +367,9 @@ def dataloader_pass(files: list[str], kwargs: dict, args: argparse.Namespace):
             yield from iter_augmented(mine, kwargs, args.map_batch_size)
 
     torch.set_num_threads(1)
-    loader = DataLoader(Shards(), batch_size=None, num_workers=args.cpus, persistent_workers=True,
-                        prefetch_factor=4)  # fmt: skip
+    loader = DataLoader(
+        Shards(), batch_size=None, num_workers=args.cpus, persistent_workers=True, prefetch_factor=4
+    )
 
     def run():
         out = count_pass(loader)
@@ -361,8 +389,13 @@ def ray_pass(shards: Path, args: argparse.Namespace, reader: str, augment: bool 
 
     if not ray.is_initialized():
         env = {"RAY_RETINA_NO_SIMPLEJPEG": "1"} if args.no_simplejpeg else {}
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env})  # fmt: skip
+        ray.init(
+            address="local",
+            num_cpus=args.cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": env},
+        )
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
@@ -382,9 +415,12 @@ def main() -> None:
     kwargs = _kwargs(args, shards)
     aug_kwargs = _kwargs(args, shards, augment=True)
     decoder = "simplejpeg" if _use_simplejpeg() else "Pillow"
-    print(f"{args.images} images {args.image_size[0]}-{args.image_size[1]} px in {len(files)} shards, "
-          f"shorter side {args.train_min_size}, max {args.max_size}, decoder {decoder}, {os.cpu_count()} cores here, "
-          f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr)  # fmt: skip
+    print(
+        f"{args.images} images {args.image_size[0]}-{args.image_size[1]} px in {len(files)} shards, "
+        f"shorter side {args.train_min_size}, max {args.max_size}, decoder {decoder}, {os.cpu_count()} cores here, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        file=sys.stderr,
+    )
     augment = {k: v for k, v in aug_kwargs.items() if k in ("photometric", "crop", "zoom_out")}
     print(f"augmentation on: {augment} (from {args.augment_config})", file=sys.stderr)
     photo_ms = photometric_timing() if args.compare_torchvision else None
@@ -399,7 +435,9 @@ def main() -> None:
     }
     if args.compare_torchvision:
         passes["single process, augmentation on, torchvision v2"] = torchvision_pass(files, args)
-    if args.map_num_cpus != 1.0:  # one task per CPU: the executor's polling leaves the CPUs idle between tasks
+    if (
+        args.map_num_cpus != 1.0
+    ):  # one task per CPU: the executor's polling leaves the CPUs idle between tasks
         one = argparse.Namespace(**{**vars(args), "map_num_cpus": 1.0})
         passes[f"Ray Data, {args.cpus} CPUs, 1 CPU per task"] = ray_pass(shards, one, "row_groups")
     if args.compare_readers:
@@ -438,17 +476,23 @@ def main() -> None:
     for name, r in results.items():
         r["images_per_s"] = statistics.median(r["runs"])
         r["cpu_ms"] = statistics.median(r["cpu_ms_per_image"])
-        print(f"  {name:<34} {r['images_per_s']:7.1f} images/s  (runs: {', '.join(f'{x:.1f}' for x in r['runs'])}; "
-              f"first batch after {statistics.median(r['first_batch_s']):.2f} s; {r['cpu_ms']:.1f} CPU ms/image)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"  {name:<34} {r['images_per_s']:7.1f} images/s  (runs: {', '.join(f'{x:.1f}' for x in r['runs'])}; "
+            f"first batch after {statistics.median(r['first_batch_s']):.2f} s; {r['cpu_ms']:.1f} CPU ms/image)",
+            file=sys.stderr,
+        )
 
     for name, r in results.items():
         if "cpu_ms_per_image_by_process" in r:
             parts = {k: statistics.median(v) for k, v in r["cpu_ms_per_image_by_process"].items()}
             r["cpu_ms_by_process"] = parts
-            print(f"  {name}, CPU ms / image by process: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.05),
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"  {name}, CPU ms / image by process: "
+                + ", ".join(
+                    f"{k} {v:.2f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.05
+                ),
+                file=sys.stderr,
+            )
     single, loader, ray_ = (r["images_per_s"] for r in list(results.values())[:3])
     ratios = {
         "ray_vs_dataloader": ray_ / loader,
@@ -465,21 +509,41 @@ def main() -> None:
     print("\n| pipeline | images/s | vs single process | CPU ms / image | images/s per busy core |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
-        print(f"| {name} | {r['images_per_s']:.1f} | {r['images_per_s'] / single:.2f}x | {r['cpu_ms']:.1f} | "
-              f"{1000 / r['cpu_ms']:.1f} |")  # fmt: skip
+        print(
+            f"| {name} | {r['images_per_s']:.1f} | {r['images_per_s'] / single:.2f}x | {r['cpu_ms']:.1f} | "
+            f"{1000 / r['cpu_ms']:.1f} |"
+        )
     ok_loader, ok_single = ratios["ray_vs_dataloader"] >= 0.8, ratios["ray_vs_single"] >= 1.6
-    print(f"\naugmentation on / off: single process {ratios['single_augment_on_vs_off']:.2f}x, "
-          f"Ray Data {ratios['ray_augment_on_vs_off']:.2f}x")  # fmt: skip
+    print(
+        f"\naugmentation on / off: single process {ratios['single_augment_on_vs_off']:.2f}x, "
+        f"Ray Data {ratios['ray_augment_on_vs_off']:.2f}x"
+    )
     if args.compare_torchvision:
-        print(f"ours / torchvision v2, augmentation on, single process: {ratios['ours_vs_torchvision_augment_on']:.2f}x")
-        print("colour jitter alone, ms per (800, 1067) image, 1 thread: "
-              + "; ".join(f"{k} {v:.1f}" for k, v in photo_ms.items()))  # fmt: skip
-    print(f"Ray Data / DataLoader = {ratios['ray_vs_dataloader']:.2f}x (target >= 0.8: {'met' if ok_loader else 'MISSED'}); "
-          f"Ray Data / single = {ratios['ray_vs_single']:.2f}x (target >= 1.6: {'met' if ok_single else 'MISSED'})")  # fmt: skip
+        print(
+            f"ours / torchvision v2, augmentation on, single process: {ratios['ours_vs_torchvision_augment_on']:.2f}x"
+        )
+        print(
+            "colour jitter alone, ms per (800, 1067) image, 1 thread: "
+            + "; ".join(f"{k} {v:.1f}" for k, v in photo_ms.items())
+        )
+    print(
+        f"Ray Data / DataLoader = {ratios['ray_vs_dataloader']:.2f}x (target >= 0.8: {'met' if ok_loader else 'MISSED'}); "
+        f"Ray Data / single = {ratios['ray_vs_single']:.2f}x (target >= 1.6: {'met' if ok_single else 'MISSED'})"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "decoder": decoder, "results": results,
-                                               "ratios": ratios, "augment": augment,
-                                               "photometric_ms": photo_ms}, indent=1))  # fmt: skip
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "decoder": decoder,
+                    "results": results,
+                    "ratios": ratios,
+                    "augment": augment,
+                    "photometric_ms": photo_ms,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

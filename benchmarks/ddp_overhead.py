@@ -101,8 +101,14 @@ def _engine(cfg, rank: int, world: int):  # noqa: ANN001, ANN202
     if world > 1:
         # Ray Train's prepare_model: DistributedDataParallel with its defaults.
         model = torch.nn.parallel.DistributedDataParallel(model)
-    return Engine(cfg, model, build_criterion(cfg, k), build_postprocessor(cfg), torch.device("cpu"),
-                  [c[0] for c in CATEGORIES])  # fmt: skip
+    return Engine(
+        cfg,
+        model,
+        build_criterion(cfg, k),
+        build_postprocessor(cfg),
+        torch.device("cpu"),
+        [c[0] for c in CATEGORIES],
+    )
 
 
 def _timed_steps(engine, batches, warmup: int, no_sync: bool) -> list[tuple[float, float]]:  # noqa: ANN001
@@ -183,9 +189,11 @@ def part_a(args: argparse.Namespace) -> dict[str, float]:
     params = sum(p.numel() for p in build_model(cfg, len(CATEGORIES)).parameters() if p.requires_grad)
     b = cfg.data.batch_size
     n = args.steps * args.rounds
-    print(f"\n(a) DDP, smoke model ({cfg.model.backbone}, FPN {cfg.model.fpn_channels}), batch {b} x 3 x "
-          f"{IMAGE_HW[0]} x {IMAGE_HW[1]} per worker, 1 thread per worker, gloo; median of {n} steps "
-          f"({args.rounds} rounds x {args.steps})")  # fmt: skip
+    print(
+        f"\n(a) DDP, smoke model ({cfg.model.backbone}, FPN {cfg.model.fpn_channels}), batch {b} x 3 x "
+        f"{IMAGE_HW[0]} x {IMAGE_HW[1]} per worker, 1 thread per worker, gloo; median of {n} steps "
+        f"({args.rounds} rounds x {args.steps})"
+    )
     print(f"gradient all-reduced per step: {params / 1e6:.2f} M params = {params * 4 / 2**20:.1f} MiB fp32")
     print(f"{'':<26}{'wall ms':>9}{'cpu ms':>9}{'images/s':>10}{'wall vs 1':>11}")
     t1 = med["1 worker"]
@@ -195,8 +203,10 @@ def part_a(args: argparse.Namespace) -> dict[str, float]:
     t2, t2n = med["2 workers DDP"], med["2 workers DDP, no_sync"]
     comm = (t2 - t2n) / t2
     comm_cpu = (med_cpu["2 workers DDP"] - med_cpu["2 workers DDP, no_sync"]) / med_cpu["2 workers DDP"]
-    print(f"communication share of the 2-worker step (all-reduce not hidden by backward): {100 * comm:.1f}% wall, "
-          f"{100 * comm_cpu:.1f}% cpu; scaling efficiency (2-worker throughput / 2 x 1-worker): {100 * t1 / t2:.0f}%")  # fmt: skip
+    print(
+        f"communication share of the 2-worker step (all-reduce not hidden by backward): {100 * comm:.1f}% wall, "
+        f"{100 * comm_cpu:.1f}% cpu; scaling efficiency (2-worker throughput / 2 x 1-worker): {100 * t1 / t2:.0f}%"
+    )
     return {"t1": t1, "t2": t2, "t2_nosync": t2n, "comm": comm}
 
 
@@ -408,8 +418,14 @@ def part_b(args: argparse.Namespace) -> dict[str, float]:
     bare_before, cpu_before = run_workers(world, job)
     # Ray here, not in train(): on 127.0.0.1, 4 logical CPUs (smoke's run.ray_num_cpus), in this process,
     # so that ray.shutdown() stops exactly this instance.
-    ray.init(address="local", num_cpus=cfg.run.ray_num_cpus, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1", resources={TRIAL_RESOURCE: 64})  # fmt: skip
+    ray.init(
+        address="local",
+        num_cpus=cfg.run.ray_num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+        resources={TRIAL_RESOURCE: 64},
+    )
     try:
         t0 = time.perf_counter()
         with TreeCpuSampler() as sampler:
@@ -437,18 +453,26 @@ def part_b(args: argparse.Namespace) -> dict[str, float]:
     bare_cpu = world * statistics.mean(cpu_before + cpu_after)
 
     smoke_period = smoke_config().train.eval_period
-    print(f"\n(b) Ray Train loop vs bare PyTorch loop, smoke config: {world} workers x batch {b}, 1 thread each, "
-          f"gloo, DDP; Ray with {cfg.run.ray_num_cpus} logical CPUs (train workers + Ray Data decode tasks)")  # fmt: skip
-    print(f"Ray run: {iters} iterations, eval + report + checkpoint every {period} (smoke: {smoke_period}), "
-          f"val on {args.val_images} images, {ray_total:.0f} s in all")  # fmt: skip
+    print(
+        f"\n(b) Ray Train loop vs bare PyTorch loop, smoke config: {world} workers x batch {b}, 1 thread each, "
+        f"gloo, DDP; Ray with {cfg.run.ray_num_cpus} logical CPUs (train workers + Ray Data decode tasks)"
+    )
+    print(
+        f"Ray run: {iters} iterations, eval + report + checkpoint every {period} (smoke: {smoke_period}), "
+        f"val on {args.val_images} images, {ray_total:.0f} s in all"
+    )
     for w in windows:
-        print(f"  window to it {int(w['iteration']):>4}: steps {w['train_s']:6.1f} s (of which data wait "
-              f"{w['wait_s']:5.1f} s), report to report {w['between_reports_s']:6.1f} s")  # fmt: skip
-    print(f"bare loop: the same {steps} steps on the same images (decoded in advance), {args.warmup} warm-up; "
-          f"before Ray mean {_fmt(statistics.mean(bare_before)).strip()} ms (median "
-          f"{_fmt(statistics.median(bare_before)).strip()}), after Ray mean "
-          f"{_fmt(statistics.mean(bare_after)).strip()} ms (median {_fmt(statistics.median(bare_after)).strip()}); "
-          f"cpu per rank median {_fmt(statistics.median(cpu_before + cpu_after)).strip()} ms")  # fmt: skip
+        print(
+            f"  window to it {int(w['iteration']):>4}: steps {w['train_s']:6.1f} s (of which data wait "
+            f"{w['wait_s']:5.1f} s), report to report {w['between_reports_s']:6.1f} s"
+        )
+    print(
+        f"bare loop: the same {steps} steps on the same images (decoded in advance), {args.warmup} warm-up; "
+        f"before Ray mean {_fmt(statistics.mean(bare_before)).strip()} ms (median "
+        f"{_fmt(statistics.median(bare_before)).strip()}), after Ray mean "
+        f"{_fmt(statistics.mean(bare_after)).strip()} ms (median {_fmt(statistics.median(bare_after)).strip()}); "
+        f"cpu per rank median {_fmt(statistics.median(cpu_before + cpu_after)).strip()} ms"
+    )
     print(f"\nper step, steps {period + 1}..{iters} (ms){'bare':>9}{'ray':>9}{'overhead':>10}")
     rows = [
         ("training steps incl. data waits", ray_step),
@@ -458,17 +482,23 @@ def part_b(args: argparse.Namespace) -> dict[str, float]:
     rows.append((f"+ the same every {smoke_period} (smoke)", at_smoke))
     for label, r in rows:
         print(f"{label:<38}{_fmt(bare)}{_fmt(r)}{100 * (r - bare) / bare:>9.1f}%")
-    print(f"Ray Data wait inside the Ray step: {_fmt(ray_wait).strip()} ms; eval ({args.val_images} images) + "
-          f"report + checkpoint: {per_report:.1f} s per period; decode + augment + collate of a batch "
-          f"in one process: {prep_s * 1000:.0f} ms (Ray Data does it beside the workers)")  # fmt: skip
-    print(f"{'cpu, all processes (ray: whole instance)':<38}{_fmt(bare_cpu)}{_fmt(ray_cpu)}"
-          f"{100 * (ray_cpu - bare_cpu) / bare_cpu:>9.1f}%   (ray includes eval/report/checkpoint every {period})")  # fmt: skip
+    print(
+        f"Ray Data wait inside the Ray step: {_fmt(ray_wait).strip()} ms; eval ({args.val_images} images) + "
+        f"report + checkpoint: {per_report:.1f} s per period; decode + augment + collate of a batch "
+        f"in one process: {prep_s * 1000:.0f} ms (Ray Data does it beside the workers)"
+    )
+    print(
+        f"{'cpu, all processes (ray: whole instance)':<38}{_fmt(bare_cpu)}{_fmt(ray_cpu)}"
+        f"{100 * (ray_cpu - bare_cpu) / bare_cpu:>9.1f}%   (ray includes eval/report/checkpoint every {period})"
+    )
     shown = sorted(((v, k) for k, v in by_kind.items() if v >= 0.002), reverse=True)
     print("  ray cpu per step by process: " + ", ".join(f"{k} {v * 1000:.0f} ms" for v, k in shown))
     overhead = (ray_step - bare) / bare
-    print(f"target: Ray Train loop overhead <= 5% of the step: {'met' if overhead <= 0.05 else 'NOT met'} "
-          f"({100 * overhead:.1f}% per training step; {100 * (at_smoke - bare) / bare:.1f}% with smoke's "
-          f"report cadence)")  # fmt: skip
+    print(
+        f"target: Ray Train loop overhead <= 5% of the step: {'met' if overhead <= 0.05 else 'NOT met'} "
+        f"({100 * overhead:.1f}% per training step; {100 * (at_smoke - bare) / bare:.1f}% with smoke's "
+        f"report cadence)"
+    )
     shutil.rmtree(tmp, ignore_errors=True)
     return {
         "bare": bare,
@@ -489,8 +519,10 @@ def main() -> None:
     ap.add_argument("--eval-period", type=int, default=20)
     ap.add_argument("--val-images", type=int, default=16)
     args = ap.parse_args()
-    print(f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} "
-          f"on {os.cpu_count()} cores")  # fmt: skip
+    print(
+        f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} "
+        f"on {os.cpu_count()} cores"
+    )
     if args.part in ("a", "both"):
         part_a(args)
     if args.part in ("b", "both"):

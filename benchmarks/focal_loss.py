@@ -64,15 +64,21 @@ def main() -> None:
     t_tv, t_ours = med["tv"], med["ours"]
 
     gib = 1024**3
-    print(f"focal loss fwd+bwd, logits {tuple(logits.shape)} float32, {int(fg.sum())} fg anchors, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}; {load0} before, {load_average()} after")
+    print(
+        f"focal loss fwd+bwd, logits {tuple(logits.shape)} float32, {int(fg.sum())} fg anchors, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}; {load0} before, {load_average()} after"
+    )
     print(f"{'':<28}{'torchvision':>14}{'ours':>14}{'ratio':>12}")
     print(f"{'time (s)':<28}{t_tv:>14.3f}{t_ours:>14.3f}{t_tv / t_ours:>11.2f}x")
     print(f"{'CPU time (s)':<28}{cpu['tv']:>14.3f}{cpu['ours']:>14.3f}{cpu['tv'] / cpu['ours']:>11.2f}x")
-    print(f"{'peak extra memory (GiB)':<28}{mem_tv / gib:>14.3f}{mem_ours / gib:>14.3f}{mem_ours / mem_tv:>11.3f}x")
+    print(
+        f"{'peak extra memory (GiB)':<28}{mem_tv / gib:>14.3f}{mem_ours / gib:>14.3f}{mem_ours / mem_tv:>11.3f}x"
+    )
     print(f"loss equal: torchvision {lt.item():.6g}, ours {lo.item():.6g}")
-    print(f"targets: speed >= 3x: {'met' if t_tv / t_ours >= 3 else 'NOT met'}; "
-          f"memory <= 1/4: {'met' if mem_ours <= mem_tv / 4 else 'NOT met'}")
+    print(
+        f"targets: speed >= 3x: {'met' if t_tv / t_ours >= 3 else 'NOT met'}; "
+        f"memory <= 1/4: {'met' if mem_ours <= mem_tv / 4 else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -175,8 +175,12 @@ class Settings:
     """Sizes of one run: the paper setting on a GPU, tiny ones for the dry run."""
 
     backbone: str  # for the correctness checks and the step timings
-    model_overrides: dict[str, Any]  # on top of Config() for the correctness checks (AMP, channels_last, compile)
-    step_amp: str  # autocast dtype of the timed steps: bf16 on the GPU; fp32 in the dry run (CPU bf16 is emulated)
+    model_overrides: dict[
+        str, Any
+    ]  # on top of Config() for the correctness checks (AMP, channels_last, compile)
+    step_amp: (
+        str  # autocast dtype of the timed steps: bf16 on the GPU; fp32 in the dry run (CPU bf16 is emulated)
+    )
     height: int
     width: int
     batches: tuple[int, int]  # the two per-GPU batch sizes timed (reported as b2 / b8 rows)
@@ -197,38 +201,87 @@ class Settings:
 
 def gpu_settings(args: argparse.Namespace) -> Settings:
     return Settings(
-        backbone="resnet50", model_overrides={}, step_amp="bf16", height=args.height, width=args.width,
-        batches=(2, 8), warmup=3, repeats=(10, 6),
-        amp_batch=2, data_images=64, data_source=(480, 640), data_min_size=800, data_max_size=1333,
+        backbone="resnet50",
+        model_overrides={},
+        step_amp="bf16",
+        height=args.height,
+        width=args.width,
+        batches=(2, 8),
+        warmup=3,
+        repeats=(10, 6),
+        amp_batch=2,
+        data_images=64,
+        data_source=(480, 640),
+        data_min_size=800,
+        data_max_size=1333,
         ray_iters=20,
         ray_overrides={
-            "data.synth": {"num_train": 160, "num_val": 16, "seed": 0, "min_image_size": 128, "max_image_size": 192,
-                           "min_object_size": 12, "max_object_size": 64, "max_objects": 5},
-            "data.batch_size": 8, "optim.amp": "bf16", "scaling.use_gpu": True, "scaling.gpus_per_worker": 1,
+            "data.synth": {
+                "num_train": 160,
+                "num_val": 16,
+                "seed": 0,
+                "min_image_size": 128,
+                "max_image_size": 192,
+                "min_object_size": 12,
+                "max_object_size": 64,
+                "max_objects": 5,
+            },
+            "data.batch_size": 8,
+            "optim.amp": "bf16",
+            "scaling.use_gpu": True,
+            "scaling.gpus_per_worker": 1,
             "run.ray_num_cpus": max(4, min(os.cpu_count() or 4, 16)),
         },
-        budget_s=args.budget_s or 300.0, target_s=300.0,
+        budget_s=args.budget_s or 300.0,
+        target_s=300.0,
         estimates={"correctness": 40, "parity": 15, "steps": 70, "data": 20, "ray": 100, "compile": 100},
-    )  # fmt: skip
+    )
 
 
 def dry_settings(args: argparse.Namespace) -> Settings:
     return Settings(
-        backbone="resnet18", model_overrides={"model.fpn_channels": 32, "model.head_convs": 1}, step_amp="fp32",
-        height=128, width=128, batches=(1, 2), warmup=0, repeats=(1, 1), amp_batch=2,
-        data_images=8, data_source=(96, 128), data_min_size=128, data_max_size=160, ray_iters=2,
+        backbone="resnet18",
+        model_overrides={"model.fpn_channels": 32, "model.head_convs": 1},
+        step_amp="fp32",
+        height=128,
+        width=128,
+        batches=(1, 2),
+        warmup=0,
+        repeats=(1, 1),
+        amp_batch=2,
+        data_images=8,
+        data_source=(96, 128),
+        data_min_size=128,
+        data_max_size=160,
+        ray_iters=2,
         ray_overrides={
-            "data.synth": {"num_train": 8, "num_val": 4, "seed": 1, "min_image_size": 64, "max_image_size": 96,
-                           "min_object_size": 16, "max_object_size": 48, "max_objects": 3},
-            "data.rows_per_shard": 4, "data.train_min_size": [64, 64], "data.test_min_size": 64,
-            "data.max_size": 96, "data.batch_size": 2, "data.size_divisibility": 32,
-            "model.fpn_channels": 32, "model.head_convs": 1, "scaling.use_gpu": False, "run.ray_num_cpus": 2,
+            "data.synth": {
+                "num_train": 8,
+                "num_val": 4,
+                "seed": 1,
+                "min_image_size": 64,
+                "max_image_size": 96,
+                "min_object_size": 16,
+                "max_object_size": 48,
+                "max_objects": 3,
+            },
+            "data.rows_per_shard": 4,
+            "data.train_min_size": [64, 64],
+            "data.test_min_size": 64,
+            "data.max_size": 96,
+            "data.batch_size": 2,
+            "data.size_divisibility": 32,
+            "model.fpn_channels": 32,
+            "model.head_convs": 1,
+            "scaling.use_gpu": False,
+            "run.ray_num_cpus": 2,
             "train.threads_per_worker": 1,
         },
         # The dry run's point is that every path executes: its budget only stops a pathological machine.
-        budget_s=args.budget_s or 600.0, target_s=120.0,
+        budget_s=args.budget_s or 600.0,
+        target_s=120.0,
         estimates={"correctness": 10, "parity": 5, "steps": 10, "data": 5, "ray": 30, "compile": 5},
-    )  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------------------------------------- the table
@@ -273,7 +326,9 @@ class Report:
         msg = f"{type(err).__name__}: {err}".splitlines()[0][:200]
         for k in keys:
             if k not in self.rows:
-                self.rows[k] = Row(k, self.names[k], self.device, msg, "", "FAIL", k in GPU_ONLY, {"error": msg})
+                self.rows[k] = Row(
+                    k, self.names[k], self.device, msg, "", "FAIL", k in GPU_ONLY, {"error": msg}
+                )
 
     def skip(self, keys: list[str], why: str) -> None:
         for k in keys:
@@ -289,7 +344,10 @@ class Report:
         return [r for r in self.ordered() if r.status.startswith("FAIL")]
 
     def markdown(self) -> str:
-        lines = ["| check / measure | device | value | target / tolerance | status |", "| --- | --- | --- | --- | --- |"]
+        lines = [
+            "| check / measure | device | value | target / tolerance | status |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for r in self.ordered():
             lines.append(f"| {r.name} | {r.device} | {r.value} | {r.target} | {r.status} |")
         return "\n".join(lines)
@@ -320,7 +378,10 @@ def section(report: Report, budget: Budget, name: str, keys: list[str], estimate
     """Run a section if its estimate fits in the time left; an exception fails the section's unfilled rows."""
     left = budget.left()
     if left < estimate:
-        print(f"[gpu-check] {name}: skipped, {left:.0f} s left of the budget, needs ~{estimate:.0f} s", flush=True)
+        print(
+            f"[gpu-check] {name}: skipped, {left:.0f} s left of the budget, needs ~{estimate:.0f} s",
+            flush=True,
+        )
         report.skip(keys, f"time budget ({left:.0f} s left, needs ~{estimate:.0f} s)")
         yield False
         return
@@ -332,7 +393,10 @@ def section(report: Report, budget: Budget, name: str, keys: list[str], estimate
         traceback.print_exc()
         report.fail(keys, err)
     finally:
-        print(f"[gpu-check] {name}: {time.perf_counter() - t0:.1f} s ({cpu_seconds() - c0:.1f} CPU s)", flush=True)
+        print(
+            f"[gpu-check] {name}: {time.perf_counter() - t0:.1f} s ({cpu_seconds() - c0:.1f} CPU s)",
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -396,8 +460,13 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def train_step_result(
-    model: nn.Module, criterion: nn.Module, images: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
-    device: torch.device, amp: torch.dtype | None,
+    model: nn.Module,
+    criterion: nn.Module,
+    images: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_labels: torch.Tensor,
+    device: torch.device,
+    amp: torch.dtype | None,
 ) -> dict[str, Any]:
     """One training step as ``Engine.train_step`` runs it (autocast around the model, criterion in fp32,
     GradScaler for fp16), with lr 0 so that the weights stay put. Returns losses, head outputs, the whole
@@ -413,7 +482,9 @@ def train_step_result(
         losses = criterion(out, gt_boxes, gt_labels)
         scaler.scale(losses["loss_cls"] + losses["loss_box"]).backward()
         scaler.unscale_(opt)
-        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in params])
+        grad = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in params]
+        )
         finite = bool(torch.isfinite(grad).all())
         scaler.step(opt)  # lr 0: the weights do not move; skipped by the scaler on inf/NaN
         scaler.update()
@@ -422,22 +493,35 @@ def train_step_result(
         skipped += 1
     opt.zero_grad(set_to_none=True)
     return {
-        "loss_cls": float(losses["loss_cls"].detach()), "loss_box": float(losses["loss_box"].detach()),
-        "cls_logits": out.cls_logits.detach(), "box_deltas": out.box_deltas.detach(), "grad": grad,
-        "scaler_skips": skipped, "finite": finite, "out_dtype": str(out.cls_logits.dtype).replace("torch.", ""),
-    }  # fmt: skip
+        "loss_cls": float(losses["loss_cls"].detach()),
+        "loss_box": float(losses["loss_box"].detach()),
+        "cls_logits": out.cls_logits.detach(),
+        "box_deltas": out.box_deltas.detach(),
+        "grad": grad,
+        "scaler_skips": skipped,
+        "finite": finite,
+        "out_dtype": str(out.cls_logits.dtype).replace("torch.", ""),
+    }
 
 
-def compare_steps(ref: dict[str, Any], got: dict[str, Any], *, loss_rtol: float, grad_cos: float,
-                  out_rtol: float | None) -> tuple[bool, str, dict[str, float]]:  # fmt: skip
+def compare_steps(
+    ref: dict[str, Any], got: dict[str, Any], *, loss_rtol: float, grad_cos: float, out_rtol: float | None
+) -> tuple[bool, str, dict[str, float]]:
     d = {
         "loss_cls_rel": rel(got["loss_cls"], ref["loss_cls"]),
         "loss_box_rel": rel(got["loss_box"], ref["loss_box"]),
         "grad_cos": cosine(got["grad"], ref["grad"]),
-        "loss_cls": got["loss_cls"], "loss_box": got["loss_box"],
-        "ref_loss_cls": ref["loss_cls"], "ref_loss_box": ref["loss_box"],
-    }  # fmt: skip
-    ok = got["finite"] and d["loss_cls_rel"] <= loss_rtol and d["loss_box_rel"] <= loss_rtol and d["grad_cos"] >= grad_cos
+        "loss_cls": got["loss_cls"],
+        "loss_box": got["loss_box"],
+        "ref_loss_cls": ref["loss_cls"],
+        "ref_loss_box": ref["loss_box"],
+    }
+    ok = (
+        got["finite"]
+        and d["loss_cls_rel"] <= loss_rtol
+        and d["loss_box_rel"] <= loss_rtol
+        and d["grad_cos"] >= grad_cos
+    )
     text = f"loss rel cls {d['loss_cls_rel']:.1e} box {d['loss_box_rel']:.1e}, grad cos {d['grad_cos']:.5f}"
     if out_rtol is not None:
         d["cls_logits_rel"] = max_rel_diff(got["cls_logits"], ref["cls_logits"])
@@ -473,20 +557,34 @@ def correctness(report: Report, s: Settings, device: torch.device) -> None:
     for key, dtype in (("amp_bf16", torch.bfloat16), ("amp_fp16", torch.float16)):
         name = key.split("_")[1]
         got = train_step_result(model, criterion, images, gt_boxes, gt_labels, device, dtype)
-        ok, text, d = compare_steps(ref, got, loss_rtol=AMP_LOSS_RTOL[name], grad_cos=AMP_GRAD_COS, out_rtol=None)
+        ok, text, d = compare_steps(
+            ref, got, loss_rtol=AMP_LOSS_RTOL[name], grad_cos=AMP_GRAD_COS, out_rtol=None
+        )
         extra = f", head outputs {got['out_dtype']}"
         if got["scaler_skips"]:
             extra += f", scaler skipped {got['scaler_skips']} step(s)"
-        report.add(key, f"{text}{extra} ({size}; fp32 losses {ref['loss_cls']:.4f} / {ref['loss_box']:.4f})",
-                   f"loss rel <= {AMP_LOSS_RTOL[name]:g}, grad cos >= {AMP_GRAD_COS}", ok, **d)  # fmt: skip
+        report.add(
+            key,
+            f"{text}{extra} ({size}; fp32 losses {ref['loss_cls']:.4f} / {ref['loss_box']:.4f})",
+            f"loss rel <= {AMP_LOSS_RTOL[name]:g}, grad cos >= {AMP_GRAD_COS}",
+            ok,
+            **d,
+        )
 
     cl = build_model(apply_overrides(cfg, {"model.channels_last": True}), NUM_CLASSES).to(device).train()
     cl.load_state_dict(model.state_dict())
     with true_fp32():
         got = train_step_result(cl, criterion, images, gt_boxes, gt_labels, device, None)
-    ok, text, d = compare_steps(ref, got, loss_rtol=SAME_MATH_RTOL, grad_cos=SAME_MATH_GRAD_COS, out_rtol=SAME_MATH_RTOL)
-    report.add("channels_last", f"{text} ({size})",
-               f"outputs, losses rel <= {SAME_MATH_RTOL:g}, grad cos >= {SAME_MATH_GRAD_COS}", ok, **d)  # fmt: skip
+    ok, text, d = compare_steps(
+        ref, got, loss_rtol=SAME_MATH_RTOL, grad_cos=SAME_MATH_GRAD_COS, out_rtol=SAME_MATH_RTOL
+    )
+    report.add(
+        "channels_last",
+        f"{text} ({size})",
+        f"outputs, losses rel <= {SAME_MATH_RTOL:g}, grad cos >= {SAME_MATH_GRAD_COS}",
+        ok,
+        **d,
+    )
 
 
 def compile_check(report: Report, s: Settings, device: torch.device) -> None:
@@ -506,10 +604,17 @@ def compile_check(report: Report, s: Settings, device: torch.device) -> None:
         t0 = time.perf_counter()
         got = train_step_result(compiled, criterion, images, gt_boxes, gt_labels, device, None)
         first = time.perf_counter() - t0
-    ok, text, d = compare_steps(ref, got, loss_rtol=SAME_MATH_RTOL, grad_cos=SAME_MATH_GRAD_COS, out_rtol=SAME_MATH_RTOL)
+    ok, text, d = compare_steps(
+        ref, got, loss_rtol=SAME_MATH_RTOL, grad_cos=SAME_MATH_GRAD_COS, out_rtol=SAME_MATH_RTOL
+    )
     d["first_step_s"] = first
-    report.add("compile", f"{text}; backend {backend}, first step (compile) {first:.0f} s",
-               f"outputs, losses rel <= {SAME_MATH_RTOL:g}, grad cos >= {SAME_MATH_GRAD_COS}", ok, **d)  # fmt: skip
+    report.add(
+        "compile",
+        f"{text}; backend {backend}, first step (compile) {first:.0f} s",
+        f"outputs, losses rel <= {SAME_MATH_RTOL:g}, grad cos >= {SAME_MATH_GRAD_COS}",
+        ok,
+        **d,
+    )
     torch._dynamo.reset()
 
 
@@ -529,7 +634,9 @@ def device_parity(report: Report, s: Settings, device: torch.device) -> None:
     sizes = torch.tensor([[h, w]] * b)
     pp = build_postprocessor(Config())
     on_cpu = pp(HeadOutputs(logits, deltas, anchors, per_level), sizes)
-    on_dev = pp(HeadOutputs(logits.to(device), deltas.to(device), anchors.to(device), per_level), sizes.to(device))
+    on_dev = pp(
+        HeadOutputs(logits.to(device), deltas.to(device), anchors.to(device), per_level), sizes.to(device)
+    )
     n_cpu = sum(len(d["scores"]) for d in on_cpu)
     same_counts = [len(d["scores"]) for d in on_cpu] == [len(d["scores"]) for d in on_dev]
     box_diff = score_diff = 0.0
@@ -545,9 +652,14 @@ def device_parity(report: Report, s: Settings, device: torch.device) -> None:
         "postprocess_gpu_cpu",
         f"{n_cpu} detections ({b} image{'s' if b > 1 else ''}, {r} anchors x {NUM_CLASSES}), counts {'equal' if same_counts else 'DIFFER'}, "
         f"labels {'equal' if labels_equal else 'DIFFER'}, max box diff {box_diff:.1e} px, max score diff {score_diff:.1e}",
-        f"same counts and labels, boxes <= {PP_BOX_ATOL:g} px, scores <= {PP_SCORE_ATOL:g}", ok,
-        detections=n_cpu, box_diff=box_diff, score_diff=score_diff, same_counts=same_counts, labels_equal=labels_equal,
-    )  # fmt: skip
+        f"same counts and labels, boxes <= {PP_BOX_ATOL:g} px, scores <= {PP_SCORE_ATOL:g}",
+        ok,
+        detections=n_cpu,
+        box_diff=box_diff,
+        score_diff=score_diff,
+        same_counts=same_counts,
+        labels_equal=labels_equal,
+    )
 
     # Matcher: the paper's thresholds with low-quality matches, one crowd box, padded GT.
     _, gt_boxes, gt_labels, _ = make_batch(s.batches[1], h, w, seed=2)
@@ -565,9 +677,12 @@ def device_parity(report: Report, s: Settings, device: torch.device) -> None:
         "matcher_gpu_cpu",
         f"{int(fg.sum())} foreground of {lab_c.numel()} anchors; label mismatches {label_mismatch}, "
         f"foreground GT-index mismatches {fg_idx_mismatch}",
-        "0 mismatches", label_mismatch == 0 and fg_idx_mismatch == 0,
-        foreground=int(fg.sum()), label_mismatch=label_mismatch, fg_idx_mismatch=fg_idx_mismatch,
-    )  # fmt: skip
+        "0 mismatches",
+        label_mismatch == 0 and fg_idx_mismatch == 0,
+        foreground=int(fg.sum()),
+        label_mismatch=label_mismatch,
+        fg_idx_mismatch=fg_idx_mismatch,
+    )
 
 
 def resident_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
@@ -658,7 +773,8 @@ def time_batch(pair: Pair, s: Settings, device: torch.device, b: int, repeats: i
     res["median"] = med = {k: statistics.median(v) for k, v in times.items()}
     res["images_per_s"] = {k: b / med[f"step_{k}"] for k in ("tv", "ours", "ours_cl")}
     res["outside_ms"] = {
-        k: 1000 * statistics.median([a - n for a, n in zip(times[f"step_{k}"], times[f"net_{k}"], strict=True)])
+        k: 1000
+        * statistics.median([a - n for a, n in zip(times[f"step_{k}"], times[f"net_{k}"], strict=True)])
         for k in ("tv", "ours")
     }
 
@@ -686,7 +802,9 @@ def time_batch(pair: Pair, s: Settings, device: torch.device, b: int, repeats: i
 def step_timings(report: Report, s: Settings, device: torch.device, gpu_name: str) -> dict[str, Any]:
     """Ours vs torchvision at both batch sizes (bf16 autocast on the GPU): images/s, outside time, memory,
     TFLOP/s; first a check that the pair computes the same losses."""
-    tv, ours, crit = make_pair(s.backbone)  # ours loaded from torchvision's state dict, torchvision's loss settings
+    tv, ours, crit = make_pair(
+        s.backbone
+    )  # ours loaded from torchvision's state dict, torchvision's loss settings
     tv, ours, crit = tv.to(device).train(), ours.to(device).train(), crit.to(device)
     ours_cl = copy.deepcopy(ours).to(memory_format=torch.channels_last)
     ours_cl.channels_last = True
@@ -702,10 +820,15 @@ def step_timings(report: Report, s: Settings, device: torch.device, gpu_name: st
     d_cls = rel(float(got["loss_cls"]), float(ref["classification"]))
     d_box = rel(float(got["loss_box"]), float(ref["bbox_regression"]))
     parity_tol = 1e-4 if device.type == "cpu" else 1e-3  # GPU: cuDNN may pick other algorithms per model
-    report.add("parity_torchvision",
-               f"loss rel cls {d_cls:.1e} box {d_box:.1e} ({s.backbone} {s.batches[0]}x{s.height}x{s.width}; "
-               f"torchvision {float(ref['classification']):.4f} / {float(ref['bbox_regression']):.4f})",
-               f"rel <= {parity_tol:g}", d_cls <= parity_tol and d_box <= parity_tol, loss_cls_rel=d_cls, loss_box_rel=d_box)  # fmt: skip
+    report.add(
+        "parity_torchvision",
+        f"loss rel cls {d_cls:.1e} box {d_box:.1e} ({s.backbone} {s.batches[0]}x{s.height}x{s.width}; "
+        f"torchvision {float(ref['classification']):.4f} / {float(ref['bbox_regression']):.4f})",
+        f"rel <= {parity_tol:g}",
+        d_cls <= parity_tol and d_box <= parity_tol,
+        loss_cls_rel=d_cls,
+        loss_box_rel=d_box,
+    )
 
     pair = Pair(tv, ours, ours_cl, crit, {"tv": sgd(tv), "ours": sgd(ours), "ours_cl": sgd(ours_cl)})
     results: dict[str, dict[str, Any]] = {}
@@ -713,42 +836,73 @@ def step_timings(report: Report, s: Settings, device: torch.device, gpu_name: st
         r = results[key] = time_batch(pair, s, device, b, repeats)
         ips, med, out_ms = r["images_per_s"], r["median"], r["outside_ms"]
         ratio = ips["ours"] / ips["tv"]
-        report.add(f"step_{key}",
-                   f"ours {ips['ours']:.1f}, torchvision {ips['tv']:.1f} img/s: {ratio:.2f}x "
-                   f"({s.backbone} {b}x{s.height}x{s.width} {s.step_amp}, median of {r['repeats']})",
-                   f">= {SPEEDUP_TARGET}x torchvision", ratio >= SPEEDUP_TARGET,
-                   ours=ips["ours"], ours_channels_last=ips["ours_cl"], torchvision=ips["tv"], ratio=ratio,
-                   step_s=med["step_ours"], step_tv_s=med["step_tv"],
-                   raw={k: [round(x, 4) for x in v] for k, v in r["raw"].items()})  # fmt: skip
-        report.add(f"outside_{key}",
-                   f"ours {out_ms['ours']:.1f} ms, torchvision {out_ms['tv']:.1f} ms of a {1000 * med['step_ours']:.0f} / "
-                   f"{1000 * med['step_tv']:.0f} ms step", "info (step - network fwd+bwd)", None,
-                   ours_ms=out_ms["ours"], torchvision_ms=out_ms["tv"])  # fmt: skip
+        report.add(
+            f"step_{key}",
+            f"ours {ips['ours']:.1f}, torchvision {ips['tv']:.1f} img/s: {ratio:.2f}x "
+            f"({s.backbone} {b}x{s.height}x{s.width} {s.step_amp}, median of {r['repeats']})",
+            f">= {SPEEDUP_TARGET}x torchvision",
+            ratio >= SPEEDUP_TARGET,
+            ours=ips["ours"],
+            ours_channels_last=ips["ours_cl"],
+            torchvision=ips["tv"],
+            ratio=ratio,
+            step_s=med["step_ours"],
+            step_tv_s=med["step_tv"],
+            raw={k: [round(x, 4) for x in v] for k, v in r["raw"].items()},
+        )
+        report.add(
+            f"outside_{key}",
+            f"ours {out_ms['ours']:.1f} ms, torchvision {out_ms['tv']:.1f} ms of a {1000 * med['step_ours']:.0f} / "
+            f"{1000 * med['step_tv']:.0f} ms step",
+            "info (step - network fwd+bwd)",
+            None,
+            ours_ms=out_ms["ours"],
+            torchvision_ms=out_ms["tv"],
+        )
         if "memory_gib" in r:
             mem = r["memory_gib"]
-            report.add(f"memory_{key}", f"ours {mem['ours']:.2f} GiB, torchvision {mem['tv']:.2f} GiB",
-                       f"info (detectron2 R50-FPN 1x: {D2_TRAIN_MEM_GB} GB at 2 images, fp32, V100)", None,
-                       ours_gib=mem["ours"], torchvision_gib=mem["tv"])  # fmt: skip
+            report.add(
+                f"memory_{key}",
+                f"ours {mem['ours']:.2f} GiB, torchvision {mem['tv']:.2f} GiB",
+                f"info (detectron2 R50-FPN 1x: {D2_TRAIN_MEM_GB} GB at 2 images, fp32, V100)",
+                None,
+                ours_gib=mem["ours"],
+                torchvision_gib=mem["tv"],
+            )
         else:
             report.add(f"memory_{key}", "n/a without CUDA", "info", None)
         achieved = r["flops"] / med["step_ours"] / 1e12
         frac = f", {100 * achieved / peak:.1f} % of {peak:g} peak" if peak else ""
-        report.add(f"tflops_{key}", f"{achieved:.1f} TFLOP/s ({r['flops'] / 1e12:.3f} TFLOP per step){frac}",
-                   f"info; peak: {peak_source}", None, tflops=achieved, flops=r["flops"], peak_tflops=peak,
-                   peak_source=peak_source)  # fmt: skip
+        report.add(
+            f"tflops_{key}",
+            f"{achieved:.1f} TFLOP/s ({r['flops'] / 1e12:.3f} TFLOP per step){frac}",
+            f"info; peak: {peak_source}",
+            None,
+            tflops=achieved,
+            flops=r["flops"],
+            peak_tflops=peak,
+            peak_source=peak_source,
+        )
 
     b2, b8 = results["b2"], results["b8"]
     best = max(b8["images_per_s"]["ours"], b8["images_per_s"]["ours_cl"])
-    report.add("vs_detectron2",
-               f"ours {b2['images_per_s']['ours']:.1f} img/s at batch {b2['batch']} (best at batch {b8['batch']}: {best:.1f})",
-               f">= {D2_IMAGES_PER_S_PER_GPU:.2f} (detectron2 MODEL_ZOO: {D2_SECONDS_PER_ITER} s/iter, "
-               f"{D2_IMAGES_PER_ITER} img on {D2_GPUS} V100)",
-               b2["images_per_s"]["ours"] >= D2_IMAGES_PER_S_PER_GPU,
-               ours=b2["images_per_s"]["ours"], detectron2=D2_IMAGES_PER_S_PER_GPU)  # fmt: skip
+    report.add(
+        "vs_detectron2",
+        f"ours {b2['images_per_s']['ours']:.1f} img/s at batch {b2['batch']} (best at batch {b8['batch']}: {best:.1f})",
+        f">= {D2_IMAGES_PER_S_PER_GPU:.2f} (detectron2 MODEL_ZOO: {D2_SECONDS_PER_ITER} s/iter, "
+        f"{D2_IMAGES_PER_ITER} img on {D2_GPUS} V100)",
+        b2["images_per_s"]["ours"] >= D2_IMAGES_PER_S_PER_GPU,
+        ours=b2["images_per_s"]["ours"],
+        detectron2=D2_IMAGES_PER_S_PER_GPU,
+    )
     speedups = {k: v["images_per_s"]["ours_cl"] / v["images_per_s"]["ours"] for k, v in results.items()}
-    report.add("channels_last_speed",
-               ", ".join(f"batch {results[k]['batch']}: {x:.2f}x" for k, x in speedups.items()),
-               "info (> 1: turn model.channels_last on)", None, **speedups)  # fmt: skip
+    report.add(
+        "channels_last_speed",
+        ", ".join(f"batch {results[k]['batch']}: {x:.2f}x" for k, x in speedups.items()),
+        "info (> 1: turn model.channels_last on)",
+        None,
+        **speedups,
+    )
     return {"gpu_images_per_s": best}
 
 
@@ -760,8 +914,15 @@ def data_per_core(report: Report, s: Settings, tmp: Path) -> dict[str, float]:
     from ray_retina.data import augment_batch, make_synthetic_coco
 
     lo, hi = s.data_source
-    paths = make_synthetic_coco(tmp / "augment_src", s.data_images, 0, seed=0, min_image_size=lo, max_image_size=hi,
-                                max_object_size=min(96, lo))  # fmt: skip
+    paths = make_synthetic_coco(
+        tmp / "augment_src",
+        s.data_images,
+        0,
+        seed=0,
+        min_image_size=lo,
+        max_image_size=hi,
+        max_object_size=min(96, lo),
+    )
     coco = json.loads(Path(paths.train_annotations).read_text())
     anns: dict[int, list[dict[str, Any]]] = {}
     for a in coco["annotations"]:
@@ -771,15 +932,28 @@ def data_per_core(report: Report, s: Settings, tmp: Path) -> dict[str, float]:
         "image_id": np.array([im["id"] for im in images], dtype=np.int64),
         "height": np.array([im["height"] for im in images], dtype=np.int64),
         "width": np.array([im["width"] for im in images], dtype=np.int64),
-        "image": np.array([(Path(paths.train_images) / im["file_name"]).read_bytes() for im in images], dtype=object),
-        "bbox": np.array([[a["bbox"] for a in anns.get(im["id"], [])] for im in images] + [None], dtype=object)[:-1],
-        "category_id": np.array([[a["category_id"] for a in anns.get(im["id"], [])] for im in images] + [None], dtype=object)[:-1],
-        "iscrowd": np.array([[a.get("iscrowd", 0) for a in anns.get(im["id"], [])] for im in images] + [None], dtype=object)[:-1],
-    }  # fmt: skip
+        "image": np.array(
+            [(Path(paths.train_images) / im["file_name"]).read_bytes() for im in images], dtype=object
+        ),
+        "bbox": np.array(
+            [[a["bbox"] for a in anns.get(im["id"], [])] for im in images] + [None], dtype=object
+        )[:-1],
+        "category_id": np.array(
+            [[a["category_id"] for a in anns.get(im["id"], [])] for im in images] + [None], dtype=object
+        )[:-1],
+        "iscrowd": np.array(
+            [[a.get("iscrowd", 0) for a in anns.get(im["id"], [])] for im in images] + [None], dtype=object
+        )[:-1],
+    }
     kwargs = {
-        "train": True, "min_size_range": [s.data_min_size, s.data_min_size], "max_size": s.data_max_size,
-        "hflip_prob": 0.5, "cat_ids": sorted(c["id"] for c in coco["categories"]), "seed": 0, "epoch": 0,
-    }  # fmt: skip
+        "train": True,
+        "min_size_range": [s.data_min_size, s.data_min_size],
+        "max_size": s.data_max_size,
+        "hflip_prob": 0.5,
+        "cat_ids": sorted(c["id"] for c in coco["categories"]),
+        "seed": 0,
+        "epoch": 0,
+    }
     chunk = 16  # one Parquet row group (shards.ROW_GROUP_SIZE): what one Ray Data decode task augments
     n = len(images)
 
@@ -795,11 +969,16 @@ def data_per_core(report: Report, s: Settings, tmp: Path) -> dict[str, float]:
     done = run_pass()
     cpu_s, wall_s = time.process_time() - c0, time.perf_counter() - t0
     per_core = done / max(cpu_s, 1e-9)
-    report.add("data_per_core",
-               f"{per_core:.1f} img per CPU-second ({done / wall_s:.1f} img/s wall), {done} JPEGs of {lo}-{hi} px "
-               f"-> shorter side {s.data_min_size}, in-process loop",
-               "info (upper bound: no Ray Data transport)", None, images_per_cpu_s=per_core,
-               images_per_s_wall=done / wall_s, images=done)  # fmt: skip
+    report.add(
+        "data_per_core",
+        f"{per_core:.1f} img per CPU-second ({done / wall_s:.1f} img/s wall), {done} JPEGs of {lo}-{hi} px "
+        f"-> shorter side {s.data_min_size}, in-process loop",
+        "info (upper bound: no Ray Data transport)",
+        None,
+        images_per_cpu_s=per_core,
+        images_per_s_wall=done / wall_s,
+        images=done,
+    )
     return {"per_core": per_core}
 
 
@@ -839,15 +1018,34 @@ def ray_train(report: Report, s: Settings, tmp: Path) -> None:
     m = outcome.metrics
     ap = m.get("val/AP")
     it = m.get("iteration")
-    ok = outcome.error is None and ap is not None and math.isfinite(ap) and 0.0 <= ap <= 1.0 and it == s.ray_iters
-    backend = cfg.scaling.backend if cfg.scaling.backend != "auto" else ("nccl" if cfg.scaling.use_gpu else "gloo")
+    ok = (
+        outcome.error is None
+        and ap is not None
+        and math.isfinite(ap)
+        and 0.0 <= ap <= 1.0
+        and it == s.ray_iters
+    )
+    backend = (
+        cfg.scaling.backend if cfg.scaling.backend != "auto" else ("nccl" if cfg.scaling.use_gpu else "gloo")
+    )
     if outcome.error is not None:
         value = f"error: {type(outcome.error).__name__}: {str(outcome.error).splitlines()[0][:160]}"
     else:
-        value = (f"val/AP {ap:.4f} after {int(it or 0)} iterations, {m.get('train/images_per_s', float('nan')):.1f} img/s, "
-                 f"backend {backend}, amp {cfg.optim.amp}, {seconds:.0f} s incl. Ray start")  # fmt: skip
-    report.add("ray_train_gpu", value, f"{s.ray_iters} iterations, finite val/AP reported, no error", ok,
-               val_AP=ap, iteration=it, seconds=seconds, backend=backend, images_per_s=m.get("train/images_per_s"))  # fmt: skip
+        value = (
+            f"val/AP {ap:.4f} after {int(it or 0)} iterations, {m.get('train/images_per_s', float('nan')):.1f} img/s, "
+            f"backend {backend}, amp {cfg.optim.amp}, {seconds:.0f} s incl. Ray start"
+        )
+    report.add(
+        "ray_train_gpu",
+        value,
+        f"{s.ray_iters} iterations, finite val/AP reported, no error",
+        ok,
+        val_AP=ap,
+        iteration=it,
+        seconds=seconds,
+        backend=backend,
+        images_per_s=m.get("train/images_per_s"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -855,11 +1053,19 @@ def ray_train(report: Report, s: Settings, tmp: Path) -> None:
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dry-run", action="store_true", help="every code path at tiny sizes on the CPU (< 2 min)")
-    ap.add_argument("--out", default=None, help="JSON file, or a folder for gpu_check.json (default: bench_out/)")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="every code path at tiny sizes on the CPU (< 2 min)"
+    )
+    ap.add_argument(
+        "--out", default=None, help="JSON file, or a folder for gpu_check.json (default: bench_out/)"
+    )
     ap.add_argument("--budget-s", type=float, default=None, help="time budget (default 300 s; dry run 600 s)")
-    ap.add_argument("--height", type=int, default=896, help="input height of the paper setting (800 padded to 128)")
-    ap.add_argument("--width", type=int, default=1152, help="input width (a 4:3 image at 800: 1067, padded to 128)")
+    ap.add_argument(
+        "--height", type=int, default=896, help="input height of the paper setting (800 padded to 128)"
+    )
+    ap.add_argument(
+        "--width", type=int, default=1152, help="input width (a 4:3 image at 800: 1067, padded to 128)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 without CUDA)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temporary data and Ray run folder")
     return ap.parse_args(argv)
@@ -870,7 +1076,9 @@ def save(report: Report, meta: dict[str, Any], out: Path) -> None:
     still leaves the rows it finished."""
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "wall_s": time.perf_counter() - T_START}
-    out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in report.ordered()]}, indent=2, default=str))
+    out.write_text(
+        json.dumps({"meta": meta, "rows": [asdict(r) for r in report.ordered()]}, indent=2, default=str)
+    )
 
 
 def _out_path(out: str | None, dry: bool) -> Path:
@@ -884,7 +1092,9 @@ def _out_path(out: str | None, dry: bool) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     if os.environ.pop("RAY_ADDRESS", None):
-        print("[gpu-check] RAY_ADDRESS ignored: the check starts its own local Ray on this machine", flush=True)
+        print(
+            "[gpu-check] RAY_ADDRESS ignored: the check starts its own local Ray on this machine", flush=True
+        )
     cuda = torch.cuda.is_available() and not args.dry_run
     device = torch.device("cuda") if cuda else torch.device("cpu")
     s = dry_settings(args) if args.dry_run or not cuda else gpu_settings(args)
@@ -897,14 +1107,25 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(s.budget_s)
     report = Report(cuda, f"cuda ({gpu_name})" if cuda else "cpu", s)
     meta = {
-        "dry_run": args.dry_run, "cuda": cuda, "gpu": gpu_name, "peak_bf16_tflops": peak, "peak_source": peak_source,
-        "torch": torch.__version__, "cuda_version": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "dry_run": args.dry_run,
+        "cuda": cuda,
+        "gpu": gpu_name,
+        "peak_bf16_tflops": peak,
+        "peak_source": peak_source,
+        "torch": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
         "settings": {k: v for k, v in asdict(s).items() if k != "ray_overrides"},
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }  # fmt: skip
-    print(f"[gpu-check] {'DRY RUN (cpu, tiny sizes)' if args.dry_run else 'device ' + report.device}; torch "
-          f"{torch.__version__}, CUDA {torch.version.cuda}; {load_average()}; budget {s.budget_s:.0f} s", flush=True)
+    }
+    print(
+        f"[gpu-check] {'DRY RUN (cpu, tiny sizes)' if args.dry_run else 'device ' + report.device}; torch "
+        f"{torch.__version__}, CUDA {torch.version.cuda}; {load_average()}; budget {s.budget_s:.0f} s",
+        flush=True,
+    )
     if not cuda and not args.dry_run:
         print("[gpu-check] no CUDA device: running the dry-run sizes; GPU-only rows are skipped", flush=True)
 
@@ -922,24 +1143,52 @@ def main(argv: list[str] | None = None) -> int:
             report.skip(["cores_per_gpu"], "needs the training step rows")
             return
         need = found["gpu_rate"] / found["per_core"]
-        report.add("cores_per_gpu",
-                   f"{need:.1f} cores ({found['gpu_rate']:.1f} GPU img/s / {found['per_core']:.1f} img/s per core)",
-                   "info (lower bound: Ray Data costs 1.6-2x the loop's CPU per image)", None,
-                   cores=need, gpu_images_per_s=found["gpu_rate"], per_core=found["per_core"])  # fmt: skip
+        report.add(
+            "cores_per_gpu",
+            f"{need:.1f} cores ({found['gpu_rate']:.1f} GPU img/s / {found['per_core']:.1f} img/s per core)",
+            "info (lower bound: Ray Data costs 1.6-2x the loop's CPU per image)",
+            None,
+            cores=need,
+            gpu_images_per_s=found["gpu_rate"],
+            per_core=found["per_core"],
+        )
 
     sections: list[tuple[str, list[str], float, Callable[[], None]]] = [
-        ("AMP and channels_last", ["amp_bf16", "amp_fp16", "channels_last"], est["correctness"],
-         lambda: correctness(report, s, device)),
-        ("post-process and matcher, device vs CPU", ["postprocess_gpu_cpu", "matcher_gpu_cpu"], est["parity"],
-         lambda: device_parity(report, s, device)),
-        ("training step, ours vs torchvision",
-         ["parity_torchvision", "step_b2", "step_b8", "vs_detectron2", "channels_last_speed", "outside_b2",
-          "outside_b8", "memory_b2", "memory_b8", "tflops_b2", "tflops_b8"], est["steps"], steps),
+        (
+            "AMP and channels_last",
+            ["amp_bf16", "amp_fp16", "channels_last"],
+            est["correctness"],
+            lambda: correctness(report, s, device),
+        ),
+        (
+            "post-process and matcher, device vs CPU",
+            ["postprocess_gpu_cpu", "matcher_gpu_cpu"],
+            est["parity"],
+            lambda: device_parity(report, s, device),
+        ),
+        (
+            "training step, ours vs torchvision",
+            [
+                "parity_torchvision",
+                "step_b2",
+                "step_b8",
+                "vs_detectron2",
+                "channels_last_speed",
+                "outside_b2",
+                "outside_b8",
+                "memory_b2",
+                "memory_b8",
+                "tflops_b2",
+                "tflops_b8",
+            ],
+            est["steps"],
+            steps,
+        ),
         ("decode + augment per CPU core", ["data_per_core", "cores_per_gpu"], est["data"], data),
         ("Ray Train, 1 worker", ["ray_train_gpu"], est["ray"], lambda: ray_train(report, s, tmp)),
         # last: the least predictable in time (inductor's compile), and skipped first when time runs short
         ("torch.compile", ["compile"], est["compile"], lambda: compile_check(report, s, device)),
-    ]  # fmt: skip
+    ]
     try:
         for name, keys, estimate, fn in sections:
             with section(report, budget, name, keys, estimate) as run:
@@ -955,7 +1204,9 @@ def main(argv: list[str] | None = None) -> int:
 
     wall = budget.elapsed()
     print()
-    print(f"## gpu_check: {report.device}{', dry run' if args.dry_run else ''}, {wall:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(
+        f"## gpu_check: {report.device}{', dry run' if args.dry_run else ''}, {wall:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}"
+    )
     if cuda:
         print(f"peak dense BF16: {peak if peak else 'unknown'} TFLOP/s ({peak_source})")
     print()
@@ -964,9 +1215,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     cpu_s = cpu_seconds()
     meta["cpu_s"] = cpu_s
-    print(f"{len(failed)} FAIL" + (f": {', '.join(r.key for r in failed)}" if failed else "") +
-          f"; wall {wall:.1f} s (target {s.target_s:.0f} s: {'met' if wall <= s.target_s else 'NOT met'}), "
-          f"CPU {cpu_s:.1f} s in this process and its children (Ray's daemons not counted); {load_average()}")  # fmt: skip
+    print(
+        f"{len(failed)} FAIL"
+        + (f": {', '.join(r.key for r in failed)}" if failed else "")
+        + f"; wall {wall:.1f} s (target {s.target_s:.0f} s: {'met' if wall <= s.target_s else 'NOT met'}), "
+        f"CPU {cpu_s:.1f} s in this process and its children (Ray's daemons not counted); {load_average()}"
+    )
     save(report, meta, out)
     print(f"written: {out}")
     return 1 if failed else 0

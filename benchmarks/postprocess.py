@@ -43,7 +43,10 @@ def main() -> None:
 
     ours = PostProcessor(score_thresh=0.05, topk_candidates=1000, nms_thresh=0.5, detections_per_img=100)
     tv_self = SimpleNamespace(
-        score_thresh=0.05, topk_candidates=1000, nms_thresh=0.5, detections_per_img=100,
+        score_thresh=0.05,
+        topk_candidates=1000,
+        nms_thresh=0.5,
+        detections_per_img=100,
         box_coder=TVBoxCoder(weights=(1.0, 1.0, 1.0, 1.0)),
     )
 
@@ -51,7 +54,10 @@ def main() -> None:
         return ours(outputs, sizes)
 
     def run_tv():
-        head = {"cls_logits": list(logits.split(per_level, dim=1)), "bbox_regression": list(deltas.split(per_level, dim=1))}
+        head = {
+            "cls_logits": list(logits.split(per_level, dim=1)),
+            "bbox_regression": list(deltas.split(per_level, dim=1)),
+        }
         split_anchors = [list(anchors.split(per_level)) for _ in range(b)]
         return TVRetinaNet.postprocess_detections(tv_self, head, split_anchors, [(s, s)] * b)
 
@@ -67,12 +73,16 @@ def main() -> None:
         load0 = load_average()
         med, cpu = interleaved_medians({"tv": run_tv, "ours": run_ours}, repeats=args.repeats)
         t_tv, t_ours = med["tv"], med["ours"]
-    print(f"post-process, batch {b} at {s} px ({r} anchors x {k} classes), ~{cand} scores > 0.05 per image, "
-          f"{total} detections, identical; {torch.get_num_threads()} threads, median of {args.repeats}; "
-          f"{load0} before, {load_average()} after")
+    print(
+        f"post-process, batch {b} at {s} px ({r} anchors x {k} classes), ~{cand} scores > 0.05 per image, "
+        f"{total} detections, identical; {torch.get_num_threads()} threads, median of {args.repeats}; "
+        f"{load0} before, {load_average()} after"
+    )
     print(f"{'':<16}{'torchvision':>14}{'ours':>14}{'ratio':>12}")
     print(f"{'time (ms)':<16}{1000 * t_tv:>14.1f}{1000 * t_ours:>14.1f}{t_tv / t_ours:>11.2f}x")
-    print(f"{'CPU time (ms)':<16}{1000 * cpu['tv']:>14.1f}{1000 * cpu['ours']:>14.1f}{cpu['tv'] / cpu['ours']:>11.2f}x")
+    print(
+        f"{'CPU time (ms)':<16}{1000 * cpu['tv']:>14.1f}{1000 * cpu['ours']:>14.1f}{cpu['tv'] / cpu['ours']:>11.2f}x"
+    )
     print(f"target: >= 3x: {'met' if t_tv / t_ours >= 3 else 'NOT met'}")
 
 

@@ -71,7 +71,12 @@ def make_pair(backbone: str):
     tv.transform = NormalizeOnly()
     cfg = apply_overrides(
         Config(),
-        {"model.backbone": backbone, "model.p6_from": "p5", "loss.box_loss": "l1", "loss.normalizer": "per_image"},
+        {
+            "model.backbone": backbone,
+            "model.p6_from": "p5",
+            "loss.box_loss": "l1",
+            "loss.normalizer": "per_image",
+        },
     )
     ours = build_model(cfg, NUM_CLASSES)
     load_torchvision_retinanet(ours, tv.state_dict())
@@ -150,7 +155,8 @@ def run(setting: str, repeats: int) -> dict[str, float]:
         tv_head = {k: v.detach().requires_grad_() for k, v in tv.head(tv_feats).items()}
         our_out = ours(images)
     our_out = our_out._replace(
-        cls_logits=our_out.cls_logits.detach().requires_grad_(), box_deltas=our_out.box_deltas.detach().requires_grad_()
+        cls_logits=our_out.cls_logits.detach().requires_grad_(),
+        box_deltas=our_out.box_deltas.detach().requires_grad_(),
     )
     for model in (tv, ours):
         for p in model.parameters():
@@ -250,15 +256,19 @@ def main() -> None:
                 name = ""
         for clock_name in ("wall", "cpu"):
             m = med[clock_name]
-            print(f"{'':<22}{'step, paired (' + clock_name + ')':<26}ours faster in {m['step_wins']}/{args.repeats} repeats, "
-                  f"median per-repeat ratio {m['step_paired_ratio']:.3f}x")  # fmt: skip
+            print(
+                f"{'':<22}{'step, paired (' + clock_name + ')':<26}ours faster in {m['step_wins']}/{args.repeats} repeats, "
+                f"median per-repeat ratio {m['step_paired_ratio']:.3f}x"
+            )
         if args.raw:
             for k, v in med["wall"]["raw"].items():
                 print(f"{'':<22}{k + ' (wall, per repeat)':<26}{' '.join(f'{x:.3f}' for x in v)}")
         m, d = med["wall"], med["direct"]
-        verdicts.append(f"{s}: step faster {'met' if m['step_ours'] < m['step_tv'] else 'NOT met'}, "
-                        f"outside <= 1/3 {'met' if m['out_ours'] <= m['out_tv'] / 3 else 'NOT met'} (wall), "
-                        f"{'met' if d['out_ours'] <= d['out_tv'] / 3 else 'NOT met'} (direct)")
+        verdicts.append(
+            f"{s}: step faster {'met' if m['step_ours'] < m['step_tv'] else 'NOT met'}, "
+            f"outside <= 1/3 {'met' if m['out_ours'] <= m['out_tv'] / 3 else 'NOT met'} (wall), "
+            f"{'met' if d['out_ours'] <= d['out_tv'] / 3 else 'NOT met'} (direct)"
+        )
     print(f"targets: {'; '.join(verdicts)}; {load_average()} at the end")
 
 

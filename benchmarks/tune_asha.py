@@ -25,10 +25,29 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 REPORT_KEYS = [
-    "val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl", "val/AR1", "val/AR10", "val/AR100",
-    "val/ARs", "val/ARm", "val/ARl", "val/num_images", "val/num_detections", "train/loss_cls", "train/loss_box",
-    "train/lr", "train/images_per_s", "train/data_wait_s", "train/bad_steps", "data/skipped_images", "epoch",
-]  # fmt: skip
+    "val/AP",
+    "val/AP50",
+    "val/AP75",
+    "val/APs",
+    "val/APm",
+    "val/APl",
+    "val/AR1",
+    "val/AR10",
+    "val/AR100",
+    "val/ARs",
+    "val/ARm",
+    "val/ARl",
+    "val/num_images",
+    "val/num_detections",
+    "train/loss_cls",
+    "train/loss_box",
+    "train/lr",
+    "train/images_per_s",
+    "train/data_wait_s",
+    "train/bad_steps",
+    "data/skipped_images",
+    "epoch",
+]
 
 
 def _free_port() -> int:
@@ -41,11 +60,26 @@ def start_mlflow_server(workdir: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-         "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{workdir / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(workdir / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(180):
         try:
@@ -81,9 +115,16 @@ def tracking_overhead(url: str, reports: int) -> dict[str, float]:
         ray_util.log_metrics(step=step, metrics_to_log=metrics, run_id=ray_run)
         t_ray.append(time.perf_counter() - t0)
     # Same data landed on both sides.
-    assert len(client.get_metric_history(ours_run, "val/AP")) == len(client.get_metric_history(ray_run, "val/AP")) == reports
-    return {"ours_s": statistics.median(t_ours), "ray_callback_s": statistics.median(t_ray),
-            "metrics_per_report": len(REPORT_KEYS)}  # fmt: skip
+    assert (
+        len(client.get_metric_history(ours_run, "val/AP"))
+        == len(client.get_metric_history(ray_run, "val/AP"))
+        == reports
+    )
+    return {
+        "ours_s": statistics.median(t_ours),
+        "ray_callback_s": statistics.median(t_ray),
+        "metrics_per_report": len(REPORT_KEYS),
+    }
 
 
 def sweep(scheduler: str, args: argparse.Namespace, url: str, out: Path) -> dict[str, float]:
@@ -98,17 +139,38 @@ def sweep(scheduler: str, args: argparse.Namespace, url: str, out: Path) -> dict
             "data.root": str(out / "synth"),
             "data.train_shards": str(out / "synth" / "shards" / "train"),
             "data.val_shards": str(out / "synth" / "shards" / "val"),
-            "data.synth": {"num_train": 128, "num_val": 32, "seed": 0, "min_image_size": 96, "max_image_size": 128,
-                           "min_object_size": 16, "max_object_size": 56, "max_objects": 3},
-            "data.train_min_size": [96, 96], "data.test_min_size": 96, "data.max_size": 128,
-            "data.batch_size": 8, "data.deterministic": True, "model.fpn_channels": 32, "model.head_convs": 1,
-            "optim.max_iters": args.rounds * args.eval_period, "optim.steps": [args.rounds * args.eval_period],
-            "optim.warmup_iters": 5, "train.eval_period": args.eval_period, "train.log_period": args.eval_period,
-            "tune.num_samples": args.trials, "tune.scheduler": scheduler, "tune.grace_period": 1,
-            "tune.reduction_factor": args.reduction_factor, "tune.max_concurrent_trials": 2, "seed": 0,
-            "run.storage_path": str(out / "runs"), "tracking.tracking_uri": url,
+            "data.synth": {
+                "num_train": 128,
+                "num_val": 32,
+                "seed": 0,
+                "min_image_size": 96,
+                "max_image_size": 128,
+                "min_object_size": 16,
+                "max_object_size": 56,
+                "max_objects": 3,
+            },
+            "data.train_min_size": [96, 96],
+            "data.test_min_size": 96,
+            "data.max_size": 128,
+            "data.batch_size": 8,
+            "data.deterministic": True,
+            "model.fpn_channels": 32,
+            "model.head_convs": 1,
+            "optim.max_iters": args.rounds * args.eval_period,
+            "optim.steps": [args.rounds * args.eval_period],
+            "optim.warmup_iters": 5,
+            "train.eval_period": args.eval_period,
+            "train.log_period": args.eval_period,
+            "tune.num_samples": args.trials,
+            "tune.scheduler": scheduler,
+            "tune.grace_period": 1,
+            "tune.reduction_factor": args.reduction_factor,
+            "tune.max_concurrent_trials": 2,
+            "seed": 0,
+            "run.storage_path": str(out / "runs"),
+            "tracking.tracking_uri": url,
         },
-    )  # fmt: skip
+    )
     t0 = time.perf_counter()
     s = run_sweep(cfg, sweep_name=f"bench-{scheduler}")
     print(f"\n{scheduler.upper()} sweep ({s.path}):\n{s.table}\n", flush=True)
@@ -140,8 +202,15 @@ def from_results(sweep_dir: Path, rounds: int) -> dict[str, float]:
             iters += int(rows[-1]["iteration"])
             best = max(best, max(r["val/AP"] for r in rows[-1:]))
             n += 1
-    return {"total_iterations": iters, "best_ap": best, "errors": 0, "seconds": float("nan"), "stopped_early": 0,
-            "trials": n, "path": str(sweep_dir)}  # fmt: skip
+    return {
+        "total_iterations": iters,
+        "best_ap": best,
+        "errors": 0,
+        "seconds": float("nan"),
+        "stopped_early": 0,
+        "trials": n,
+        "path": str(sweep_dir),
+    }
 
 
 def main() -> None:
@@ -152,8 +221,12 @@ def main() -> None:
     ap.add_argument("--reduction-factor", type=int, default=4, help="ASHA's (Ray's default: 4)")
     ap.add_argument("--reports", type=int, default=30)
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "tune"))
-    ap.add_argument("--reuse-fifo", default=None, metavar="SWEEP_DIR",
-                    help="take the FIFO numbers from a finished FIFO sweep's Tune directory")
+    ap.add_argument(
+        "--reuse-fifo",
+        default=None,
+        metavar="SWEEP_DIR",
+        help="take the FIFO numbers from a finished FIFO sweep's Tune directory",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,12 +238,23 @@ def main() -> None:
     proc, url = start_mlflow_server(out)
     try:
         track = tracking_overhead(url, args.reports)
-        print(f"tracking per report ({track['metrics_per_report']} metrics): ours {1000 * track['ours_s']:.1f} ms, "
-              f"Ray MLflowLoggerCallback path {1000 * track['ray_callback_s']:.1f} ms, "
-              f"ratio {track['ray_callback_s'] / track['ours_s']:.1f}x")  # fmt: skip
-        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                 resources={TRIAL_RESOURCE: 16})  # fmt: skip
-        fifo = from_results(Path(args.reuse_fifo), args.rounds) if args.reuse_fifo else sweep("fifo", args, url, out)
+        print(
+            f"tracking per report ({track['metrics_per_report']} metrics): ours {1000 * track['ours_s']:.1f} ms, "
+            f"Ray MLflowLoggerCallback path {1000 * track['ray_callback_s']:.1f} ms, "
+            f"ratio {track['ray_callback_s'] / track['ours_s']:.1f}x"
+        )
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            resources={TRIAL_RESOURCE: 16},
+        )
+        fifo = (
+            from_results(Path(args.reuse_fifo), args.rounds)
+            if args.reuse_fifo
+            else sweep("fifo", args, url, out)
+        )
         asha = sweep("asha", args, url, out)
         ray.shutdown()
     finally:
@@ -189,11 +273,26 @@ def main() -> None:
     print(f"ASHA curves equal to FIFO's: {same}/{len(fifo_c)}")
     print(f"{'sweep':<6}{'iterations':>12}{'best val/AP':>13}{'stopped early':>15}{'seconds':>10}")
     for name, r in (("FIFO", fifo), ("ASHA", asha)):
-        print(f"{name:<6}{r['total_iterations']:>12}{r['best_ap']:>13.4f}{r['stopped_early']:>15}{r['seconds']:>10.0f}")
-    print(f"ASHA / FIFO iterations: {ratio:.2f} (target <= 0.4); best AP gap FIFO - ASHA: "
-          f"{fifo['best_ap'] - asha['best_ap']:+.4f} (target <= 0.02)")  # fmt: skip
-    (out / "result.json").write_text(json.dumps({"fifo": fifo, "asha": asha, "tracking": track, "ratio": ratio,
-                                                 "fifo_curves": fifo_c, "asha_curves": asha_c}, indent=2))  # fmt: skip
+        print(
+            f"{name:<6}{r['total_iterations']:>12}{r['best_ap']:>13.4f}{r['stopped_early']:>15}{r['seconds']:>10.0f}"
+        )
+    print(
+        f"ASHA / FIFO iterations: {ratio:.2f} (target <= 0.4); best AP gap FIFO - ASHA: "
+        f"{fifo['best_ap'] - asha['best_ap']:+.4f} (target <= 0.02)"
+    )
+    (out / "result.json").write_text(
+        json.dumps(
+            {
+                "fifo": fifo,
+                "asha": asha,
+                "tracking": track,
+                "ratio": ratio,
+                "fifo_curves": fifo_c,
+                "asha_curves": asha_c,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

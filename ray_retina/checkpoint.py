@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import torch
 
 from ray_retina._ray_private import CHECKPOINT_SNAPSHOT_FILE
-from ray_retina.io import dir_exists, file_exists, is_uri, join_uri, resolve_uri
+from ray_retina.uri import dir_exists, file_exists, is_uri, join_uri, resolve_uri
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +87,12 @@ def _run_checkpoint(uri: str, fs: pafs.FileSystem, p: str, which: str) -> str | 
             return ckpt.path
     # A run dir without Ray's snapshot (copied by hand): the newest checkpoint_* holding a checkpoint file.
     dirs = sorted(
-        i.path for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory
-        and i.base_name.startswith(CHECKPOINT_PREFIX) and file_exists(fs, join_uri(i.path, CHECKPOINT_FILE))
-    )  # fmt: skip
+        i.path
+        for i in fs.get_file_info(pafs.FileSelector(p))
+        if i.type == pafs.FileType.Directory
+        and i.base_name.startswith(CHECKPOINT_PREFIX)
+        and file_exists(fs, join_uri(i.path, CHECKPOINT_FILE))
+    )
     if dirs and which == "best":
         logger.warning("%s has no Ray Train result metadata: using its latest checkpoint, not the best", uri)
     return dirs[-1] if dirs else None
@@ -131,5 +134,7 @@ def cleanup_unregistered_checkpoints(storage: str, run_name: str) -> list[str]:
                 fs.delete_dir(info.path)
                 removed.append(info.path)
     if removed:
-        logger.warning("removed %d unregistered checkpoint dir(s) of run %s: %s", len(removed), run_name, removed)
+        logger.warning(
+            "removed %d unregistered checkpoint dir(s) of run %s: %s", len(removed), run_name, removed
+        )
     return removed

@@ -29,9 +29,15 @@ def _config_path(path: str | None, default: str) -> Path:
 def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--config", "-c", default=None, help=f"YAML config (default: {default})")
     p.add_argument(
-        "--set", "-s", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+        "--set",
+        "-s",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
         help="override dotted config keys, e.g. --set optim.lr=0.02 loss.gamma=1 (each validated)",
-    )  # fmt: skip
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="Ray's own progress bars and tracebacks")
 
 
@@ -52,15 +58,27 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     try:
         manifests = prepare_dataset(
-            args.out, format=args.format, annotations=args.annotations, images=args.images, root=args.root,
-            data=args.data, classes=classes, val_fraction=args.val_fraction, seed=args.seed, splits=args.split,
-            rows_per_shard=args.rows_per_shard, use_ray=not args.no_ray, verify_images=args.verify_images,
-        )  # fmt: skip
+            args.out,
+            format=args.format,
+            annotations=args.annotations,
+            images=args.images,
+            root=args.root,
+            data=args.data,
+            classes=classes,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            splits=args.split,
+            rows_per_shard=args.rows_per_shard,
+            use_ray=not args.no_ray,
+            verify_images=args.verify_images,
+        )
     except ValueError as err:  # options that do not fit the source, or a broken data set: one line
         args.error(str(err))
     for out, manifest in manifests.items():  # prepare_shards printed each set's validation summary
-        print(f"wrote {manifest['num_images']} images / {manifest['num_annotations']} annotations in "
-              f"{manifest['num_shards']} shards to {out}")  # fmt: skip
+        print(
+            f"wrote {manifest['num_images']} images / {manifest['num_annotations']} annotations in "
+            f"{manifest['num_shards']} shards to {out}"
+        )
     return 0
 
 
@@ -69,8 +87,10 @@ def _print_summary(outcome, cfg) -> None:  # noqa: ANN001
 
     stats = {k: outcome.metrics[f"val/{k}"] for k in STAT_NAMES if f"val/{k}" in outcome.metrics}
     print("\n" + "=" * 60)
-    print(f"ray-retina run {outcome.run_name}: {cfg.optim.max_iters} iterations, "
-          f"{cfg.scaling.num_workers} workers, {outcome.seconds:.0f} s")  # fmt: skip
+    print(
+        f"ray-retina run {outcome.run_name}: {cfg.optim.max_iters} iterations, "
+        f"{cfg.scaling.num_workers} workers, {outcome.seconds:.0f} s"
+    )
     if stats:
         print(f"COCO box AP on {int(outcome.metrics.get('val/num_images', 0))} val images:")
         print(format_stats(stats))
@@ -105,11 +125,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ray_retina.tune import run_sweep
 
     cfg = load_config(_config_path(args.config, DEFAULT_TUNE_CONFIG), args.overrides)
-    summary = run_sweep(cfg, preset=args.preset, resume=args.resume, sweep_name=args.name, verbose=args.verbose)
+    summary = run_sweep(
+        cfg, preset=args.preset, resume=args.resume, sweep_name=args.name, verbose=args.verbose
+    )
     print(summary.table)
     print(f"\nsweep directory: {summary.path}  (resume an interrupted sweep with --resume {summary.path})")
     if summary.parent_run_id:
-        print(f"MLflow parent run: {summary.parent_run_id}: select its child runs in the UI and press Compare")
+        print(
+            f"MLflow parent run: {summary.parent_run_id}: select its child runs in the UI and press Compare"
+        )
     return 0 if summary.num_errors == 0 else 1
 
 
@@ -121,11 +145,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     per_class: dict[int, dict[str, float]] = {}
     stats = evaluate_checkpoint(
-        args.checkpoint, args.shards, device=torch.device(args.device), backend=args.backend, plots_dir=args.plots,
-        max_images=args.max_images, per_class=per_class,
-    )  # fmt: skip
-    print(f"COCO box AP on {int(stats['num_images'])} images of {args.shards}"
-          + (f" ({int(stats['skipped_images'])} did not decode: counted with no detections)" if stats["skipped_images"] else ""))  # fmt: skip
+        args.checkpoint,
+        args.shards,
+        device=torch.device(args.device),
+        backend=args.backend,
+        plots_dir=args.plots,
+        max_images=args.max_images,
+        per_class=per_class,
+    )
+    print(
+        f"COCO box AP on {int(stats['num_images'])} images of {args.shards}"
+        + (
+            f" ({int(stats['skipped_images'])} did not decode: counted with no detections)"
+            if stats["skipped_images"]
+            else ""
+        )
+    )
     print(format_stats(stats))
     print()
     if per_class:
@@ -141,9 +176,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ray_retina.predict import predict
 
     out = predict(
-        args.checkpoint, args.input, args.out, score_thresh=args.score_thresh, batch_size=args.batch_size,
-        num_actors=args.actors, use_gpu=args.gpu,
-    )  # fmt: skip
+        args.checkpoint,
+        args.input,
+        args.out,
+        score_thresh=args.score_thresh,
+        batch_size=args.batch_size,
+        num_actors=args.actors,
+        use_gpu=args.gpu,
+    )
     print(f"detections: {out}; images with boxes drawn: {args.out}/images/")
     return 0
 
@@ -159,9 +199,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.error("give one of --run and --sweep")
     try:
         result = export(
-            args.run, sweep=args.sweep, format=args.format, out=args.out, register=args.register, alias=args.alias,
+            args.run,
+            sweep=args.sweep,
+            format=args.format,
+            out=args.out,
+            register=args.register,
+            alias=args.alias,
             tracking_uri=args.tracking_uri,
-        )  # fmt: skip
+        )
     except ValueError as err:  # options that do not fit together, a sweep without a best trial: one line
         args.error(str(err))
     src = result.source
@@ -172,9 +217,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     if result.model_uri:
         print(f"MLflow model: {result.model_uri} (run {result.run_id})")
     if result.registered_name:
-        ref = f"models:/{result.registered_name}@{result.alias}" if result.alias else f"models:/{result.registered_name}/{result.registered_version}"
-        print(f"registered: {result.registered_name} version {result.registered_version}"
-              + (f", alias @{result.alias}" if result.alias else ""))  # fmt: skip
+        ref = (
+            f"models:/{result.registered_name}@{result.alias}"
+            if result.alias
+            else f"models:/{result.registered_name}/{result.registered_version}"
+        )
+        print(
+            f"registered: {result.registered_name} version {result.registered_version}"
+            + (f", alias @{result.alias}" if result.alias else "")
+        )
         print(f"serve it:  mlflow models serve -m {ref} --env-manager local -h 127.0.0.1 -p 5001")
     return 0
 
@@ -190,17 +241,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("prepare", help="COCO json, Pascal VOC or YOLO tree -> Parquet shards + manifest",
-                       description="Writes one shard set in OUT, or OUT/<split> for each split: the source's own "
-                       "(VOC ImageSets/Main, YOLO images/train...) or train and val by --val-fraction.")  # fmt: skip
+    p = sub.add_parser(
+        "prepare",
+        help="COCO json, Pascal VOC or YOLO tree -> Parquet shards + manifest",
+        description="Writes one shard set in OUT, or OUT/<split> for each split: the source's own "
+        "(VOC ImageSets/Main, YOLO images/train...) or train and val by --val-fraction.",
+    )
     p.add_argument("--format", choices=["coco", "voc", "yolo"], default="coco")
     p.add_argument("--annotations", help="coco: the instances json")
     p.add_argument("--images", help="coco: folder of the images named in the json")
-    p.add_argument("--root", help="voc: folder with Annotations/ and JPEGImages/; yolo: folder with images/, labels/")
+    p.add_argument(
+        "--root", help="voc: folder with Annotations/ and JPEGImages/; yolo: folder with images/, labels/"
+    )
     p.add_argument("--data", help="yolo: the dataset yaml with `names` (default ROOT/data.yaml)")
-    p.add_argument("--classes", metavar="A,B,C", help="class names, ids 1..K in this order (voc: default the "
-                   "sorted XML names, others dropped and counted; yolo: names of classes 0.. without a data.yaml)")  # fmt: skip
-    p.add_argument("--val-fraction", type=float, help="split a source without splits: OUT/val gets this fraction")
+    p.add_argument(
+        "--classes",
+        metavar="A,B,C",
+        help="class names, ids 1..K in this order (voc: default the "
+        "sorted XML names, others dropped and counted; yolo: names of classes 0.. without a data.yaml)",
+    )
+    p.add_argument(
+        "--val-fraction", type=float, help="split a source without splits: OUT/val gets this fraction"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction split")
     p.add_argument("--split", action="append", help="write only this split (repeatable)")
     p.add_argument("--out", required=True, help="output folder (local path or URI)")
@@ -216,24 +278,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="ASHA sweep over the focal parameters with Ray Tune")
     _add_config_args(p, DEFAULT_TUNE_CONFIG)
-    p.add_argument("--preset", choices=["paper-table1"], default=None,
-                   help="paper-table1: gamma in {0,.1,.2,.5,1,2,5} with the paper's alpha for each, as a grid")
-    p.add_argument("--resume", metavar="SWEEP_DIR", default=None, help="restore an interrupted sweep (Tuner.restore)")
+    p.add_argument(
+        "--preset",
+        choices=["paper-table1"],
+        default=None,
+        help="paper-table1: gamma in {0,.1,.2,.5,1,2,5} with the paper's alpha for each, as a grid",
+    )
+    p.add_argument(
+        "--resume", metavar="SWEEP_DIR", default=None, help="restore an interrupted sweep (Tuner.restore)"
+    )
     p.add_argument("--name", default=None, help="sweep name (default: config name + time)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("eval", help="COCO AP of a checkpoint on val shards")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir, checkpoint.pt or a run dir (its best by val/AP)")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint dir, checkpoint.pt or a run dir (its best by val/AP)"
+    )
     p.add_argument("--shards", required=True)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default=None, choices=["faster_coco_eval", "pycocotools"],
-                   help="COCO eval implementation (default: the checkpoint config's train.eval_backend)")
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=["faster_coco_eval", "pycocotools"],
+        help="COCO eval implementation (default: the checkpoint config's train.eval_backend)",
+    )
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
-    p.add_argument("--plots", default=None, metavar="DIR", help="write PR curves, detections and Figure 4 here")
+    p.add_argument(
+        "--plots", default=None, metavar="DIR", help="write PR curves, detections and Figure 4 here"
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="batch inference with Ray Data: COCO-results json + drawn images")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir, checkpoint.pt or a run dir (its best by val/AP)")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint dir, checkpoint.pt or a run dir (its best by val/AP)"
+    )
     p.add_argument("--input", required=True, help="folder of images (jpg/png) or a shard folder")
     p.add_argument("--out", required=True)
     p.add_argument("--score-thresh", type=float, default=0.3)
@@ -242,18 +320,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per model replica")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="the best checkpoint of a run or sweep as an MLflow model (registry), ONNX or TorchScript",
-                       description="Exports the run's best checkpoint by val/AP (a named checkpoint exactly). mlflow: a "
-                       "pyfunc model (encoded images in, detections out) logged to the run, optionally registered; "
-                       "onnx / torchscript: the network and a JSON of its anchor and post-process settings in --out.")  # fmt: skip
+    p = sub.add_parser(
+        "export",
+        help="the best checkpoint of a run or sweep as an MLflow model (registry), ONNX or TorchScript",
+        description="Exports the run's best checkpoint by val/AP (a named checkpoint exactly). mlflow: a "
+        "pyfunc model (encoded images in, detections out) logged to the run, optionally registered; "
+        "onnx / torchscript: the network and a JSON of its anchor and post-process settings in --out.",
+    )
     p.add_argument("--run", help="MLflow run id, Ray Train run dir, checkpoint dir or checkpoint.pt")
-    p.add_argument("--sweep", metavar="PARENT_RUN_ID", help="a sweep's MLflow parent run: export its best trial")
+    p.add_argument(
+        "--sweep", metavar="PARENT_RUN_ID", help="a sweep's MLflow parent run: export its best trial"
+    )
     p.add_argument("--format", choices=["mlflow", "onnx", "torchscript"], default="mlflow")
-    p.add_argument("--out", default=None, help="output folder (onnx, torchscript: required; mlflow: also save it here)")
-    p.add_argument("--register", metavar="NAME", default=None, help="register in the MLflow Model Registry as NAME")
+    p.add_argument(
+        "--out", default=None, help="output folder (onnx, torchscript: required; mlflow: also save it here)"
+    )
+    p.add_argument(
+        "--register", metavar="NAME", default=None, help="register in the MLflow Model Registry as NAME"
+    )
     p.add_argument("--alias", default=None, help="point this alias (e.g. champion) at the new version")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: for a path, the checkpoint "
-                   "config's tracking.tracking_uri; then MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")  # fmt: skip
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: for a path, the checkpoint "
+        "config's tracking.tracking_uri; then MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="library logs and tracebacks")
     p.set_defaults(func=cmd_export, error=p.error)
     return ap

@@ -24,7 +24,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SynthConfig(_Section):
+class SynthSection(_Section):
     """Synthetic COCO-format data set made on demand when the shards are absent (demo and tests)."""
 
     num_train: int = Field(400, ge=1)
@@ -37,7 +37,7 @@ class SynthConfig(_Section):
     max_objects: int = Field(6, ge=1)
 
 
-class PhotometricConfig(_Section):
+class PhotometricSection(_Section):
     """Colour jitter of training images (``augment.photometric``): with probability ``prob``, factors drawn
     uniformly from [max(0, 1 - x), 1 + x] for brightness, contrast and saturation and from [-hue, hue] turns
     for the hue, applied as one colour matrix (``ray_retina.data.augment.photometric``)."""
@@ -49,7 +49,7 @@ class PhotometricConfig(_Section):
     hue: float = Field(0.0, ge=0.0, le=0.5)
 
 
-class CropConfig(_Section):
+class CropSection(_Section):
     """Random crop that keeps boxes (``augment.crop``): with probability ``prob``, a window with sides of
     [min_scale, 1] x the image's; boxes clipped to it, dropped when less than ``min_visible`` of their area
     stays; never drops every box of an image that has some (``ray_retina.data.augment.augment_batch``)."""
@@ -59,7 +59,7 @@ class CropConfig(_Section):
     min_visible: float = Field(0.5, gt=0.0, le=1.0)
 
 
-class ZoomOutConfig(_Section):
+class ZoomOutSection(_Section):
     """Zoom-out (``augment.zoom_out``): with probability ``prob``, the image placed at a random spot of a
     canvas 1..``max_ratio`` times its size filled with ``fill`` (RGB levels: keep it at model.pixel_mean,
     so the canvas normalises to 0); smaller objects for a data set that lacks them."""
@@ -76,21 +76,21 @@ class ZoomOutConfig(_Section):
         return v
 
 
-class AugmentConfig(_Section):
+class AugmentSection(_Section):
     """Training augmentation for small sets of real photos, all off by default (the paper uses only the flip
     and scale jitter). Order per image: crop -> zoom-out -> resize -> photometric -> flip."""
 
-    photometric: PhotometricConfig = PhotometricConfig()
-    crop: CropConfig = CropConfig()
-    zoom_out: ZoomOutConfig = ZoomOutConfig()
+    photometric: PhotometricSection = PhotometricSection()
+    crop: CropSection = CropSection()
+    zoom_out: ZoomOutSection = ZoomOutSection()
 
 
-class DataConfig(_Section):
+class DataSection(_Section):
     root: str = "data/synth"
     """Where the COCO-format source lives (images + annotations/instances_{train,val}.json)."""
     train_shards: str = "data/synth/shards/train"
     val_shards: str = "data/synth/shards/val"
-    synth: SynthConfig | None = None
+    synth: SynthSection | None = None
     """When set and the shards are absent, make the synthetic set under `root` and prepare it."""
     rows_per_shard: int = Field(64, ge=1)
     train_min_size: list[int] = Field(default_factory=lambda: [800, 800])
@@ -119,8 +119,8 @@ class DataConfig(_Section):
     trials (e.g. comparing sweeps). Costs some throughput (a slow task holds back the ones after it)."""
     val_max_images: int | None = None
     """Evaluate on the first N val images only (None: all)."""
-    augment: AugmentConfig = AugmentConfig()
-    """Photometric jitter, crop, zoom-out of training images (see :class:`AugmentConfig`); off by default."""
+    augment: AugmentSection = AugmentSection()
+    """Photometric jitter, crop, zoom-out of training images (see :class:`AugmentSection`); off by default."""
 
     @field_validator("train_min_size")
     @classmethod
@@ -130,7 +130,7 @@ class DataConfig(_Section):
         return v
 
 
-class ModelConfig(_Section):
+class ModelSection(_Section):
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d"] = "resnet50"
     backbone_weights: str | None = None
     """The backbone's start: a local torchvision-format ResNet state dict, or a torchvision weights name
@@ -169,7 +169,7 @@ class ModelConfig(_Section):
         return v
 
 
-class LossConfig(_Section):
+class LossSection(_Section):
     gamma: float = Field(2.0, ge=0.0)
     alpha: float = 0.25
     """alpha < 0 disables the alpha weighting (torchvision semantics)."""
@@ -190,20 +190,20 @@ class LossConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _thresholds(self) -> LossConfig:
+    def _thresholds(self) -> LossSection:
         if self.bg_iou_thresh > self.fg_iou_thresh:
             raise ValueError("loss.bg_iou_thresh must be <= loss.fg_iou_thresh")
         return self
 
 
-class PostprocessConfig(_Section):
+class PostprocessSection(_Section):
     score_thresh: float = Field(0.05, ge=0.0, le=1.0)
     topk_candidates: int = Field(1000, ge=1)
     nms_thresh: float = Field(0.5, gt=0.0, le=1.0)
     detections_per_img: int = Field(100, ge=1)
 
 
-class OptimConfig(_Section):
+class OptimSection(_Section):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float | None = Field(None, gt=0.0)
     """None: the paper's 0.01 per 16 images scaled linearly to the global batch. Set: the lr as given, or,
@@ -226,13 +226,13 @@ class OptimConfig(_Section):
     """torch.compile the model (GPU runs; same code path otherwise)."""
 
     @model_validator(mode="after")
-    def _steps(self) -> OptimConfig:
+    def _steps(self) -> OptimSection:
         if any(s <= 0 or s > self.max_iters for s in self.steps) or self.steps != sorted(self.steps):
             raise ValueError(f"optim.steps must be increasing and within (0, max_iters], got {self.steps}")
         return self
 
 
-class TrainConfig(_Section):
+class TrainSection(_Section):
     eval_period: int = Field(500, ge=1)
     """Iterations between evaluations; each eval period ends with one ray.train.report(metrics, checkpoint)."""
     log_period: int = Field(20, ge=1)
@@ -244,7 +244,7 @@ class TrainConfig(_Section):
     """faster_coco_eval: same 12 stats as pycocotools (tested), about 10x faster on COCO val."""
 
 
-class ScalingConfig(_Section):
+class ScalingSection(_Section):
     num_workers: int = Field(2, ge=0)
     """0 runs the training function in the driver process (fast unit tests)."""
     min_workers: int | None = Field(None, ge=1)
@@ -257,7 +257,7 @@ class ScalingConfig(_Section):
     """auto: NCCL with GPUs, gloo on CPU."""
 
 
-class RunConfig(_Section):
+class RunSection(_Section):
     storage_path: str = "runs"
     """Checkpoints and Ray results; must be shared storage (NFS, s3://, gs://) on a multi-node cluster."""
     name: str | None = None
@@ -268,7 +268,7 @@ class RunConfig(_Section):
     """num_cpus for a local ray.init when no cluster is running (logical CPUs may exceed the physical)."""
 
 
-class TrackingConfig(_Section):
+class TrackingSection(_Section):
     enabled: bool = True
     tracking_uri: str | None = None
     """None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
@@ -276,7 +276,7 @@ class TrackingConfig(_Section):
     """None: the config name (one experiment per config)."""
 
 
-class TuneConfig(_Section):
+class TuneSection(_Section):
     search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Dotted key -> {"type": uniform|loguniform|choice|grid, "low", "high" | "values"}."""
     num_samples: int = Field(4, ge=1)
@@ -294,16 +294,16 @@ class TuneConfig(_Section):
 class Config(_Section):
     name: str = "retinanet"
     seed: int = 0
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    loss: LossConfig = LossConfig()
-    postprocess: PostprocessConfig = PostprocessConfig()
-    optim: OptimConfig = OptimConfig()
-    train: TrainConfig = TrainConfig()
-    scaling: ScalingConfig = ScalingConfig()
-    run: RunConfig = RunConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    tune: TuneConfig = TuneConfig()
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    loss: LossSection = LossSection()
+    postprocess: PostprocessSection = PostprocessSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    scaling: ScalingSection = ScalingSection()
+    run: RunSection = RunSection()
+    tracking: TrackingSection = TrackingSection()
+    tune: TuneSection = TuneSection()
 
     @property
     def global_batch(self) -> int:
@@ -331,7 +331,7 @@ def _format_validation(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _scaled_lr(o: OptimConfig, global_batch: int) -> float:
+def _scaled_lr(o: OptimSection, global_batch: int) -> float:
     if o.lr is None:
         return PAPER_LR * global_batch / PAPER_BATCH
     if o.reference_batch is None:
@@ -421,7 +421,9 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str], source: 
     return config_from_dict(d, source)
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> Config:
     """Load a YAML config (None: the package defaults) and apply dotted overrides."""
     if path is None:
         cfg = Config()
@@ -434,7 +436,9 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}:{where} not valid YAML ({getattr(err, 'problem', None) or err})") from None
+            raise ConfigError(
+                f"{p}:{where} not valid YAML ({getattr(err, 'problem', None) or err})"
+            ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
         cfg = config_from_dict(raw, str(p))

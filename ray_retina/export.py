@@ -54,10 +54,19 @@ Format = Literal["mlflow", "onnx", "torchscript"]
 
 INPUT_COLUMN = "image"
 OUTPUT_COLUMNS: tuple[str, ...] = (
-    "image_index", "category_id", "category_name", "score",
-    "x1", "y1", "x2", "y2",  # XYXY, original-image pixels
-    "bbox_x", "bbox_y", "bbox_w", "bbox_h",  # COCO XYWH of the same box
-)  # fmt: skip
+    "image_index",
+    "category_id",
+    "category_name",
+    "score",
+    "x1",
+    "y1",
+    "x2",
+    "y2",  # XYXY, original-image pixels
+    "bbox_x",
+    "bbox_y",
+    "bbox_w",
+    "bbox_h",  # COCO XYWH of the same box
+)
 MODEL_ARTIFACT = "checkpoint"  # the artifact key of the model file inside the MLflow model
 MODEL_FILE = "checkpoint.pt"  # a slim checkpoint: loads with checkpoint.load_checkpoint_state too
 
@@ -125,7 +134,9 @@ def images_of(model_input: Any) -> list[bytes]:
         elif len(model_input.columns) == 1:
             column = model_input.iloc[:, 0]
         else:
-            raise _invalid(f"expected a column {INPUT_COLUMN!r} of encoded images, got {list(model_input.columns)}")
+            raise _invalid(
+                f"expected a column {INPUT_COLUMN!r} of encoded images, got {list(model_input.columns)}"
+            )
         values = column.tolist()
     elif isinstance(model_input, Mapping):
         values = list(model_input[INPUT_COLUMN])
@@ -157,9 +168,15 @@ def detections_frame(
             "category_id": np.asarray(category_ids, dtype=np.int64),
             "category_name": pd.Series(list(names), dtype=object),
             "score": np.asarray(scores, dtype=np.float64),
-            "x1": b[:, 0], "y1": b[:, 1], "x2": b[:, 2], "y2": b[:, 3],
-            "bbox_x": b[:, 0], "bbox_y": b[:, 1], "bbox_w": b[:, 2] - b[:, 0], "bbox_h": b[:, 3] - b[:, 1],
-        }  # fmt: skip
+            "x1": b[:, 0],
+            "y1": b[:, 1],
+            "x2": b[:, 2],
+            "y2": b[:, 3],
+            "bbox_x": b[:, 0],
+            "bbox_y": b[:, 1],
+            "bbox_w": b[:, 2] - b[:, 0],
+            "bbox_h": b[:, 3] - b[:, 1],
+        }
     )
 
 
@@ -196,7 +213,9 @@ class Detector:
         except ConfigError as err:
             raise _invalid(str(err)) from None
 
-    def detect(self, images: Sequence[bytes], postprocess: Any, first: int = 0) -> list[dict[str, np.ndarray]]:
+    def detect(
+        self, images: Sequence[bytes], postprocess: Any, first: int = 0
+    ) -> list[dict[str, np.ndarray]]:
         """Per image (in order): ``boxes`` (D, 4) float32 XYXY in original pixels, ``scores`` (D,),
         ``category_ids`` (D,): one padded batch of ``images`` through ``predict.detect_images``, as
         ``predict.Predictor`` runs one.
@@ -209,18 +228,28 @@ class Detector:
             try:
                 header_size(data)
             except Exception as err:  # noqa: BLE001 - any reason Pillow has: the request is bad
-                raise _invalid(f"image {first + i} is not an image Pillow can read: {type(err).__name__}: {err}") from None
+                raise _invalid(
+                    f"image {first + i} is not an image Pillow can read: {type(err).__name__}: {err}"
+                ) from None
         keys = [str(i) for i in range(len(images))]
         pre = preprocess_batch(
             {"path": np.asarray(keys), "bytes": object_array(list(images))},
-            min_size=self.cfg.data.test_min_size, max_size=self.cfg.data.max_size,
+            min_size=self.cfg.data.test_min_size,
+            max_size=self.cfg.data.max_size,
             files={k: (i, f"image {i}", "") for i, k in enumerate(keys)},
-        )  # fmt: skip
+        )
         if len(pre["image_id"]) != len(images):
             bad = sorted({first + i for i in range(len(images))} - {first + int(i) for i in pre["image_id"]})
             raise _invalid(f"image(s) {bad} do not decode")
-        return detect_images(self.model, postprocess, self.cfg, pre, device=self.device, amp_dtype=self.amp_dtype,
-                             cat_ids=self.cat_ids)  # fmt: skip
+        return detect_images(
+            self.model,
+            postprocess,
+            self.cfg,
+            pre,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            cat_ids=self.cat_ids,
+        )
 
     def frame(
         self,
@@ -247,7 +276,9 @@ class Detector:
             return empty_detections()
         lookup = dict(zip(self.cat_ids.tolist(), self.names.tolist(), strict=True))
         boxes = np.concatenate(cols["boxes"]).astype(np.float64)
-        return detections_frame(cols["index"], cols["cats"], [lookup[c] for c in cols["cats"]], cols["scores"], boxes)
+        return detections_frame(
+            cols["index"], cols["cats"], [lookup[c] for c in cols["cats"]], cols["scores"], boxes
+        )
 
 
 class RetinaNetModel(PythonModel):
@@ -261,7 +292,9 @@ class RetinaNetModel(PythonModel):
         state = torch.load(context.artifacts[MODEL_ARTIFACT], map_location="cpu", weights_only=True)
         self.detector = Detector(state)
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         p = dict(params or {})
         return self.detector.frame(
             images_of(model_input),
@@ -402,7 +435,7 @@ def checkpoint_metrics(checkpoint_file: str) -> dict[str, float]:
     """The metrics Ray Train reported with a checkpoint (``val/AP`` ...), from its run directory's result
     metadata; empty when the checkpoint is not in a Ray Train run directory."""
     from ray_retina._ray_private import CHECKPOINT_SNAPSHOT_FILE
-    from ray_retina.io import file_exists, resolve_uri
+    from ray_retina.uri import file_exists, resolve_uri
 
     ckpt_dir = checkpoint_file.rsplit("/", 1)[0]
     run_dir = ckpt_dir.rsplit("/", 1)[0]
@@ -422,7 +455,9 @@ def checkpoint_metrics(checkpoint_file: str) -> dict[str, float]:
     return {}
 
 
-def resolve_source(run: str | None = None, *, sweep: str | None = None, tracking_uri: str | None = None) -> ExportSource:
+def resolve_source(
+    run: str | None = None, *, sweep: str | None = None, tracking_uri: str | None = None
+) -> ExportSource:
     """The checkpoint that ``--run`` / ``--sweep`` mean (best by ``val/AP`` unless a checkpoint is named).
 
     ``run``: a ``checkpoint.pt``, a ``checkpoint_*`` directory, a Ray Train run directory (local or URI), or
@@ -449,9 +484,12 @@ def resolve_source(run: str | None = None, *, sweep: str | None = None, tracking
         raise FileNotFoundError(f"no MLflow run {run} at {uri} (--tracking-uri?): {err.message}") from None
     file = find_checkpoint(tracking.run_checkpoint_location(uri, run))
     return ExportSource(
-        file, run_id=run, sweep_run_id=tags.get(tracking.PARENT_TAG), trial_id=tags.get(tracking.TRIAL_TAG),
+        file,
+        run_id=run,
+        sweep_run_id=tags.get(tracking.PARENT_TAG),
+        trial_id=tags.get(tracking.TRIAL_TAG),
         metrics=checkpoint_metrics(file),
-    )  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -478,10 +516,18 @@ def registry_tags(source: ExportSource, cfg: Any, iteration: int) -> dict[str, s
     tags = {k: str(flat[key]) for k, key in FOCAL_PARAMS.items()}
     if cfg.optim.lr is None:  # a checkpoint's config is resolved (lr explicit); else the lr it runs with
         tags["lr"] = str(cfg.lr)
-    tags.update({"ray_retina.checkpoint": source.checkpoint, "ray_retina.iteration": str(iteration),
-                 "ray_retina.config_name": str(cfg.name)})  # fmt: skip
-    for key, value in (("ray_retina.run_id", source.run_id), ("ray_retina.sweep_run_id", source.sweep_run_id),
-                       ("ray_retina.trial_id", source.trial_id)):  # fmt: skip
+    tags.update(
+        {
+            "ray_retina.checkpoint": source.checkpoint,
+            "ray_retina.iteration": str(iteration),
+            "ray_retina.config_name": str(cfg.name),
+        }
+    )
+    for key, value in (
+        ("ray_retina.run_id", source.run_id),
+        ("ray_retina.sweep_run_id", source.sweep_run_id),
+        ("ray_retina.trial_id", source.trial_id),
+    ):
         if value:
             tags[key] = value
     if "val/AP" in source.metrics:
@@ -523,11 +569,17 @@ def export(
     state = load_checkpoint_state(source.checkpoint)
     cfg = config_from_dict(dict(state["config"]), source="checkpoint config")
     iteration = int(state.get("iteration", 0))
-    logger.info("exporting %s (iteration %d%s)", source.checkpoint, iteration,
-                f", val/AP {source.metrics['val/AP']:.4f}" if "val/AP" in source.metrics else "")  # fmt: skip
+    logger.info(
+        "exporting %s (iteration %d%s)",
+        source.checkpoint,
+        iteration,
+        f", val/AP {source.metrics['val/AP']:.4f}" if "val/AP" in source.metrics else "",
+    )
     result = ExportResult(source=source, format=format)
     # A checkpoint path: its run is the config's tracking store; a run id: the store it was found in.
-    uri = tracking_uri or (tracking.resolve_tracking_uri(cfg) if source.run_id is None else tracking.resolve_tracking_uri())
+    uri = tracking_uri or (
+        tracking.resolve_tracking_uri(cfg) if source.run_id is None else tracking.resolve_tracking_uri()
+    )
 
     if format != "mlflow":
         writer = export_onnx if format == "onnx" else export_torchscript
@@ -550,16 +602,28 @@ def export(
 
         mlflow.set_experiment(experiment_id=tracking._client(uri).get_run(run_id).info.experiment_id)
         info = Model.log(
-            artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
-            tags=registry_tags(source, cfg, iteration), **_pyfunc_kwargs(state, Path(tmp)),
-        )  # fmt: skip
+            artifact_path=None,
+            name="model",
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            tags=registry_tags(source, cfg, iteration),
+            **_pyfunc_kwargs(state, Path(tmp)),
+        )
     result.model_uri = info.model_uri
     if register:
         version = tracking.register_model_version(
-            uri, info.model_uri, register, tags=registry_tags(source, cfg, iteration), alias=alias,
+            uri,
+            info.model_uri,
+            register,
+            tags=registry_tags(source, cfg, iteration),
+            alias=alias,
             description=f"ray-retina {cfg.name}: {source.checkpoint} (iteration {iteration})",
-        )  # fmt: skip
-        result.registered_name, result.registered_version, result.alias = register, str(version.version), alias
+        )
+        result.registered_name, result.registered_version, result.alias = (
+            register,
+            str(version.version),
+            alias,
+        )
     return result
 
 
@@ -585,7 +649,11 @@ def _export_run(uri: str, cfg: Any, source: ExportSource) -> str:
             pass
     run_id = tracking.find_run_by_name(uri, experiment, f"export-{name}")
     if run_id is None:
-        run_id = tracking.create_run(cfg, run_name=f"export-{name}", uri=uri,
-                                     tags={"ray_retina.kind": "export", "ray_retina.checkpoint": source.checkpoint})  # fmt: skip
+        run_id = tracking.create_run(
+            cfg,
+            run_name=f"export-{name}",
+            uri=uri,
+            tags={"ray_retina.kind": "export", "ray_retina.checkpoint": source.checkpoint},
+        )
         tracking.RunLogger(uri, run_id).end("FINISHED")
     return run_id

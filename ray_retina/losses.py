@@ -77,7 +77,9 @@ def sigmoid_focal_loss(
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     _check_focal_args(alpha, gamma)
     if inputs.shape != targets.shape:
-        raise ValueError(f"inputs and targets must have the same shape, got {tuple(inputs.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"inputs and targets must have the same shape, got {tuple(inputs.shape)} and {tuple(targets.shape)}"
+        )
     p = torch.sigmoid(inputs)
     ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
     p_t = p * targets + (1 - p) * (1 - targets)

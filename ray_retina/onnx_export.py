@@ -45,7 +45,10 @@ def level_anchors(feature: Tensor, stride: int, cell_anchors: Tensor) -> Tensor:
 def anchors_of(features: Sequence[Tensor], generator: Any) -> Tensor:
     """The anchors (R, 4) of a stack of feature maps, as ``generator`` (an ``AnchorGenerator``) makes them."""
     return torch.cat(
-        [level_anchors(f, s, b) for f, s, b in zip(features, generator.strides, generator.cell_anchors, strict=True)]
+        [
+            level_anchors(f, s, b)
+            for f, s, b in zip(features, generator.strides, generator.cell_anchors, strict=True)
+        ]
     )
 
 
@@ -88,7 +91,9 @@ class EndToEndRetinaNet(nn.Module):
         self.detections_per_img = pc.detections_per_img
         self.register_buffer("cat_ids", torch.tensor(list(cat_ids), dtype=torch.int64))
 
-    def forward(self, images: Tensor, image_size: Tensor, orig_size: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(
+        self, images: Tensor, image_size: Tensor, orig_size: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         from torchvision.models.detection._utils import _topk_min  # min(k, n) that a trace keeps dynamic
         from torchvision.ops import batched_nms
 
@@ -140,10 +145,17 @@ def onnx_meta(
         },
         "end_to_end": {
             "file": END_TO_END_FILE,
-            "inputs": {"images": "float32 (1, 3, H, W) as above, one image", "image_size": "int64 (2,) [h, w] of "
-                       "the resized image inside the padding", "orig_size": "int64 (2,) [height, width] of the original"},
-            "outputs": {"boxes": "float32 (D, 4) XYXY in original pixels", "scores": "float32 (D,) descending",
-                        "labels": "int64 (D,) 0..K-1", "category_ids": "int64 (D,) the original category ids"},
+            "inputs": {
+                "images": "float32 (1, 3, H, W) as above, one image",
+                "image_size": "int64 (2,) [h, w] of the resized image inside the padding",
+                "orig_size": "int64 (2,) [height, width] of the original",
+            },
+            "outputs": {
+                "boxes": "float32 (D, 4) XYXY in original pixels",
+                "scores": "float32 (D,) descending",
+                "labels": "int64 (D,) 0..K-1",
+                "category_ids": "int64 (D,) the original category ids",
+            },
         },
         "preprocess": {
             "decode": "EXIF orientation applied, any mode to RGB",
@@ -171,7 +183,9 @@ def onnx_meta(
             "rule": "per level keep sigmoid > score_thresh, top topk_candidates per image; decode; clip to the "
             "resized image; per-class NMS; best detections_per_img; scale x by width / w and y by height / h",
         },
-        "categories": [{"label": i, "id": int(c), "name": str(names.get(int(c), c))} for i, c in enumerate(cat_ids)],
+        "categories": [
+            {"label": i, "id": int(c), "name": str(names.get(int(c), c))} for i, c in enumerate(cat_ids)
+        ],
     }
 
 
@@ -184,7 +198,9 @@ def _example_input(cfg: Any, batch: int = 2) -> Tensor:
     return torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(0)) * 255
 
 
-def _traceable(state: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> tuple[ExportableRetinaNet, Tensor, Path]:
+def _traceable(
+    state: Mapping[str, Any], out_dir: str | os.PathLike[str]
+) -> tuple[ExportableRetinaNet, Tensor, Path]:
     """The checkpoint's network ready to trace (CPU, float32, contiguous), a trace input, and ``out_dir``
     (created) with the JSON of :func:`onnx_meta` written in it."""
     from ray_retina.engine.restore import model_from_state
@@ -193,12 +209,16 @@ def _traceable(state: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> tup
     out.mkdir(parents=True, exist_ok=True)
     model, cfg, cat_ids = model_from_state(state, "cpu")
     module = ExportableRetinaNet(model.to(memory_format=torch.contiguous_format)).eval()
-    meta = onnx_meta(cfg, model.anchor_generator, cat_ids, category_names_of(state), int(state.get("iteration", 0)))
+    meta = onnx_meta(
+        cfg, model.anchor_generator, cat_ids, category_names_of(state), int(state.get("iteration", 0))
+    )
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     return module, _example_input(cfg), out
 
 
-def export_onnx(state: Mapping[str, Any], out_dir: str | os.PathLike[str], *, end_to_end: bool = True) -> list[Path]:
+def export_onnx(
+    state: Mapping[str, Any], out_dir: str | os.PathLike[str], *, end_to_end: bool = True
+) -> list[Path]:
     """Write into ``out_dir`` ``retinanet.onnx`` (the network, dynamic batch, height and width),
     ``retinanet.json`` (:func:`onnx_meta`) and, with ``end_to_end``, ``retinanet_end2end.onnx``
     (:class:`EndToEndRetinaNet`: one image, dynamic height and width, post-process included); returns the
@@ -211,17 +231,30 @@ def export_onnx(state: Mapping[str, Any], out_dir: str | os.PathLike[str], *, en
     module, example, out = _traceable(state, out_dir)
     written = [out / ONNX_FILE, out / META_FILE]
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)  # the legacy exporter says it is legacy
-        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit (under it) says it is deprecated
+        warnings.filterwarnings(
+            "ignore", category=DeprecationWarning
+        )  # the legacy exporter says it is legacy
+        warnings.filterwarnings(
+            "ignore", category=FutureWarning
+        )  # torch.jit (under it) says it is deprecated
         # torchvision's batched_nms tests a size in Python (under a trace it takes its traceable branch either
         # way) and _topk_min makes its constant k with torch.tensor: both as they mean it.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
-            module, (example,), str(written[0]), dynamo=False, opset_version=ONNX_OPSET,
-            input_names=["images"], output_names=["cls_logits", "box_deltas", "anchors"],
-            dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "cls_logits": {0: "batch", 1: "anchors"},
-                          "box_deltas": {0: "batch", 1: "anchors"}, "anchors": {0: "anchors"}},
-        )  # fmt: skip
+            module,
+            (example,),
+            str(written[0]),
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=["images"],
+            output_names=["cls_logits", "box_deltas", "anchors"],
+            dynamic_axes={
+                "images": {0: "batch", 2: "height", 3: "width"},
+                "cls_logits": {0: "batch", 1: "anchors"},
+                "box_deltas": {0: "batch", 1: "anchors"},
+                "anchors": {0: "anchors"},
+            },
+        )
         if end_to_end:
             from ray_retina.config import config_from_dict
 
@@ -231,12 +264,18 @@ def export_onnx(state: Mapping[str, Any], out_dir: str | os.PathLike[str], *, en
             # image_size inside the padding and an original size of another aspect: no axis mistaken for another
             sizes = (torch.tensor([h - 3, w - 5]), torch.tensor([2 * h + 1, 3 * w - 7]))
             torch.onnx.export(
-                e2e, (example[:1], *sizes), str(out / END_TO_END_FILE), dynamo=False, opset_version=ONNX_OPSET,
+                e2e,
+                (example[:1], *sizes),
+                str(out / END_TO_END_FILE),
+                dynamo=False,
+                opset_version=ONNX_OPSET,
                 input_names=["images", "image_size", "orig_size"],
                 output_names=["boxes", "scores", "labels", "category_ids"],
-                dynamic_axes={"images": {2: "height", 3: "width"}, **{n: {0: "detections"} for n in
-                              ("boxes", "scores", "labels", "category_ids")}},
-            )  # fmt: skip
+                dynamic_axes={
+                    "images": {2: "height", 3: "width"},
+                    **{n: {0: "detections"} for n in ("boxes", "scores", "labels", "category_ids")},
+                },
+            )
             written.append(out / END_TO_END_FILE)
     return written
 

@@ -218,8 +218,17 @@ def detection_grid(
             for box, lab in zip(gb, gl, strict=True):
                 if lab < 0:
                     continue
-                ax.add_patch(patches.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
-                                               ls=(0, (3, 2)), lw=1.5, ec=class_colour(int(lab))))  # fmt: skip
+                ax.add_patch(
+                    patches.Rectangle(
+                        (box[0], box[1]),
+                        box[2] - box[0],
+                        box[3] - box[1],
+                        fill=False,
+                        ls=(0, (3, 2)),
+                        lw=1.5,
+                        ec=class_colour(int(lab)),
+                    )
+                )
         det = detections[i]
         db = np.asarray(det["boxes"], np.float64).reshape(-1, 4)
         ds = np.asarray(det["scores"], np.float64).reshape(-1)
@@ -236,9 +245,16 @@ def detection_grid(
                 )
             )
             near_top = box[1] < 0.08 * img.shape[0]  # no room above the box: write inside it
-            ax.text(box[0], box[1], f"{name(int(lab))} {score:.2f}", fontsize=6.5, color="white",
-                    va="top" if near_top else "bottom",
-                    bbox={"facecolor": c, "alpha": 0.85, "pad": 1, "lw": 0}, clip_on=True)  # fmt: skip
+            ax.text(
+                box[0],
+                box[1],
+                f"{name(int(lab))} {score:.2f}",
+                fontsize=6.5,
+                color="white",
+                va="top" if near_top else "bottom",
+                bbox={"facecolor": c, "alpha": 0.85, "pad": 1, "lw": 0},
+                clip_on=True,
+            )
         ax.set_title(f"{shown} detections", fontsize=8)
     fig.suptitle(f"solid: predictions (score >= {score_thresh:g}), dashed: ground truth", fontsize=10)
     return _save(fig, out_path)
@@ -283,8 +299,13 @@ def figure4(
             colour = cmap(i / max(1, len(data.gammas) - 1) * 0.9)
             if np.isnan(curves[i]).all():
                 continue
-            ax.plot(data.x, curves[i], color="crimson" if run else colour, lw=2.6 if run else 1.5,
-                    label=f"$\\gamma$ = {g:g}" + (" (this run)" if run else ""))  # fmt: skip
+            ax.plot(
+                data.x,
+                curves[i],
+                color="crimson" if run else colour,
+                lw=2.6 if run else 1.5,
+                label=f"$\\gamma$ = {g:g}" + (" (this run)" if run else ""),
+            )
         if np.isnan(curves).all():
             ax.text(0.5, 0.5, "no samples", ha="center", va="center", transform=ax.transAxes)
         else:
@@ -451,8 +472,13 @@ def ap_vs_gamma_with_paper(
         ax.plot(
             [g for g, _ in ours], [a for _, a in ours], "o-", color="tab:blue", label=f"ours ({metric} x 100)"
         )
-    ax.plot([g for g, _, _ in paper], [ap for _, _, ap in paper], "s--", color="tab:gray",
-            label="paper Table 1b (R50-FPN, 600 px, COCO)")  # fmt: skip
+    ax.plot(
+        [g for g, _, _ in paper],
+        [ap for _, _, ap in paper],
+        "s--",
+        color="tab:gray",
+        label="paper Table 1b (R50-FPN, 600 px, COCO)",
+    )
     for g, a, ap in paper:
         ax.annotate(f"a={a}", (g, ap), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     ax.set_xlabel("focal loss gamma (with the paper's alpha)")

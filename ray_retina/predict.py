@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ray_retina.config import Config, config_from_dict
 from ray_retina.data.augment import object_array
 from ray_retina.engine.evaluate import coco_records
-from ray_retina.io import resolve_uri
+from ray_retina.uri import resolve_uri
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ DRAWN_DIR = "images"  # one PNG per input image with its detections drawn
 __all__ = ["detect_images", "draw_detections", "predict", "preprocess_batch"]
 
 
-def manifest_category_names(cfg: Config, cat_ids: Sequence[int], *shard_dirs: str | os.PathLike[str] | None) -> dict[int, str]:
+def manifest_category_names(
+    cfg: Config, cat_ids: Sequence[int], *shard_dirs: str | os.PathLike[str] | None
+) -> dict[int, str]:
     """id -> name from the first readable manifest among ``shard_dirs`` and the run's own shards; ids
     without a name are named by their number."""
     from ray_retina.data.shards import read_manifest
@@ -149,8 +151,13 @@ def preprocess_batch(
     empty = object_array([np.zeros(0, np.float32) for _ in range(n)])
     aug = augment_batch(
         {**src, "bbox": empty, "category_id": empty, "iscrowd": empty},
-        train=False, min_size_range=[min_size, min_size], max_size=max_size, hflip_prob=0.0, cat_ids=[0], seed=None,
-    )  # fmt: skip
+        train=False,
+        min_size_range=[min_size, min_size],
+        max_size=max_size,
+        hflip_prob=0.0,
+        cat_ids=[0],
+        seed=None,
+    )
     keep = {int(i): j for j, i in enumerate(src["image_id"])}  # augment_batch drops rows that do not decode
     idx = [keep[int(i)] for i in aug["image_id"]]
     return {
@@ -191,16 +198,21 @@ def detect_images(
         "image_sizes": torch.from_numpy(sizes),
         "orig_sizes": torch.from_numpy(np.array(list(batch["orig_size"]), dtype=np.int64).reshape(-1, 2)),
     }
-    dets = detect(model, postprocess, inputs, device=device, amp_dtype=amp_dtype,
-                  channels_last=cfg.model.channels_last)  # fmt: skip
+    dets = detect(
+        model, postprocess, inputs, device=device, amp_dtype=amp_dtype, channels_last=cfg.model.channels_last
+    )
     out = []
     for d in dets:
         keep = d["scores"] > score_thresh if score_thresh is not None else slice(None)
-        out.append({
-            "boxes": d["boxes"][keep].float().cpu().numpy().reshape(-1, 4),
-            "scores": d["scores"][keep].float().cpu().numpy().reshape(-1),
-            "category_ids": np.asarray(cat_ids, dtype=np.int64)[d["labels"][keep].cpu().numpy()].reshape(-1),
-        })  # fmt: skip
+        out.append(
+            {
+                "boxes": d["boxes"][keep].float().cpu().numpy().reshape(-1, 4),
+                "scores": d["scores"][keep].float().cpu().numpy().reshape(-1),
+                "category_ids": np.asarray(cat_ids, dtype=np.int64)[d["labels"][keep].cpu().numpy()].reshape(
+                    -1
+                ),
+            }
+        )
     return out
 
 
@@ -233,8 +245,16 @@ class Predictor:
         self.score_thresh = score_thresh
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        dets = detect_images(self.model, self.postprocess, self.cfg, batch, device=self.device,
-                             amp_dtype=self.amp_dtype, cat_ids=self.cat_ids, score_thresh=self.score_thresh)  # fmt: skip
+        dets = detect_images(
+            self.model,
+            self.postprocess,
+            self.cfg,
+            batch,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            cat_ids=self.cat_ids,
+            score_thresh=self.score_thresh,
+        )
         return {
             "image_id": batch["image_id"],
             "file_name": batch["file_name"],
@@ -388,8 +408,12 @@ def predict(
             image_id, file_name = int(batch["image_id"][i]), str(batch["file_name"][i])
             h, w = (int(v) for v in batch["orig_size"][i])
             images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
-            recs = coco_records(image_id, np.asarray(batch["boxes"][i]).reshape(-1, 4),
-                                 np.asarray(batch["scores"][i]).reshape(-1), np.asarray(batch["category_ids"][i]).reshape(-1))  # fmt: skip
+            recs = coco_records(
+                image_id,
+                np.asarray(batch["boxes"][i]).reshape(-1, 4),
+                np.asarray(batch["scores"][i]).reshape(-1),
+                np.asarray(batch["category_ids"][i]).reshape(-1),
+            )
             records.extend({**r, "file_name": file_name} for r in recs)
     images.sort(key=lambda r: r["id"])
     records.sort(key=lambda r: (r["image_id"], -r["score"]))
@@ -397,6 +421,12 @@ def predict(
     (out / IMAGES_FILE).write_text(json.dumps(images, indent=1))
     results = out / RESULTS_FILE
     results.write_text(json.dumps(records))
-    logger.info("%d images, %d detections (score > %g) -> %s, drawn in %s", len(images), len(records),
-                score_thresh, results, out / DRAWN_DIR)  # fmt: skip
+    logger.info(
+        "%d images, %d detections (score > %g) -> %s, drawn in %s",
+        len(images),
+        len(records),
+        score_thresh,
+        results,
+        out / DRAWN_DIR,
+    )
     return results

@@ -172,9 +172,11 @@ def figure4_from_model(
             out = model(images)
             crowd = batch.get("gt_crowd")
             cls_labels, _, _ = criterion.assign(
-                out.anchors, batch["gt_boxes"].to(device).float(), batch["gt_labels"].to(device),
+                out.anchors,
+                batch["gt_boxes"].to(device).float(),
+                batch["gt_labels"].to(device),
                 None if crowd is None else crowd.to(device),
-            )  # fmt: skip
+            )
             k = out.cls_logits.shape[-1]
             all_logits.append(out.cls_logits.reshape(-1, k).float().cpu())
             all_labels.append(cls_labels.reshape(-1).cpu())
@@ -195,8 +197,15 @@ def figure4_from_model(
         rest = rest[torch.randperm(rest.numel(), generator=g)[:take]]
         idx = torch.cat([fg, rest])
         logits, labels = logits[idx], labels[idx]
-    return focal_loss_cdf(logits, labels, out_path=out_path, gamma=gamma, alpha=alpha, gammas=gammas,
-                          title=f"Figure 4 of this model (trained with $\\gamma$ = {gamma:g}, $\\alpha$ = {alpha:g})")  # fmt: skip
+    return focal_loss_cdf(
+        logits,
+        labels,
+        out_path=out_path,
+        gamma=gamma,
+        alpha=alpha,
+        gammas=gammas,
+        title=f"Figure 4 of this model (trained with $\\gamma$ = {gamma:g}, $\\alpha$ = {alpha:g})",
+    )
 
 
 # ----------------------------------------------------------------------------------------- a run
@@ -239,13 +248,21 @@ def write_run_pictures(
                 {k: v.float().cpu().numpy() if k != "labels" else v.cpu().numpy() for k, v in d.items()}
             )
             truths.append(
-                {"boxes": batch["gt_boxes"][i].numpy(), "labels": batch["gt_labels"][i].numpy()} if with_truth
+                {"boxes": batch["gt_boxes"][i].numpy(), "labels": batch["gt_labels"][i].numpy()}
+                if with_truth
                 else {"boxes": torch.zeros(0, 4).numpy(), "labels": torch.zeros(0).numpy()}
-            )  # fmt: skip
+            )
     written.append(
-        plots.detection_grid(images, preds, truths, [names.get(int(c), str(c)) for c in cat_ids],
-                             out / "detections.png", score_thresh=0.3, max_images=GRID_IMAGES)
-    )  # fmt: skip
+        plots.detection_grid(
+            images,
+            preds,
+            truths,
+            [names.get(int(c), str(c)) for c in cat_ids],
+            out / "detections.png",
+            score_thresh=0.3,
+            max_images=GRID_IMAGES,
+        )
+    )
     if with_truth:
         criterion = build_criterion(cfg, len(cat_ids))
         batches = iter_eval_batches(plan, cfg.data, max_images=FIGURE4_IMAGES, cat_ids=label_cats)

@@ -66,9 +66,10 @@ def get_or_create_experiment(uri: str, name: str) -> str:
     try:
         # Open in the MLflow UI's "Model training" view (runs table, Compare) rather than the GenAI one.
         return client.create_experiment(
-            name, artifact_location=_artifact_location(uri, name),
+            name,
+            artifact_location=_artifact_location(uri, name),
             tags={"mlflow.experimentKind": "custom_model_development"},
-        )  # fmt: skip
+        )
     except Exception:  # another process created it between our two calls
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -185,7 +186,9 @@ TRIAL_TAG = "ray_retina.trial_id"  # on each trial's child run (tune.py)
 PARENT_TAG = "mlflow.parentRunId"
 
 
-def checkpoint_tags(storage_path: str, ray_run_name: str, best_checkpoint: str | None = None) -> dict[str, str]:
+def checkpoint_tags(
+    storage_path: str, ray_run_name: str, best_checkpoint: str | None = None
+) -> dict[str, str]:
     """The tags that let `run_checkpoint_location` (and so ``ray-retina export --run <id>``) find a run's
     checkpoints: the Ray Train storage path and run name, and the best checkpoint directory when known."""
     tags = {STORAGE_TAG: storage_path, RAY_RUN_TAG: ray_run_name}
@@ -202,7 +205,7 @@ def run_checkpoint_location(uri: str, run_id: str) -> str:
     tag ``ray_retina.best_checkpoint``; param ``run.storage_path`` + the run's name (a sweep trial, whose Ray
     Train run is named after its MLflow run). The first that exists wins. Raises ``FileNotFoundError``
     naming the run and the places looked at."""
-    from ray_retina.io import dir_exists, join_uri, resolve_uri
+    from ray_retina.uri import dir_exists, join_uri, resolve_uri
 
     run = _client(uri).get_run(run_id)
     tags, params = run.data.tags, run.data.params
@@ -219,7 +222,11 @@ def run_checkpoint_location(uri: str, run_id: str) -> str:
             return c
     raise FileNotFoundError(
         f"MLflow run {run_id}: no checkpoint directory found"
-        + (f" (looked at {', '.join(candidates)})" if candidates else " (it has no ray_retina checkpoint tags)")
+        + (
+            f" (looked at {', '.join(candidates)})"
+            if candidates
+            else " (it has no ray_retina checkpoint tags)"
+        )
     )
 
 
@@ -231,7 +238,9 @@ def best_trial_run(uri: str, parent_run_id: str) -> Any:
     parent = client.get_run(parent_run_id)
     best = parent.data.tags.get(BEST_TRIAL_TAG)
     if not best:
-        raise ValueError(f"MLflow run {parent_run_id} has no tag {BEST_TRIAL_TAG}: not a finished ray-retina sweep")
+        raise ValueError(
+            f"MLflow run {parent_run_id} has no tag {BEST_TRIAL_TAG}: not a finished ray-retina sweep"
+        )
     runs = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{best}'",

@@ -125,16 +125,27 @@ def _trial(trial_params: dict[str, Any]) -> None:
         # trial (same params, same trial id) finds its run again by that name: one MLflow run per trial.
         label = trial_label(params, trial_id)
         run_id = tracking.find_run_by_name(uri, tracking.experiment_name(cfg), label) or tracking.create_run(
-            cfg, run_name=label, uri=uri, parent_run_id=trial_params["__parent_run_id__"],
-            tags={TRIAL_TAG: trial_id, **{f"sweep.{k}": str(v) for k, v in params.items()},
-                  # where `ray-retina export --run/--sweep` finds the trial's checkpoints (its MLflow name is
-                  # its parameters, not the Ray Train run name)
-                  **tracking.checkpoint_tags(abs_storage(cfg.run.storage_path), run_name)},
-        )  # fmt: skip
+            cfg,
+            run_name=label,
+            uri=uri,
+            parent_run_id=trial_params["__parent_run_id__"],
+            tags={
+                TRIAL_TAG: trial_id,
+                **{f"sweep.{k}": str(v) for k, v in params.items()},
+                # where `ray-retina export --run/--sweep` finds the trial's checkpoints (its MLflow name is
+                # its parameters, not the Ray Train run name)
+                **tracking.checkpoint_tags(abs_storage(cfg.run.storage_path), run_name),
+            },
+        )
     trainer = build_trainer(
-        cfg, run_name=run_name, mlflow_uri=uri, mlflow_run_id=run_id, callbacks=[TuneReportCallback()],
-        verbose=bool(trial_params.get("__verbose__")), console_tag=trial_id,
-    )  # fmt: skip
+        cfg,
+        run_name=run_name,
+        mlflow_uri=uri,
+        mlflow_run_id=run_id,
+        callbacks=[TuneReportCallback()],
+        verbose=bool(trial_params.get("__verbose__")),
+        console_tag=trial_id,
+    )
     result = trainer.fit()
     if run_id:
         tracking.RunLogger(uri, run_id).end("FAILED" if result.error is not None else "FINISHED")
@@ -167,21 +178,39 @@ class SweepProgress(Callback):
         value = result.get(self.metric)
         if isinstance(value, int | float) and math.isfinite(value):
             self.latest[trial.trial_id] = (self.label(trial), float(value))
-        print(format_trial_round(self.label(trial), int(result.get("training_iteration", 0)), self.rounds,
-                                 result, self.best()), flush=True)  # fmt: skip
+        print(
+            format_trial_round(
+                self.label(trial), int(result.get("training_iteration", 0)), self.rounds, result, self.best()
+            ),
+            flush=True,
+        )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
-        print(format_trial_end(self.label(trial), rounds_done=int(last.get("training_iteration", 0)),
-                               rounds=self.rounds, ap=last.get(self.metric)), flush=True)  # fmt: skip
+        print(
+            format_trial_end(
+                self.label(trial),
+                rounds_done=int(last.get("training_iteration", 0)),
+                rounds=self.rounds,
+                ap=last.get(self.metric),
+            ),
+            flush=True,
+        )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         error = trial.get_error()
         reason = str(error).strip().splitlines()[-1][:200] if error is not None else "see error.txt"
-        print(format_trial_end(self.label(trial), rounds_done=int(last.get("training_iteration", 0)),
-                               rounds=self.rounds, ap=last.get(self.metric),
-                               error=f"{reason} (trial folder: {trial.path})"), flush=True)  # fmt: skip
+        print(
+            format_trial_end(
+                self.label(trial),
+                rounds_done=int(last.get("training_iteration", 0)),
+                rounds=self.rounds,
+                ap=last.get(self.metric),
+                error=f"{reason} (trial folder: {trial.path})",
+            ),
+            flush=True,
+        )
 
 
 @dataclass
@@ -239,7 +268,9 @@ def _search_alg(cfg: Config, max_concurrent_trials: int, *, grid: bool = False) 
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as err:  # pragma: no cover - depends on the optional extra
-        raise ImportError("tune.search_alg=optuna needs the optuna extra: pip install 'ray-retina[optuna]'") from err
+        raise ImportError(
+            "tune.search_alg=optuna needs the optuna extra: pip install 'ray-retina[optuna]'"
+        ) from err
     return ConcurrencyLimiter(OptunaSearch(seed=cfg.seed), max_concurrent=max_concurrent_trials)
 
 
@@ -290,9 +321,14 @@ def run_sweep(
         space_keys = _space_keys(results)
         any_cfg = next(iter(results)).config if len(results) else {}
         return _summarize(
-            results, space_keys, _rounds(cfg), any_cfg.get("__mlflow_uri__"), any_cfg.get("__parent_run_id__"),
-            path=resume, preset=any_cfg.get("__preset__"),
-        )  # fmt: skip
+            results,
+            space_keys,
+            _rounds(cfg),
+            any_cfg.get("__mlflow_uri__"),
+            any_cfg.get("__parent_run_id__"),
+            path=resume,
+            preset=any_cfg.get("__preset__"),
+        )
 
     sweep_name = sweep_name or f"{cfg.name}-{preset or 'sweep'}-{time.strftime('%Y%m%d-%H%M%S')}"
     space = preset_space(preset) if preset else search_space(cfg)
@@ -311,10 +347,16 @@ def run_sweep(
     if cfg.tracking.enabled:
         uri = tracking.resolve_tracking_uri(cfg)
         parent_id = tracking.create_run(
-            cfg, run_name=sweep_name, uri=uri,
-            tags={"ray_retina.kind": "sweep", "ray_retina.preset": preset or "", "ray_retina.scheduler": cfg.tune.scheduler,
-                  "ray_retina.search_alg": "grid" if preset else cfg.tune.search_alg},
-        )  # fmt: skip
+            cfg,
+            run_name=sweep_name,
+            uri=uri,
+            tags={
+                "ray_retina.kind": "sweep",
+                "ray_retina.preset": preset or "",
+                "ray_retina.scheduler": cfg.tune.scheduler,
+                "ray_retina.search_alg": "grid" if preset else cfg.tune.search_alg,
+            },
+        )
     param_space = {
         **space,
         "__base__": cfg.model_dump(mode="json"),
@@ -326,11 +368,17 @@ def run_sweep(
     }
     storage = abs_storage(cfg.run.storage_path)
     concurrent = max_concurrent(cfg)
-    how = (f"ASHA (grace {min(cfg.tune.grace_period, rounds)}, reduction {cfg.tune.reduction_factor:g})"
-           if isinstance(scheduler, ASHAScheduler) else "every trial to the end")  # fmt: skip
-    print(f"[tune] sweep {sweep_name}: {'a grid' if preset else cfg.tune.num_samples} trials, {concurrent} at a time, "
-          f"{how} on {cfg.tune.metric}, up to {rounds} rounds of {cfg.train.eval_period} iterations"
-          + (f"; MLflow parent run {parent_id}" if parent_id else ""), flush=True)  # fmt: skip
+    how = (
+        f"ASHA (grace {min(cfg.tune.grace_period, rounds)}, reduction {cfg.tune.reduction_factor:g})"
+        if isinstance(scheduler, ASHAScheduler)
+        else "every trial to the end"
+    )
+    print(
+        f"[tune] sweep {sweep_name}: {'a grid' if preset else cfg.tune.num_samples} trials, {concurrent} at a time, "
+        f"{how} on {cfg.tune.metric}, up to {rounds} rounds of {cfg.train.eval_period} iterations"
+        + (f"; MLflow parent run {parent_id}" if parent_id else ""),
+        flush=True,
+    )
     tuner = tune.Tuner(
         _trainable(),
         param_space=param_space,
@@ -342,12 +390,16 @@ def run_sweep(
             num_samples=1 if preset else cfg.tune.num_samples,
         ),
         run_config=tune.RunConfig(
-            name=sweep_name, storage_path=storage, verbose=1 if verbose else 0,
+            name=sweep_name,
+            storage_path=storage,
+            verbose=1 if verbose else 0,
             callbacks=[SweepProgress(rounds, cfg.tune.metric, cfg.tune.mode)],
         ),
     )
     results = tuner.fit()
-    return _summarize(results, list(space), rounds, uri, parent_id, path=f"{storage}/{sweep_name}", preset=preset)
+    return _summarize(
+        results, list(space), rounds, uri, parent_id, path=f"{storage}/{sweep_name}", preset=preset
+    )
 
 
 def _space_keys(results: Any) -> list[str]:
@@ -388,17 +440,32 @@ def markdown_table(rows: list[TrialRow]) -> str:
     head = ["trial", *keys, "val/AP", *(f"AP {c}" for c in classes), "rounds", "iterations", "stopped early"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        vals = [f"{r.params.get(k):.4g}" if isinstance(r.params.get(k), float) else str(r.params.get(k)) for k in keys]
+        vals = [
+            f"{r.params.get(k):.4g}" if isinstance(r.params.get(k), float) else str(r.params.get(k))
+            for k in keys
+        ]
         ap = "error" if r.error else ("n/a" if r.ap is None else f"{r.ap:.4f}")
         per = [f"{r.per_class[c]:.4f}" if r.per_class.get(c, -1.0) >= 0 else "n/a" for c in classes]
-        cells = [r.trial_id, *vals, ap, *per, str(r.rounds), str(r.iterations), "yes" if r.stopped_early else "no"]
+        cells = [
+            r.trial_id,
+            *vals,
+            ap,
+            *per,
+            str(r.rounds),
+            str(r.iterations),
+            "yes" if r.stopped_early else "no",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def paper_table(rows: list[TrialRow]) -> str:
     """Our AP per (gamma, alpha) beside the paper's Table 1b."""
-    ours = {(round(r.params["loss.gamma"], 3), round(r.params["loss.alpha"], 3)): r.ap for r in rows if r.ap is not None}
+    ours = {
+        (round(r.params["loss.gamma"], 3), round(r.params["loss.alpha"], 3)): r.ap
+        for r in rows
+        if r.ap is not None
+    }
     lines = ["| gamma | alpha | our val/AP | paper AP (R50-FPN, 600 px, COCO) |", "|---|---|---|---|"]
     for g, a, ap in PAPER_TABLE1:
         v = ours.get((round(g, 3), round(a, 3)))
@@ -407,7 +474,14 @@ def paper_table(rows: list[TrialRow]) -> str:
 
 
 def _summarize(
-    results: Any, keys: list[str], rounds: int, uri: str | None, parent_id: str | None, *, path: str, preset: str | None
+    results: Any,
+    keys: list[str],
+    rounds: int,
+    uri: str | None,
+    parent_id: str | None,
+    *,
+    path: str,
+    preset: str | None,
 ) -> SweepSummary:
     from ray_retina import tracking
 
@@ -428,7 +502,9 @@ def _summarize(
                 log.log_artifact(a, "plots")
         artifacts = [f"plots/{Path(a).name}" for a in artifacts]
         if best:
-            log.log_metrics({"best/val/AP": best.ap, "sweep/total_iterations": sum(r.iterations for r in rows)}, step=0)
+            log.log_metrics(
+                {"best/val/AP": best.ap, "sweep/total_iterations": sum(r.iterations for r in rows)}, step=0
+            )
             log.set_tags({"ray_retina.best_trial": best.trial_id, "ray_retina.best_params": best.params})
         log.end("FINISHED" if num_errors == 0 else "FAILED")
     return SweepSummary(
@@ -457,7 +533,9 @@ def _sweep_plots(rows: list[TrialRow], out: Path, preset: str | None) -> list[st
     params = sorted({k for r in rows for k in r.params})
     paths = []
     try:
-        paths.append(str(plots.parallel_coordinates(data, params, "val/AP", out / "parallel_coordinates.png")))
+        paths.append(
+            str(plots.parallel_coordinates(data, params, "val/AP", out / "parallel_coordinates.png"))
+        )
         paths.append(str(plots.ap_vs_param_scatter(data, params, "val/AP", out / "ap_vs_params.png")))
         if preset == "paper-table1":
             paths.append(str(plots.ap_vs_gamma_with_paper(data, PAPER_TABLE1, out / "ap_vs_gamma.png")))
@@ -466,7 +544,9 @@ def _sweep_plots(rows: list[TrialRow], out: Path, preset: str | None) -> list[st
     return paths
 
 
-def _close_children(uri: str, parent_id: str, rounds: int, rows: list[TrialRow], best: TrialRow | None) -> None:
+def _close_children(
+    uri: str, parent_id: str, rounds: int, rows: list[TrialRow], best: TrialRow | None
+) -> None:
     """Tag each trial's run with its ASHA outcome. A trial stopped by the scheduler is killed mid-fit, so its
     run would stay RUNNING: close it here as KILLED (stopped early), or FINISHED / FAILED."""
     from mlflow.tracking import MlflowClient
@@ -475,7 +555,9 @@ def _close_children(uri: str, parent_id: str, rounds: int, rows: list[TrialRow],
     by_trial = {r.trial_id: r for r in rows}
     parent = client.get_run(parent_id)
     children = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+        max_results=1000,
     )
     for run in children:
         tid = run.data.tags.get(TRIAL_TAG, "")

@@ -15,8 +15,14 @@ def png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def shard_batch(images: list[bytes], sizes: list[tuple[int, int]], boxes: list[list[list[float]]],
-                cats: list[list[int]], crowd: list[list[int]] | None = None, ids: list[int] | None = None) -> dict:  # fmt: skip
+def shard_batch(
+    images: list[bytes],
+    sizes: list[tuple[int, int]],
+    boxes: list[list[list[float]]],
+    cats: list[list[int]],
+    crowd: list[list[int]] | None = None,
+    ids: list[int] | None = None,
+) -> dict:
     """A numpy batch shaped like a shard read (``augment_batch``'s input): encoded bytes, (h, w), per-object
     lists as object arrays; ``ids`` default 1..n, ``crowd`` default all 0."""
     n = len(images)

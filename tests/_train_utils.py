@@ -16,8 +16,16 @@ def tiny_overrides(tmp: Path, mlflow_uri: str, **over) -> dict[str, object]:
         "data.root": str(tmp / "synth"),
         "data.train_shards": str(tmp / "synth" / "shards" / "train"),
         "data.val_shards": str(tmp / "synth" / "shards" / "val"),
-        "data.synth": {"num_train": 32, "num_val": 8, "seed": 1, "min_image_size": 96, "max_image_size": 128,
-                       "min_object_size": 16, "max_object_size": 56, "max_objects": 3},
+        "data.synth": {
+            "num_train": 32,
+            "num_val": 8,
+            "seed": 1,
+            "min_image_size": 96,
+            "max_image_size": 128,
+            "min_object_size": 16,
+            "max_object_size": 56,
+            "max_objects": 3,
+        },
         "data.rows_per_shard": 8,
         "data.train_min_size": [96, 96],
         "data.test_min_size": 96,
@@ -34,11 +42,13 @@ def tiny_overrides(tmp: Path, mlflow_uri: str, **over) -> dict[str, object]:
         "train.log_period": 1,
         "run.storage_path": str(tmp / "runs"),
         "tracking.tracking_uri": mlflow_uri,
-    }  # fmt: skip
+    }
     base.update(over)
     return base
 
 
 def tiny_config(tmp: Path, mlflow_uri: str, **over) -> Config:
     """A few-second RetinaNet on a tiny synthetic set: the whole path, not a toy of it."""
-    return apply_overrides(load_config(ROOT / "configs" / "smoke.yaml"), tiny_overrides(tmp, mlflow_uri, **over))
+    return apply_overrides(
+        load_config(ROOT / "configs" / "smoke.yaml"), tiny_overrides(tmp, mlflow_uri, **over)
+    )

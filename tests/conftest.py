@@ -91,8 +91,17 @@ def synth_val(tmp_path_factory):
     from ray_retina.data.synthetic import make_synthetic_coco
 
     root = tmp_path_factory.mktemp("synth_val")
-    paths = make_synthetic_coco(root, 0, 6, seed=0, min_image_size=64, max_image_size=112,
-                                min_object_size=10, max_object_size=40, max_objects=3)  # fmt: skip
+    paths = make_synthetic_coco(
+        root,
+        0,
+        6,
+        seed=0,
+        min_image_size=64,
+        max_image_size=112,
+        min_object_size=10,
+        max_object_size=40,
+        max_objects=3,
+    )
     shards = root / "shards" / "val"
     write_shards(paths.val_annotations, paths.val_images, shards, rows_per_shard=4)
     return paths, shards
@@ -109,12 +118,25 @@ def untrained_checkpoint(synth_val, tmp_path_factory):
     from ray_retina.model import build_criterion, build_model, build_postprocessor
 
     _, shards = synth_val
-    cfg = apply_overrides(Config(), {
-        "model.backbone": "resnet18", "model.fpn_channels": 32, "model.head_convs": 1, "model.prior": 0.5,
-        "model.anchor_sizes": [16, 32, 64, 128, 256], "model.frozen_bn": False, "model.freeze_at": 0,
-        "data.test_min_size": 64, "data.max_size": 128, "data.size_divisibility": 32, "data.batch_size": 4,
-        "data.val_shards": str(shards), "data.train_shards": str(shards), "loss.gamma": 1.5,
-    })  # fmt: skip
+    cfg = apply_overrides(
+        Config(),
+        {
+            "model.backbone": "resnet18",
+            "model.fpn_channels": 32,
+            "model.head_convs": 1,
+            "model.prior": 0.5,
+            "model.anchor_sizes": [16, 32, 64, 128, 256],
+            "model.frozen_bn": False,
+            "model.freeze_at": 0,
+            "data.test_min_size": 64,
+            "data.max_size": 128,
+            "data.size_divisibility": 32,
+            "data.batch_size": 4,
+            "data.val_shards": str(shards),
+            "data.train_shards": str(shards),
+            "loss.gamma": 1.5,
+        },
+    )
     cat_ids = sorted(int(c["id"]) for c in read_manifest(shards)["categories"])
     torch.manual_seed(0)
     model = build_model(cfg, len(cat_ids))
@@ -142,4 +164,6 @@ def untrained_pyfunc_dir(untrained_checkpoint, tmp_path_factory) -> Path:
     from ray_retina.export import save_pyfunc
 
     run, _, _ = untrained_checkpoint
-    return save_pyfunc(load_checkpoint_state(run / "checkpoint_0000010"), tmp_path_factory.mktemp("pyfunc") / "model")
+    return save_pyfunc(
+        load_checkpoint_state(run / "checkpoint_0000010"), tmp_path_factory.mktemp("pyfunc") / "model"
+    )

@@ -38,8 +38,15 @@ from ray_retina.data.skips import count_skipped, warn_skip
 
 READ_COLUMNS = ["image_id", "height", "width", "image", "bbox", "category_id", "iscrowd"]
 AUGMENTED_COLUMNS = [
-    "image", "image_size", "orig_size", "scale", "image_id", "gt_boxes", "gt_labels", "gt_crowd",
-]  # fmt: skip
+    "image",
+    "image_size",
+    "orig_size",
+    "scale",
+    "image_id",
+    "gt_boxes",
+    "gt_labels",
+    "gt_crowd",
+]
 
 MAX_CROP_TRIALS = 10  # windows tried per cropped image before giving up (SSD: 50, torchvision: 40 x options)
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 luma, the grey of PIL's "L" and torchvision's rgb_to_grayscale

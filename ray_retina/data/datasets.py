@@ -18,21 +18,26 @@ from ray_retina.data.augment import READ_COLUMNS, augment_batch, object_array
 from ray_retina.data.collate import RetinaCollate
 from ray_retina.data.shards import read_manifest, shard_files
 from ray_retina.data.skips import new_counter
-from ray_retina.io import resolve_uri
+from ray_retina.uri import resolve_uri
 
 if TYPE_CHECKING:  # torch is imported where it is used: Ray Data's decode workers never need it
     import ray.data
     import torch
 
-    from ray_retina.config import DataConfig
+    from ray_retina.config import DataSection
 
 MAP_BATCHES_PER_TASK = 4  # map batches per Ray Data decode task of the read_parquet reader
 
 
 def augment_kwargs(
-    data_cfg: DataConfig, *, train: bool, cat_ids: Sequence[int], seed: int | None, skip_counter: str | None = None
+    data_cfg: DataSection,
+    *,
+    train: bool,
+    cat_ids: Sequence[int],
+    seed: int | None,
+    skip_counter: str | None = None,
 ) -> dict[str, Any]:
-    """The ``fn_kwargs`` of :func:`augment_batch` for a ``DataConfig``.
+    """The ``fn_kwargs`` of :func:`augment_batch` for a ``DataSection``.
 
     In training, each ``data_cfg.augment`` op with ``prob`` > 0 (photometric, crop, zoom_out) is passed as
     a plain dict (picklable for Ray); ops that are off are left out, so the kwargs, and the images, are the
@@ -57,7 +62,7 @@ def augment_kwargs(
 
 def build_dataset(
     shard_dir: str | os.PathLike[str],
-    data_cfg: DataConfig,
+    data_cfg: DataSection,
     *,
     train: bool,
     seed: int | None,
@@ -68,7 +73,7 @@ def build_dataset(
     """A streaming Ray Data set of augmented rows (``AUGMENTED_COLUMNS``) from a complete shard set.
 
     ``skip_counter``: the name from :func:`ray_retina.data.skips.new_counter` that counts this data set's
-    undecodable images (None: a new one). ``data_cfg`` is a ``DataConfig`` (fields used: ``train_min_size``, ``test_min_size``,
+    undecodable images (None: a new one). ``data_cfg`` is a ``DataSection`` (fields used: ``train_min_size``, ``test_min_size``,
     ``max_size``, ``hflip_prob``, ``map_batch_size`` (rows per augment call of the ``read_parquet``
     reader), ``map_num_cpus``). Decoding and augmenting
     run as Ray Data tasks asking ``map_num_cpus`` logical CPUs each (fractional is fine), so they
@@ -149,7 +154,7 @@ def build_dataset(
     )
 
 
-def _preserve_order(ds: Any, data_cfg: DataConfig) -> None:
+def _preserve_order(ds: Any, data_cfg: DataSection) -> None:
     """``data.deterministic``: this data set's rows come out in the (seeded) order, not in the order the
     parallel tasks finish (set on the data set's own context, not the process-wide one)."""
     if data_cfg.deterministic:
@@ -171,7 +176,9 @@ def read_and_augment(
         with fs.open_input_file(p) as f:
             pf = pq.ParquetFile(f)
             n = pf.metadata.row_group(int(rg)).num_rows
-            for rb in pf.iter_batches(batch_size=batch_size or max(1, n), row_groups=[int(rg)], columns=READ_COLUMNS):
+            for rb in pf.iter_batches(
+                batch_size=batch_size or max(1, n), row_groups=[int(rg)], columns=READ_COLUMNS
+            ):
                 yield augment_batch(
                     {c: rb.column(c).to_numpy(zero_copy_only=False) for c in READ_COLUMNS}, **augment
                 )
@@ -195,7 +202,7 @@ EvalFiles = Sequence["str | tuple[str, int | None]"]
 
 def iter_eval_batches(
     files: EvalFiles,
-    data_cfg: DataConfig,
+    data_cfg: DataSection,
     *,
     max_images: int | None = None,
     batch_size: int | None = None,
@@ -225,7 +232,9 @@ def iter_eval_batches(
     bs = int(batch_size or data_cfg.batch_size)
     seen = 0
     for uri, rows_of_file in plan:
-        budget = [n for n in (rows_of_file, None if max_images is None else max_images - seen) if n is not None]
+        budget = [
+            n for n in (rows_of_file, None if max_images is None else max_images - seen) if n is not None
+        ]
         limit = min(budget) if budget else None
         if limit is not None and limit <= 0:
             continue

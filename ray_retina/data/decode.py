@@ -67,7 +67,6 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))  # L, LA, RGBA (alpha dropped), P, CMYK, YCbCr, 1, F
 
 
-
 def header_size(data: bytes) -> tuple[int, int]:
     """(height, width) in display orientation, from the header only (no pixels decoded)."""
     im = Image.open(io.BytesIO(data))

@@ -40,7 +40,7 @@ from ray_retina.data.formats.coco import (
     check_coco_inputs,
     load_coco,
 )
-from ray_retina.io import dir_exists, file_exists, join_uri, resolve_uri, write_bytes_atomic
+from ray_retina.uri import dir_exists, file_exists, join_uri, resolve_uri, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 

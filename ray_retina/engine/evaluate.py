@@ -34,9 +34,19 @@ Backend = Literal["faster_coco_eval", "pycocotools"]
 
 # The 12 numbers COCOeval.summarize() prints, in its order, under the names we report everywhere.
 STAT_NAMES: tuple[str, ...] = (
-    "AP", "AP50", "AP75", "APs", "APm", "APl",
-    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
-)  # fmt: skip
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
 
 
 def _classes(backend: Backend) -> tuple[type, type]:
@@ -105,11 +115,19 @@ def coco_evaluate(
 def format_stats(stats: dict[str, float]) -> str:
     """A small fixed-width table of the 12 stats, as people read them (in percent)."""
     rows = [
-        ("AP", "AP@[.50:.95]"), ("AP50", "AP@.50"), ("AP75", "AP@.75"),
-        ("APs", "AP small"), ("APm", "AP medium"), ("APl", "AP large"),
-        ("AR1", "AR@1"), ("AR10", "AR@10"), ("AR100", "AR@100"),
-        ("ARs", "AR small"), ("ARm", "AR medium"), ("ARl", "AR large"),
-    ]  # fmt: skip
+        ("AP", "AP@[.50:.95]"),
+        ("AP50", "AP@.50"),
+        ("AP75", "AP@.75"),
+        ("APs", "AP small"),
+        ("APm", "AP medium"),
+        ("APl", "AP large"),
+        ("AR1", "AR@1"),
+        ("AR10", "AR@10"),
+        ("AR100", "AR@100"),
+        ("ARs", "AR small"),
+        ("ARm", "AR medium"),
+        ("ARl", "AR large"),
+    ]
     lines = [f"{'metric':<14}{'value':>8}"]
     for key, label in rows:
         v = stats.get(key, float("nan"))
@@ -145,7 +163,9 @@ def per_class_ap(coco_eval: Any, names: Mapping[int, str] | None = None) -> dict
     return out
 
 
-def per_class_metrics(per_class: Mapping[int, Mapping[str, float]], names: Mapping[int, str]) -> dict[str, float]:
+def per_class_metrics(
+    per_class: Mapping[int, Mapping[str, float]], names: Mapping[int, str]
+) -> dict[str, float]:
     """``val/AP/<class name>`` and ``val/AP50/<class name>`` (MLflow-safe names) of :func:`per_class_ap`."""
     out: dict[str, float] = {}
     for cat, v in per_class.items():
@@ -168,7 +188,9 @@ def format_per_class(per_class: Mapping[int, Mapping[str, float]], names: Mappin
 # ----------------------------------------------------------------------------------------- detection
 
 
-def amp_context(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+def amp_context(
+    device: torch.device, amp_dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[Any]:
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=amp_dtype)
@@ -203,16 +225,28 @@ def detect(
     return dets
 
 
-def coco_records(image_id: int, boxes: np.ndarray, scores: np.ndarray, category_ids: np.ndarray) -> list[dict[str, Any]]:
+def coco_records(
+    image_id: int, boxes: np.ndarray, scores: np.ndarray, category_ids: np.ndarray
+) -> list[dict[str, Any]]:
     """COCO results records of one image: ``boxes`` (D, 4) XYXY in original pixels -> ``bbox`` XYWH rounded
     to 1e-3, ``score`` rounded to 1e-5, original ``category_id``."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return [
-        {"image_id": int(image_id), "category_id": int(c),
-         "bbox": [round(float(b[0]), 3), round(float(b[1]), 3), round(float(b[2] - b[0]), 3), round(float(b[3] - b[1]), 3)],
-         "score": round(float(s), 5)}
-        for b, s, c in zip(boxes, np.asarray(scores).reshape(-1), np.asarray(category_ids).reshape(-1), strict=True)
-    ]  # fmt: skip
+        {
+            "image_id": int(image_id),
+            "category_id": int(c),
+            "bbox": [
+                round(float(b[0]), 3),
+                round(float(b[1]), 3),
+                round(float(b[2] - b[0]), 3),
+                round(float(b[3] - b[1]), 3),
+            ],
+            "score": round(float(s), 5),
+        }
+        for b, s, c in zip(
+            boxes, np.asarray(scores).reshape(-1), np.asarray(category_ids).reshape(-1), strict=True
+        )
+    ]
 
 
 def detections_to_coco(
@@ -224,9 +258,13 @@ def detections_to_coco(
     results: list[dict[str, Any]] = []
     for image_id, d in zip(image_ids, dets, strict=True):
         results.extend(
-            coco_records(image_id, d["boxes"].detach().double().cpu().numpy(), d["scores"].detach().float().cpu().numpy(),
-                         lookup[d["labels"].cpu().numpy().reshape(-1)])
-        )  # fmt: skip
+            coco_records(
+                image_id,
+                d["boxes"].detach().double().cpu().numpy(),
+                d["scores"].detach().float().cpu().numpy(),
+                lookup[d["labels"].cpu().numpy().reshape(-1)],
+            )
+        )
     return results
 
 
@@ -342,22 +380,33 @@ def evaluate_checkpoint(
     # they are only needed to read the shards, and the pictures that compare them with predictions are off.
     same_labels = set(shard_cats) <= set(cat_ids)
     if not same_labels:
-        logger.warning("categories of %s %s are not all among the checkpoint's %s", os.fspath(shards), shard_cats, cat_ids)
+        logger.warning(
+            "categories of %s %s are not all among the checkpoint's %s",
+            os.fspath(shards),
+            shard_cats,
+            cat_ids,
+        )
     label_cats = sorted(cat_ids) if same_labels else shard_cats
     plan = eval_plan(shards, max_images)
     dets: list[dict[str, Any]] = []
     img_ids: list[int] = []
     skipped: list[int] = []
     amp = AMP_DTYPES[cfg.optim.amp]
-    for batch in iter_eval_batches(plan, cfg.data, batch_size=batch_size, cat_ids=label_cats, skipped=skipped):
-        per_image = detect(model, postprocess, batch, device=device, amp_dtype=amp, channels_last=cfg.model.channels_last)
+    for batch in iter_eval_batches(
+        plan, cfg.data, batch_size=batch_size, cat_ids=label_cats, skipped=skipped
+    ):
+        per_image = detect(
+            model, postprocess, batch, device=device, amp_dtype=amp, channels_last=cfg.model.channels_last
+        )
         ids = [int(i) for i in batch["image_id"]]
         img_ids.extend(ids)
         dets.extend(detections_to_coco(per_image, ids, cat_ids))
     if not img_ids:
         raise ValueError(f"{os.fspath(shards)}: no val image could be read")
     ids = sorted(set(img_ids) | set(skipped))
-    stats, coco_eval = coco_evaluate(gt, dets, backend=backend or cfg.train.eval_backend, img_ids=ids, return_eval=True)
+    stats, coco_eval = coco_evaluate(
+        gt, dets, backend=backend or cfg.train.eval_backend, img_ids=ids, return_eval=True
+    )
     stats = {k: float(stats[k]) for k in STAT_NAMES}
     stats["num_images"] = float(len(ids))
     stats["skipped_images"] = float(len(set(skipped)))
@@ -367,8 +416,15 @@ def evaluate_checkpoint(
         from ray_retina.report import write_run_pictures
 
         written = write_run_pictures(
-            model, postprocess, cfg, cat_ids, manifest["categories"], plan, coco_eval, Path(plots_dir),
+            model,
+            postprocess,
+            cfg,
+            cat_ids,
+            manifest["categories"],
+            plan,
+            coco_eval,
+            Path(plots_dir),
             with_truth=same_labels,
-        )  # fmt: skip
+        )
         logger.info("wrote %s", ", ".join(str(p) for p in written))
     return stats

@@ -42,7 +42,13 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": [int(version), torch.tensor(mt, dtype=torch.int64), gauss],
-        "numpy": [str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+        "numpy": [
+            str(kind),
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -167,7 +173,9 @@ class Engine:
             outputs = self.model(b["images"])
         # Finiteness is agreed on by all ranks before the criterion (whose num_fg all-reduce every rank
         # must join) and again on the loss, so that every rank skips the same steps.
-        finite = bool(torch.isfinite(outputs.cls_logits).all()) and bool(torch.isfinite(outputs.box_deltas).all())
+        finite = bool(torch.isfinite(outputs.cls_logits).all()) and bool(
+            torch.isfinite(outputs.box_deltas).all()
+        )
         losses: dict[str, torch.Tensor] | None = None
         if _all_true(finite, self.device):
             # The criterion runs its math in fp32 whatever the autocast state.
@@ -211,12 +219,18 @@ class Engine:
         """Detections of a batch in the COCO results format (original category ids, original pixels, XYWH),
         through the one detection path of ``engine/evaluate.py``."""
         dets = detect(
-            unwrap(self.model), self.postprocessor, batch,
-            device=self.device, amp_dtype=self.amp_dtype, channels_last=self.cfg.model.channels_last,
-        )  # fmt: skip
+            unwrap(self.model),
+            self.postprocessor,
+            batch,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            channels_last=self.cfg.model.channels_last,
+        )
         return detections_to_coco(dets, [int(i) for i in batch["image_id"]], self.cat_ids.tolist())
 
-    def predict_all(self, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[list[dict[str, Any]], list[int]]:
+    def predict_all(
+        self, batches: Iterable[dict[str, torch.Tensor]]
+    ) -> tuple[list[dict[str, Any]], list[int]]:
         dets: list[dict[str, Any]] = []
         image_ids: list[int] = []
         for batch in batches:

@@ -1,6 +1,6 @@
 """The console of a training run: one line per log period and the AP table per eval, from rank 0.
 
-    [train] iter   40/200  loss_cls 0.5123  loss_box 0.3011  lr 1.00e-02  11.8 img/s  data 0.4 s  ETA 2m15s
+[train] iter   40/200  loss_cls 0.5123  loss_box 0.3011  lr 1.00e-02  11.8 img/s  data 0.4 s  ETA 2m15s
 """
 
 from __future__ import annotations
@@ -23,9 +23,16 @@ def format_eta(seconds: float) -> str:
 
 
 def format_progress_line(
-    iteration: int, max_iters: int, *, loss_cls: float, loss_box: float, lr: float, images_per_s: float,
-    data_wait_s: float, eta_s: float | None,
-) -> str:  # fmt: skip
+    iteration: int,
+    max_iters: int,
+    *,
+    loss_cls: float,
+    loss_box: float,
+    lr: float,
+    images_per_s: float,
+    data_wait_s: float,
+    eta_s: float | None,
+) -> str:
     """One progress line: iteration / max, both losses, lr, images/s over all workers, seconds spent
     waiting for data in the period, ETA."""
     width = len(str(max_iters))
@@ -64,9 +71,14 @@ class ProgressPrinter:
     stdout line by line; Ray Train's patched ``print`` would also log each line a second time)."""
 
     def __init__(
-        self, max_iters: int, *, start: int = 0, enabled: bool = True, stream: TextIO | None = None,
+        self,
+        max_iters: int,
+        *,
+        start: int = 0,
+        enabled: bool = True,
+        stream: TextIO | None = None,
         tag: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """``tag``: named in every line's prefix (``[train <tag>]``, ``[eval <tag>]``): a sweep's trial id, so
         that the lines of trials running side by side can be told apart."""
         self.max_iters = max_iters

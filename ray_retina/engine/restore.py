@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ray_retina.config import Config, ConfigError, ModelConfig, apply_overrides, config_from_dict
+from ray_retina.config import Config, ConfigError, ModelSection, apply_overrides, config_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +57,18 @@ def load_checkpoint(
 
 # The model settings a checkpoint's weights fix; the rest of its config (loss, data, optim) may differ.
 ARCH_KEYS = (
-    "backbone", "fpn_channels", "head_convs", "head_norm", "p6_from", "anchor_sizes", "anchor_scales_per_octave",
-    "anchor_aspect_ratios", "torchvision_anchors", "pixel_mean", "pixel_std",
-)  # fmt: skip
+    "backbone",
+    "fpn_channels",
+    "head_convs",
+    "head_norm",
+    "p6_from",
+    "anchor_sizes",
+    "anchor_scales_per_octave",
+    "anchor_aspect_ratios",
+    "torchvision_anchors",
+    "pixel_mean",
+    "pixel_std",
+)
 
 
 @dataclass(frozen=True)
@@ -92,9 +101,9 @@ def read_init_source(value: str) -> InitSource:
     """Read ``model.init_from``: a torchvision weights name, a state dict file, or a checkpoint (file, dir, run
     dir); local path or URI. Raises FileNotFoundError / ValueError naming ``value`` when it is none of these."""
     from ray_retina.checkpoint import REQUIRED_KEYS, load_checkpoint_state
-    from ray_retina.io import dir_exists, open_input, resolve_uri
     from ray_retina.model.backbone import is_weights_name, torchvision_weights_file
     from ray_retina.model.torchvision_compat import CLS_WEIGHT, TORCHVISION_COCO_CATEGORIES, required_settings
+    from ray_retina.uri import dir_exists, open_input, resolve_uri
 
     where = value
     if is_weights_name(value):
@@ -115,7 +124,7 @@ def read_init_source(value: str) -> InitSource:
         )
     if all(k in obj for k in REQUIRED_KEYS):
         model_cfg = dict(obj["config"].get("model", {}))
-        defaults = ModelConfig().model_dump(mode="json")
+        defaults = ModelSection().model_dump(mode="json")
         names = obj.get("cat_names")
         return InitSource(
             kind="checkpoint",
@@ -125,9 +134,10 @@ def read_init_source(value: str) -> InitSource:
             class_ids=[int(c) for c in obj["cat_ids"]],
             required={
                 f"model.{k}": (model_cfg.get(k, defaults.get(k)), "the checkpoint's config")
-                for k in ARCH_KEYS if k in model_cfg or k in defaults
+                for k in ARCH_KEYS
+                if k in model_cfg or k in defaults
             },
-        )  # fmt: skip
+        )
     for nested in ("model", "state_dict"):  # a state dict wrapped by a training script
         if CLS_WEIGHT not in obj and isinstance(obj.get(nested), Mapping):
             obj = obj[nested]
@@ -180,8 +190,10 @@ def _check_matches(cfg: Config, source: InitSource) -> None:
     if not bad:
         return
     what = "torchvision RetinaNet weights" if source.kind == "torchvision" else "a ray-retina checkpoint"
-    lines = [f"model.init_from={cfg.model.init_from} ({what}) needs the model built as its weights were; "
-             "these config keys differ:"]  # fmt: skip
+    lines = [
+        f"model.init_from={cfg.model.init_from} ({what}) needs the model built as its weights were; "
+        "these config keys differ:"
+    ]
     lines += [f"  {k}: {have!r}, the weights need {need!r} (from {why})" for k, have, need, why in bad]
     settable = [(k, need) for k, _, need, _ in bad if " " not in k]
     if settable:
@@ -211,11 +223,16 @@ def class_map_for(
     else:
         cmap, how = [None] * len(targets), "none (the weights name no classes and the counts differ)"
     src_names = source.class_names or [str(c) for c in (source.class_ids or range(source.num_classes))]
-    matched = [f"{t}<-{src_names[c]}" if t != src_names[c] else t
-               for t, c in zip(targets, cmap, strict=True) if c is not None]  # fmt: skip
+    matched = [
+        f"{t}<-{src_names[c]}" if t != src_names[c] else t
+        for t, c in zip(targets, cmap, strict=True)
+        if c is not None
+    ]
     new = [t for t, c in zip(targets, cmap, strict=True) if c is None]
-    line = (f"model.init_from {source.where}: {len(matched)} of {len(targets)} classes matched {how}: "
-            f"{', '.join(matched) or '-'}; new (prior init): {', '.join(new) or '-'}")  # fmt: skip
+    line = (
+        f"model.init_from {source.where}: {len(matched)} of {len(targets)} classes matched {how}: "
+        f"{', '.join(matched) or '-'}; new (prior init): {', '.join(new) or '-'}"
+    )
     return cmap, line
 
 
@@ -227,16 +244,18 @@ def check_init(cfg: Config) -> Config:
     differing key and what to set) and the class matches logged. Returns ``cfg`` with a local relative
     ``init_from`` made absolute (workers run in other directories)."""
     from ray_retina.data.shards import read_manifest
-    from ray_retina.io import absolute, is_uri
     from ray_retina.model.backbone import is_weights_name, torchvision_weights_file
+    from ray_retina.uri import absolute, is_uri
 
     m = cfg.model
     bw = m.backbone_weights
     if bw is not None and is_weights_name(bw):
         net = bw.split("_Weights", 1)[0].lower()
         if net != m.backbone:
-            raise ConfigError(f"model.backbone_weights={bw} are weights of {net}, model.backbone is {m.backbone}: "
-                              f"set model.backbone={net} or other weights")  # fmt: skip
+            raise ConfigError(
+                f"model.backbone_weights={bw} are weights of {net}, model.backbone is {m.backbone}: "
+                f"set model.backbone={net} or other weights"
+            )
         if m.init_from is None:
             logger.info("model.backbone_weights %s: %s", bw, torchvision_weights_file(bw))
     if m.init_from is None:

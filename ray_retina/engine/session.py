@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_retina.config import Config, apply_overrides
-from ray_retina.io import absolute
+from ray_retina.uri import absolute
 
 # A custom resource that only Tune trial drivers ask for: a driver just waits on its TorchTrainer, so it
 # must not hold a CPU the trainers or Ray Data need. `ray-retina` declares it on the local Ray it starts;
@@ -51,7 +51,9 @@ def resolve_paths(cfg: Config) -> Config:
 
 def _weights_path(value: str | None) -> str | None:
     """A weights file made absolute; a torchvision weights name (``ResNet50_Weights.IMAGENET1K_V2``) kept."""
-    if value is None or ("." in value and "/" not in value and not os.path.exists(value) and "_Weights." in value):
+    if value is None or (
+        "." in value and "/" not in value and not os.path.exists(value) and "_Weights." in value
+    ):
         return value
     return absolute(value)
 
@@ -77,15 +79,25 @@ def ensure_data(cfg: Config) -> None:
     if not (root / "annotations" / "instances_val.json").exists():
         t0 = time.perf_counter()
         make_synthetic_coco(
-            root, s.num_train, s.num_val, s.seed,
-            min_image_size=s.min_image_size, max_image_size=s.max_image_size,
-            min_object_size=s.min_object_size, max_object_size=s.max_object_size, max_objects=s.max_objects,
-        )  # fmt: skip
-        print(f"[ray-retina] synthetic COCO set: {s.num_train} train + {s.num_val} val images in {root} "
-              f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+            root,
+            s.num_train,
+            s.num_val,
+            s.seed,
+            min_image_size=s.min_image_size,
+            max_image_size=s.max_image_size,
+            min_object_size=s.min_object_size,
+            max_object_size=s.max_object_size,
+            max_objects=s.max_objects,
+        )
+        print(
+            f"[ray-retina] synthetic COCO set: {s.num_train} train + {s.num_val} val images in {root} "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
     for split, out in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards)):
         if not manifest_exists(out):
-            write_shards(root / "annotations" / f"instances_{split}.json", root / split, out, cfg.data.rows_per_shard)
+            write_shards(
+                root / "annotations" / f"instances_{split}.json", root / split, out, cfg.data.rows_per_shard
+            )
             print(f"[ray-retina] prepared {split} shards in {out}")
 
 

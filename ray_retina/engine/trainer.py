@@ -149,9 +149,9 @@ def train(cfg: Config, *, run_name: str | None = None, verbose: bool = False) ->
     uri = run_id = None
     if cfg.tracking.enabled:
         uri = tracking.resolve_tracking_uri(cfg)
-        run_id = tracking.find_run_by_name(uri, tracking.experiment_name(cfg), run_name) or tracking.create_run(
-            cfg, run_name=run_name, uri=uri
-        )
+        run_id = tracking.find_run_by_name(
+            uri, tracking.experiment_name(cfg), run_name
+        ) or tracking.create_run(cfg, run_name=run_name, uri=uri)
     trainer = build_trainer(cfg, run_name=run_name, mlflow_uri=uri, mlflow_run_id=run_id, verbose=verbose)
     result = trainer.fit()
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
@@ -169,7 +169,10 @@ def train(cfg: Config, *, run_name: str | None = None, verbose: bool = False) ->
     )
     if run_id is not None and uri is not None:
         log = tracking.RunLogger(uri, run_id)
-        tags = {"ray_retina.ray_run_name": run_name, "ray_retina.storage_path": abs_storage(cfg.run.storage_path)}
+        tags = {
+            "ray_retina.ray_run_name": run_name,
+            "ray_retina.storage_path": abs_storage(cfg.run.storage_path),
+        }
         if ckpt_path:
             tags["ray_retina.final_checkpoint"] = ckpt_path
         if best:

@@ -108,9 +108,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.optim.compile:
         model = torch.compile(model)
     engine = Engine(
-        cfg, model, build_criterion(cfg, num_classes), build_postprocessor(cfg), device, loop_config["cat_ids"],
+        cfg,
+        model,
+        build_criterion(cfg, num_classes),
+        build_postprocessor(cfg),
+        device,
+        loop_config["cat_ids"],
         cat_names=loop_config.get("cat_names"),
-    )  # fmt: skip
+    )
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -126,8 +131,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # COCO AP is computed on the images of the val plan (coco_evaluate's img_ids), so a val subset
     # (data.val_max_images) is scored against its own GT only.
     gt = coco_gt_from_shards(cfg.data.val_shards) if rank == 0 else None
-    progress = ProgressPrinter(cfg.optim.max_iters, start=engine.iteration, enabled=rank == 0,
-                               tag=loop_config.get("console_tag"))  # fmt: skip
+    progress = ProgressPrinter(
+        cfg.optim.max_iters, start=engine.iteration, enabled=rank == 0, tag=loop_config.get("console_tag")
+    )
     if rank == 0:
         logger.info("world size %d, global batch %d, lr %g", world, cfg.data.batch_size * world, cfg.optim.lr)
 
@@ -175,17 +181,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 n = max(log_window["n"], 1.0)
                 elapsed = time.perf_counter() - log_start
                 losses = {"loss_cls": log_window["loss_cls"] / n, "loss_box": log_window["loss_box"] / n}
-                progress.line(it, **losses, lr=last_lr,
-                              images_per_s=log_window["images"] * world / max(elapsed, 1e-9), data_wait_s=log_window["wait"])  # fmt: skip
+                progress.line(
+                    it,
+                    **losses,
+                    lr=last_lr,
+                    images_per_s=log_window["images"] * world / max(elapsed, 1e-9),
+                    data_wait_s=log_window["wait"],
+                )
                 if tracker is not None:
-                    tracker.log_metrics({f"train/{k}": v for k, v in losses.items()} | {"train/lr": last_lr}, step=it)
+                    tracker.log_metrics(
+                        {f"train/{k}": v for k, v in losses.items()} | {"train/lr": last_lr}, step=it
+                    )
                 log_window = dict.fromkeys(log_window, 0.0)
                 log_start = time.perf_counter()
             if it % period == 0 or it >= max_iters:
                 elapsed = time.perf_counter() - window_start
                 final = engine.iteration >= max_iters
                 coco_eval: list[Any] = []
-                metrics = evaluate_distributed(engine, cfg, loop_config["val_plan"], gt, rank, world, coco_eval)
+                metrics = evaluate_distributed(
+                    engine, cfg, loop_config["val_plan"], gt, rank, world, coco_eval
+                )
                 if rank == 0:
                     progress.eval_table(it, metrics)
                 if final and tracker is not None:
@@ -222,7 +237,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         engine.epoch += 1
 
 
-def _log_pictures(engine: Engine, cfg: Config, loop_config: dict[str, Any], gt: Any, coco_eval: Any, tracker: Any) -> None:
+def _log_pictures(
+    engine: Engine, cfg: Config, loop_config: dict[str, Any], gt: Any, coco_eval: Any, tracker: Any
+) -> None:
     """Rank 0, last eval round: PR curves, detections on val images and Figure 4 as MLflow artifacts."""
     from ray_retina.engine.loop import unwrap
     from ray_retina.report import write_run_pictures
@@ -230,16 +247,24 @@ def _log_pictures(engine: Engine, cfg: Config, loop_config: dict[str, Any], gt: 
     try:
         with tempfile.TemporaryDirectory() as tmp:
             paths = write_run_pictures(
-                unwrap(engine.model), engine.postprocessor, cfg, loop_config["cat_ids"],
-                gt["categories"], loop_config["val_plan"], coco_eval, tmp,
-            )  # fmt: skip
+                unwrap(engine.model),
+                engine.postprocessor,
+                cfg,
+                loop_config["cat_ids"],
+                gt["categories"],
+                loop_config["val_plan"],
+                coco_eval,
+                tmp,
+            )
             for p in paths:
                 tracker.log_artifact(p, "plots")
     except Exception as err:  # noqa: BLE001 - pictures must never fail a finished run
         logger.warning("run pictures failed: %s", err)
 
 
-def _report(engine: Engine, metrics: dict[str, float], rank: int, tracker: Any, run_dir: str | None) -> str | None:
+def _report(
+    engine: Engine, metrics: dict[str, float], rank: int, tracker: Any, run_dir: str | None
+) -> str | None:
     """Report metrics + rank 0's checkpoint (with every rank's random state); returns where it lands."""
     import ray.train
 

@@ -1,8 +1,8 @@
 """RetinaNet in plain PyTorch: no Ray, MLflow or file formats in here.
 
-    model = build_model(cfg, num_classes)          # images (B, 3, H, W) 0..255 -> HeadOutputs
-    criterion = build_criterion(cfg, num_classes)  # HeadOutputs + padded targets -> losses
-    postprocess = build_postprocessor(cfg)         # HeadOutputs + image sizes -> detections
+model = build_model(cfg, num_classes)          # images (B, 3, H, W) 0..255 -> HeadOutputs
+criterion = build_criterion(cfg, num_classes)  # HeadOutputs + padded targets -> losses
+postprocess = build_postprocessor(cfg)         # HeadOutputs + image sizes -> detections
 """
 
 from __future__ import annotations

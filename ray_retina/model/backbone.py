@@ -143,7 +143,9 @@ class BackboneWithFPN(nn.Module):
         for stage in _STAGES[:freeze_at]:
             for module_name in stage:
                 getattr(resnet, module_name).requires_grad_(False)
-        self.body = IntermediateLayerGetter(resnet, return_layers={"layer2": "0", "layer3": "1", "layer4": "2"})
+        self.body = IntermediateLayerGetter(
+            resnet, return_layers={"layer2": "0", "layer3": "1", "layer4": "2"}
+        )
 
         c3, c4, c5 = _C345[name]
         # torchvision's LastLevelP6P7 infers "from P5" from in == out channels; set it explicitly, so

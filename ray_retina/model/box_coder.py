@@ -22,8 +22,12 @@ SCALE_CLAMP = math.log(1000.0 / 16)
 class BoxCoder:
     """Encode boxes as deltas relative to anchors and decode them back. Stateless apart from the weights."""
 
-    def __init__(self, *, weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
-                 scale_clamp: float = SCALE_CLAMP) -> None:
+    def __init__(
+        self,
+        *,
+        weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+        scale_clamp: float = SCALE_CLAMP,
+    ) -> None:
         if len(weights) != 4 or any(w <= 0 for w in weights):
             raise ValueError(f"box coder weights must be 4 positive numbers, got {weights}")
         self.weights = tuple(float(w) for w in weights)
@@ -43,7 +47,8 @@ class BoxCoder:
         bx = boxes[..., 0] + 0.5 * bw
         by = boxes[..., 1] + 0.5 * bh
         return torch.stack(
-            (wx * (bx - ax) / aw, wy * (by - ay) / ah, ww * torch.log(bw / aw), wh * torch.log(bh / ah)), dim=-1
+            (wx * (bx - ax) / aw, wy * (by - ay) / ah, ww * torch.log(bw / aw), wh * torch.log(bh / ah)),
+            dim=-1,
         )
 
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:

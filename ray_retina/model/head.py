@@ -24,7 +24,9 @@ from .backbone import num_groups
 
 def _trunk(channels: int, num_convs: int, norm: str) -> nn.Sequential:
     norm_layer = partial(nn.GroupNorm, num_groups(channels)) if norm == "gn" else None
-    return nn.Sequential(*[Conv2dNormActivation(channels, channels, norm_layer=norm_layer) for _ in range(num_convs)])
+    return nn.Sequential(
+        *[Conv2dNormActivation(channels, channels, norm_layer=norm_layer) for _ in range(num_convs)]
+    )
 
 
 def _flatten(x: Tensor, per_anchor: int) -> Tensor:
@@ -34,8 +36,16 @@ def _flatten(x: Tensor, per_anchor: int) -> Tensor:
 
 
 class RetinaNetClassificationHead(nn.Module):
-    def __init__(self, *, in_channels: int, num_anchors: int, num_classes: int, prior: float = 0.01,
-                 num_convs: int = 4, norm: str = "none") -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_anchors: int,
+        num_classes: int,
+        prior: float = 0.01,
+        num_convs: int = 4,
+        norm: str = "none",
+    ) -> None:
         super().__init__()
         if not 0 < prior < 1:
             raise ValueError(f"prior (pi) must be in (0, 1), got {prior}")
@@ -79,14 +89,26 @@ class RetinaNetRegressionHead(nn.Module):
 
 
 class RetinaNetHead(nn.Module):
-    def __init__(self, *, in_channels: int, num_anchors: int, num_classes: int, prior: float = 0.01,
-                 num_convs: int = 4, norm: str = "none") -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_anchors: int,
+        num_classes: int,
+        prior: float = 0.01,
+        num_convs: int = 4,
+        norm: str = "none",
+    ) -> None:
         super().__init__()
         if norm not in ("none", "gn"):
             raise ValueError(f"head norm must be 'none' or 'gn', got {norm!r}")
         self.classification_head = RetinaNetClassificationHead(
-            in_channels=in_channels, num_anchors=num_anchors, num_classes=num_classes, prior=prior,
-            num_convs=num_convs, norm=norm,
+            in_channels=in_channels,
+            num_anchors=num_anchors,
+            num_classes=num_classes,
+            prior=prior,
+            num_convs=num_convs,
+            norm=norm,
         )
         self.regression_head = RetinaNetRegressionHead(
             in_channels=in_channels, num_anchors=num_anchors, num_convs=num_convs, norm=norm

@@ -84,7 +84,9 @@ class Matcher:
         chunk_elems: int = 1 << 22,
     ) -> None:
         if not 0 <= bg_iou_thresh <= fg_iou_thresh <= 1:
-            raise ValueError(f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got {bg_iou_thresh}, {fg_iou_thresh}")
+            raise ValueError(
+                f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got {bg_iou_thresh}, {fg_iou_thresh}"
+            )
         self.fg_iou_thresh = fg_iou_thresh
         self.bg_iou_thresh = bg_iou_thresh
         self.allow_low_quality_matches = allow_low_quality_matches

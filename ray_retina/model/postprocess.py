@@ -43,8 +43,15 @@ class PostProcessor:
         detections_per_img: int = 100,
         box_coder: BoxCoder | None = None,
     ) -> None:
-        if not 0 <= score_thresh <= 1 or not 0 < nms_thresh <= 1 or topk_candidates < 1 or detections_per_img < 1:
-            raise ValueError("need 0 <= score_thresh <= 1, 0 < nms_thresh <= 1, topk_candidates >= 1, detections_per_img >= 1")
+        if (
+            not 0 <= score_thresh <= 1
+            or not 0 < nms_thresh <= 1
+            or topk_candidates < 1
+            or detections_per_img < 1
+        ):
+            raise ValueError(
+                "need 0 <= score_thresh <= 1, 0 < nms_thresh <= 1, topk_candidates >= 1, detections_per_img >= 1"
+            )
         self.score_thresh = score_thresh
         self.topk_candidates = topk_candidates
         self.nms_thresh = nms_thresh
@@ -95,7 +102,9 @@ class PostProcessor:
                 row, bi, ai, labels, scores = row[sel], bi[sel], ai[sel], labels[sel], scores[sel]
 
             # fp32 decode
-            boxes = self.box_coder.decode(deltas.reshape(b * r, 4).index_select(0, row), anchors.index_select(0, ai))
+            boxes = self.box_coder.decode(
+                deltas.reshape(b * r, 4).index_select(0, row), anchors.index_select(0, ai)
+            )
             sizes = image_sizes.to(device=device, dtype=torch.float32)[bi]  # (M, 2) [h, w]
             boxes = torch.stack(
                 (
@@ -121,7 +130,9 @@ class PostProcessor:
             return [
                 {"boxes": bx, "scores": sc, "labels": lb}
                 for bx, sc, lb in zip(
-                    boxes[keep].split(per_image), scores[keep].split(per_image), labels[keep].split(per_image),
+                    boxes[keep].split(per_image),
+                    scores[keep].split(per_image),
+                    labels[keep].split(per_image),
                     strict=True,
                 )
             ]
@@ -150,7 +161,9 @@ class PostProcessor:
 _MAX_PAIRS = 1 << 24
 
 
-def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float, *, method: str = "auto") -> Tensor:
+def batched_nms(
+    boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float, *, method: str = "auto"
+) -> Tensor:
     """Greedy NMS within each group (image x class), the result of ``torchvision.ops.batched_nms``.
 
     Returns the kept indices sorted by decreasing score.
@@ -225,7 +238,9 @@ def _nms_pairs(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float)
     return kept[torch.argsort(scores[kept], descending=True, stable=True)]
 
 
-def _to_original(boxes: Tensor, keep: Tensor, bi: Tensor, image_sizes: Tensor, target_sizes: Tensor) -> Tensor:
+def _to_original(
+    boxes: Tensor, keep: Tensor, bi: Tensor, image_sizes: Tensor, target_sizes: Tensor
+) -> Tensor:
     """The kept boxes (input pixels) in original pixels, per axis, clipped; other rows left as they are."""
     device = boxes.device
     src = image_sizes.to(device=device, dtype=torch.float32)[bi[keep]]  # (D, 2) [h, w]

@@ -154,8 +154,11 @@ class RetinaNetLoss(nn.Module):
         cls_labels = torch.where(
             fg,
             matched_cls,
-            torch.where(match_labels == BACKGROUND, torch.full_like(matched_cls, self.num_classes),
-                        torch.full_like(matched_cls, -1)),
+            torch.where(
+                match_labels == BACKGROUND,
+                torch.full_like(matched_cls, self.num_classes),
+                torch.full_like(matched_cls, -1),
+            ),
         )
         return cls_labels, matched_idxs, fg
 
@@ -245,7 +248,9 @@ def build_model(cfg: Config, num_classes: int = 80) -> RetinaNet:
         scales_per_octave=m.anchor_scales_per_octave,
         aspect_ratios=m.anchor_aspect_ratios,
         strides=backbone.strides,
-        torchvision_compat=getattr(m, "torchvision_anchors", False),  # optional config field (see load_torchvision_retinanet)
+        torchvision_compat=getattr(
+            m, "torchvision_anchors", False
+        ),  # optional config field (see load_torchvision_retinanet)
     )
     head = RetinaNetHead(
         in_channels=m.fpn_channels,

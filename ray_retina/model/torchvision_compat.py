@@ -113,9 +113,12 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> dict[str, tuple[Any,
     grouped = conv2 is not None and conv2.shape[1] != conv2.shape[0]
     kind = "grouped bottleneck" if grouped else "bottleneck" if bottleneck else "basic"
     name = {
-        ("basic", 2): "resnet18", ("basic", 6): "resnet34", ("bottleneck", 6): "resnet50",
-        ("bottleneck", 23): "resnet101", ("grouped bottleneck", 23): "resnext101_32x8d",
-    }.get((kind, len(blocks3)))  # fmt: skip
+        ("basic", 2): "resnet18",
+        ("basic", 6): "resnet34",
+        ("bottleneck", 6): "resnet50",
+        ("bottleneck", 23): "resnet101",
+        ("grouped bottleneck", 23): "resnext101_32x8d",
+    }.get((kind, len(blocks3)))
     if name is not None:
         out["model.backbone"] = (name, f"{body}layer3.* ({len(blocks3)} {kind} blocks)")
     layer = _first(sd, "backbone.fpn.layer_blocks.0.0.weight", "backbone.fpn.layer_blocks.0.weight")
@@ -198,8 +201,10 @@ def load_torchvision_retinanet(
         )
     if class_map is not None:
         if len(class_map) != k_ours or not all(c is None or 0 <= c < k_tv for c in class_map):
-            raise ValueError(f"class_map / category_ids must be {k_ours} indices in [0, {k_tv}) or None, got "
-                             f"{list(class_map)[:10]}...")  # fmt: skip
+            raise ValueError(
+                f"class_map / category_ids must be {k_ours} indices in [0, {k_tv}) or None, got "
+                f"{list(class_map)[:10]}..."
+            )
         if w.shape[0] != num_anchors * k_tv:
             raise ValueError(f"{CLS_WEIGHT} {tuple(w.shape)} is not {num_anchors} anchors x classes")
         # Row a * K + k of the last conv is anchor a, class k (torchvision's order, and ours).

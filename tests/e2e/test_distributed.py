@@ -131,7 +131,11 @@ def test_distributed_eval_equals_single_worker(two_node_cluster, tmp_path):
     from ray_retina.model import build_model
 
     cfg = resolve_paths(
-        tiny_config(tmp_path, f"sqlite:///{tmp_path / 'm.db'}", **{"postprocess.score_thresh": 0.0, "data.rows_per_shard": 3})
+        tiny_config(
+            tmp_path,
+            f"sqlite:///{tmp_path / 'm.db'}",
+            **{"postprocess.score_thresh": 0.0, "data.rows_per_shard": 3},
+        )
     )
     ensure_data(cfg)
     torch.manual_seed(0)
@@ -139,9 +143,12 @@ def test_distributed_eval_equals_single_worker(two_node_cluster, tmp_path):
     torch.save(build_model(cfg, 3).state_dict(), weights)
     cat_ids = sorted(c["id"] for c in read_manifest(cfg.data.val_shards)["categories"])
     loop_config = {
-        "cfg": cfg.model_dump(mode="json"), "weights": str(weights), "cat_ids": cat_ids,
-        "val_plan": eval_plan(cfg.data.val_shards), "out": str(tmp_path),
-    }  # fmt: skip
+        "cfg": cfg.model_dump(mode="json"),
+        "weights": str(weights),
+        "cat_ids": cat_ids,
+        "val_plan": eval_plan(cfg.data.val_shards),
+        "out": str(tmp_path),
+    }
     assert len(loop_config["val_plan"]) >= 2  # both ranks get shards
     _run(_eval_probe, loop_config, 1, tmp_path / "runs", "eval1")
     _run(_eval_probe, loop_config, 2, tmp_path / "runs", "eval2")

@@ -16,10 +16,22 @@ ROOT = Path(__file__).resolve().parents[2]
 # The rows of the table, and which of them only a GPU can answer (benchmarks/gpu_check.py, ROWS).
 DEVICE_INDEPENDENT = {"parity_torchvision", "amp_bf16", "amp_fp16", "channels_last", "data_per_core"}
 GPU_ONLY = {
-    "postprocess_gpu_cpu", "matcher_gpu_cpu", "step_b2", "step_b8", "vs_detectron2", "channels_last_speed",
-    "outside_b2", "outside_b8", "memory_b2", "memory_b8", "tflops_b2", "tflops_b8", "cores_per_gpu",
-    "ray_train_gpu", "compile",
-}  # fmt: skip
+    "postprocess_gpu_cpu",
+    "matcher_gpu_cpu",
+    "step_b2",
+    "step_b8",
+    "vs_detectron2",
+    "channels_last_speed",
+    "outside_b2",
+    "outside_b8",
+    "memory_b2",
+    "memory_b8",
+    "tflops_b2",
+    "tflops_b8",
+    "cores_per_gpu",
+    "ray_train_gpu",
+    "compile",
+}
 
 
 @pytest.mark.slow
@@ -28,7 +40,15 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     env["CUDA_VISIBLE_DEVICES"] = ""  # the same table on a machine with a GPU
     # A generous budget: on a loaded machine the sections must still all run (the dry run's point is that every
     # code path executes); the time the dry run takes is measured in benchmarks/README.md, not here.
-    cmd = [sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp_path), "--budget-s", "1200"]
+    cmd = [
+        sys.executable,
+        "benchmarks/gpu_check.py",
+        "--dry-run",
+        "--out",
+        str(tmp_path),
+        "--budget-s",
+        "1200",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
 

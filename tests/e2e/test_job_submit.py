@@ -113,7 +113,7 @@ class Head:
         """Run a `ray` CLI command as a token-auth client of this head."""
         res = subprocess.run(
             [RAY, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
-        )  # fmt: skip
+        )
         if check and res.returncode != 0:
             raise AssertionError(f"ray {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
         return res
@@ -175,16 +175,42 @@ def ray_head() -> Iterator[Head]:
     env = _client_env(token_path)
     (gcs, dash, agent_http, agent_grpc, rt_env, metrics, client_srv, node_mgr, obj_mgr) = free_ports(9)
     cmd = [
-        RAY, "start", "--head", "--block",
-        "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-        "--num-cpus", "4", "--resources", json.dumps({TRIAL_RESOURCE: 8}),
-        "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-        "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
-        "--runtime-env-agent-port", str(rt_env), "--metrics-export-port", str(metrics),
-        "--ray-client-server-port", str(client_srv),
-        "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
-        "--temp-dir", str(temp_dir), "--disable-usage-stats",
-    ]  # fmt: skip
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--num-cpus",
+        "4",
+        "--resources",
+        json.dumps({TRIAL_RESOURCE: 8}),
+        "--include-dashboard",
+        "true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--dashboard-agent-listen-port",
+        str(agent_http),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--runtime-env-agent-port",
+        str(rt_env),
+        "--metrics-export-port",
+        str(metrics),
+        "--ray-client-server-port",
+        str(client_srv),
+        "--node-manager-port",
+        str(node_mgr),
+        "--object-manager-port",
+        str(obj_mgr),
+        "--temp-dir",
+        str(temp_dir),
+        "--disable-usage-stats",
+    ]
     # Ray-internal clients inside the cluster (Ray Train's placement-group cleaner asks the state API with no
     # address) auto-detect "the" local cluster and fail when a host runs several, as a shared test machine
     # does: point them at this head's API server. A one-cluster node never needs this.
@@ -194,7 +220,7 @@ def ray_head() -> Iterator[Head]:
     with open(log, "w") as f:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=head_env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-        )  # fmt: skip
+        )
     head = Head(f"http://127.0.0.1:{dash}", gcs, temp_dir, env, token_path, proc, log)
     try:
         deadline = time.monotonic() + HEAD_START_TIMEOUT_S
@@ -265,10 +291,23 @@ def test_job_submit_smoke(ray_head: Head, tmp_path: Path):
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # tmp_path is absolute: sqlite:////...
     job_id = f"rr-test-{secrets.token_hex(4)}"
     submit = [
-        "job", "submit", "--address", ray_head.dashboard, "--submission-id", job_id,
-        "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml",
-        "--", "python", "jobs/train.py", "--config", "configs/smoke.yaml", *_overrides(tmp_path, mlflow_uri),
-    ]  # fmt: skip
+        "job",
+        "submit",
+        "--address",
+        ray_head.dashboard,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "jobs/runtime_env.yaml",
+        "--",
+        "python",
+        "jobs/train.py",
+        "--config",
+        "configs/smoke.yaml",
+        *_overrides(tmp_path, mlflow_uri),
+    ]
     t0 = time.monotonic()
     try:
         # Blocks, tailing the job's logs, until the job ends; exits 1 if the job FAILED.

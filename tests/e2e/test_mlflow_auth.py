@@ -87,8 +87,12 @@ def _cluster_auth_ini(path: Path, database_uri: str) -> None:
     writer = next(
         c for c in deploy["spec"]["template"]["spec"]["initContainers"] if c["name"] == "auth-config"
     )
-    env = {"PATH": os.environ["PATH"], "DB_USER": "unused", "DB_PASSWORD": "unused",
-           "MLFLOW_AUTH_CONFIG_PATH": str(path)}  # fmt: skip
+    env = {
+        "PATH": os.environ["PATH"],
+        "DB_USER": "unused",
+        "DB_PASSWORD": "unused",
+        "MLFLOW_AUTH_CONFIG_PATH": str(path),
+    }
     subprocess.run(writer["command"], env=env, check=True, timeout=30)
     ini = configparser.ConfigParser()
     ini.read(path)
@@ -116,12 +120,30 @@ def auth_server(tmp_path_factory, free_port) -> Iterator[str]:
     log = d / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
-             "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-             "--artifacts-destination", str(d / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            cwd=d, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--app-name",
+                "basic-auth",
+                "--backend-store-uri",
+                f"sqlite:///{d / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(d / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            cwd=d,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc, log)

@@ -39,10 +39,18 @@ frame.to_json("frame.json", orient="split", double_precision=15)
 """
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["PYTHONPATH"] = sysconfig.get_paths()["purelib"]
-    proc = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = pd.read_json(tmp_path / "frame.json", orient="split", dtype=False)
-    ref = mlflow.pyfunc.load_model(str(untrained_pyfunc_dir)).predict(pd.DataFrame({"image": val_jpegs}), params={"score_thresh": 0.52})
+    ref = mlflow.pyfunc.load_model(str(untrained_pyfunc_dir)).predict(
+        pd.DataFrame({"image": val_jpegs}), params={"score_thresh": 0.52}
+    )
     assert len(ref) > 0
     pd.testing.assert_frame_equal(got, ref, check_dtype=False, rtol=1e-6)

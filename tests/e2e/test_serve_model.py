@@ -83,10 +83,25 @@ def mlflow_server(tmp_path_factory, free_port):
     d = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
     proc = _start(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-         "--default-artifact-root", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        d / "server.log", _env(),
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{d / 'mlflow.db'}",
+            "--default-artifact-root",
+            str(d / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        d / "server.log",
+        _env(),
+    )
     url = f"http://127.0.0.1:{port}"
     _wait_http(f"{url}/health", proc, d / "server.log", SERVER_START_S)
     yield url
@@ -103,15 +118,32 @@ def checkpoints(synth_val, mlflow_server, tmp_path_factory):
 
     _, shards = synth_val
     tmp = tmp_path_factory.mktemp("serve")
-    cfg = tiny_config(tmp, mlflow_server, name="it_serve",
-                      **{"data.val_shards": str(shards), "data.train_shards": str(shards), "data.test_min_size": 64,
-                         "model.prior": 0.5, "loss.gamma": 1.5, "loss.alpha": 0.5})  # fmt: skip
+    cfg = tiny_config(
+        tmp,
+        mlflow_server,
+        name="it_serve",
+        **{
+            "data.val_shards": str(shards),
+            "data.train_shards": str(shards),
+            "data.test_min_size": 64,
+            "model.prior": 0.5,
+            "loss.gamma": 1.5,
+            "loss.alpha": 0.5,
+        },
+    )
     cat_ids = sorted(int(c["id"]) for c in read_manifest(shards)["categories"])
     runs = {}
     for seed, name in enumerate(("a", "b")):
         torch.manual_seed(seed)
         model = build_model(cfg, len(cat_ids))
-        engine = Engine(cfg, model, build_criterion(cfg, len(cat_ids)), build_postprocessor(cfg), torch.device("cpu"), cat_ids)
+        engine = Engine(
+            cfg,
+            model,
+            build_criterion(cfg, len(cat_ids)),
+            build_postprocessor(cfg),
+            torch.device("cpu"),
+            cat_ids,
+        )
         engine.iteration = 12
         ckpt = tmp / "runs" / name / "checkpoint_0000012"
         ckpt.mkdir(parents=True)
@@ -153,10 +185,22 @@ def _reference(state: dict, images: list[bytes], score_thresh: float, per_image:
     model, cfg, cat_ids = model_from_state(state, "cpu")
     out = []
     for i, data in enumerate(images):
-        pre = preprocess_batch({"path": np.asarray(["x"]), "bytes": object_array([data])}, min_size=cfg.data.test_min_size,
-                               max_size=cfg.data.max_size, files={"x": (i, "x", "x.png")})  # fmt: skip
-        d = detect_images(model, build_postprocessor(cfg), cfg, pre, device=torch.device("cpu"),
-                          amp_dtype=AMP_DTYPES[cfg.optim.amp], cat_ids=np.asarray(cat_ids), score_thresh=score_thresh)[0]  # fmt: skip
+        pre = preprocess_batch(
+            {"path": np.asarray(["x"]), "bytes": object_array([data])},
+            min_size=cfg.data.test_min_size,
+            max_size=cfg.data.max_size,
+            files={"x": (i, "x", "x.png")},
+        )
+        d = detect_images(
+            model,
+            build_postprocessor(cfg),
+            cfg,
+            pre,
+            device=torch.device("cpu"),
+            amp_dtype=AMP_DTYPES[cfg.optim.amp],
+            cat_ids=np.asarray(cat_ids),
+            score_thresh=score_thresh,
+        )[0]
         out.append(coco_records(i, d["boxes"], d["scores"], d["category_ids"])[:per_image])
     return out
 
@@ -167,8 +211,14 @@ def _served_records(rows: list[dict], n: int) -> list[list[dict]]:
     out = []
     for i in range(n):
         mine = [r for r in rows if r["image_index"] == i]
-        boxes = np.array([[r["x1"], r["y1"], r["x2"], r["y2"]] for r in mine], dtype=np.float64).reshape(-1, 4)
-        out.append(coco_records(i, boxes, np.array([r["score"] for r in mine]), np.array([r["category_id"] for r in mine])))
+        boxes = np.array([[r["x1"], r["y1"], r["x2"], r["y2"]] for r in mine], dtype=np.float64).reshape(
+            -1, 4
+        )
+        out.append(
+            coco_records(
+                i, boxes, np.array([r["score"] for r in mine]), np.array([r["category_id"] for r in mine])
+            )
+        )
     return out
 
 
@@ -176,18 +226,27 @@ def _assert_same(served: list[list[dict]], ref: list[list[dict]]) -> None:
     assert [len(s) for s in served] == [len(r) for r in ref]
     for s_img, r_img in zip(served, ref, strict=True):
         assert [d["category_id"] for d in s_img] == [d["category_id"] for d in r_img]
-        np.testing.assert_allclose([d["bbox"] for d in s_img], [d["bbox"] for d in r_img], atol=BOX_ATOL, rtol=0)
-        np.testing.assert_allclose([d["score"] for d in s_img], [d["score"] for d in r_img], atol=SCORE_ATOL, rtol=0)
-    pairs = [(s, r) for s_img, r_img in zip(served, ref, strict=True) for s, r in zip(s_img, r_img, strict=True)]
+        np.testing.assert_allclose(
+            [d["bbox"] for d in s_img], [d["bbox"] for d in r_img], atol=BOX_ATOL, rtol=0
+        )
+        np.testing.assert_allclose(
+            [d["score"] for d in s_img], [d["score"] for d in r_img], atol=SCORE_ATOL, rtol=0
+        )
+    pairs = [
+        (s, r) for s_img, r_img in zip(served, ref, strict=True) for s, r in zip(s_img, r_img, strict=True)
+    ]
     if pairs:  # shown with -s: what the tolerances leave room for
-        print(f"served vs detect(): {len(pairs)} detections, max |score diff| "
-              f"{max(abs(s['score'] - r['score']) for s, r in pairs):.1e}, max |bbox diff| "
-              f"{max(np.abs(np.subtract(s['bbox'], r['bbox'])).max() for s, r in pairs):.1e} px")  # fmt: skip
+        print(
+            f"served vs detect(): {len(pairs)} detections, max |score diff| "
+            f"{max(abs(s['score'] - r['score']) for s, r in pairs):.1e}, max |bbox diff| "
+            f"{max(np.abs(np.subtract(s['bbox'], r['bbox'])).max() for s, r in pairs):.1e} px"
+        )
 
 
 def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    req = urllib.request.Request(
+        f"{url}/invocations", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=300) as r:
         return json.loads(r.read())
 
@@ -206,10 +265,26 @@ def test_export_register_serve(mlflow_server, checkpoints, images, free_port, tm
 
     # 1. The CLI, by MLflow run id: version 1, @champion.
     done = subprocess.run(
-        [sys.executable, "-m", "ray_retina.cli", "export", "--run", run_id, "--register", NAME, "--alias", "champion",
-         "--tracking-uri", mlflow_server],
-        env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "ray_retina.cli",
+            "export",
+            "--run",
+            run_id,
+            "--register",
+            NAME,
+            "--alias",
+            "champion",
+            "--tracking-uri",
+            mlflow_server,
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"registered: {NAME} version 1, alias @champion" in done.stdout
     assert str(runs["a"] / "checkpoint_0000012" / "checkpoint.pt") in done.stdout
@@ -225,18 +300,37 @@ def test_export_register_serve(mlflow_server, checkpoints, images, free_port, tm
     assert v1.run_id == run_id and v1.tags["ray_retina.run_id"] == run_id
     for v in (v1, champion):
         assert {k: v.tags[k] for k in ("gamma", "alpha", "prior", "lr")} == {
-            "gamma": "1.5", "alpha": "0.5", "prior": "0.5", "lr": "0.002"
-        }  # fmt: skip
+            "gamma": "1.5",
+            "alpha": "0.5",
+            "prior": "0.5",
+            "lr": "0.002",
+        }
     assert champion.tags["ray_retina.checkpoint"] == str(runs["b"] / "checkpoint_0000012" / "checkpoint.pt")
 
     # 3. Serve @champion (checkpoint b) and ask it.
     port = free_port()
     log = tmp_path / "serve.log"
     proc = _start(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        log, _env(MLFLOW_TRACKING_URI=mlflow_server),
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        log,
+        _env(MLFLOW_TRACKING_URI=mlflow_server),
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_http(f"{url}/ping", proc, log, SERVE_START_S)
@@ -244,10 +338,20 @@ def test_export_register_serve(mlflow_server, checkpoints, images, free_port, tm
         rows = _post(url, {"dataframe_split": {"columns": ["image"], "data": data}})["predictions"]
         # params: a threshold that keeps about the best tenth, at most 5 per image
         thresh = round(float(np.quantile([r["score"] for r in rows], 0.9)), 4)
-        few = _post(url, {"dataframe_split": {"columns": ["image"], "data": data},
-                          "params": {"score_thresh": thresh, "detections_per_img": 5}})["predictions"]  # fmt: skip
-        bad = urllib.request.Request(f"{url}/invocations", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}}).encode())  # fmt: skip
+        few = _post(
+            url,
+            {
+                "dataframe_split": {"columns": ["image"], "data": data},
+                "params": {"score_thresh": thresh, "detections_per_img": 5},
+            },
+        )["predictions"]
+        bad = urllib.request.Request(
+            f"{url}/invocations",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps(
+                {"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}}
+            ).encode(),
+        )
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(bad, timeout=60)
         assert err.value.code == 400 and "image 0 is not an image" in err.value.read().decode()
@@ -272,7 +376,9 @@ def test_registry_in_mlflow_ui(mlflow_server, open_mlflow_page, shot_dir):
     docs/model_registry.png under `make docs`."""
     from mlflow.tracking import MlflowClient
 
-    if not MlflowClient(mlflow_server, registry_uri=mlflow_server).search_registered_models(f"name = '{NAME}'"):
+    if not MlflowClient(mlflow_server, registry_uri=mlflow_server).search_registered_models(
+        f"name = '{NAME}'"
+    ):
         pytest.fail(f"no registered model {NAME}: run with test_export_register_serve, which registers it")
     page = open_mlflow_page(f"{mlflow_server}/#/models/{NAME}", "Version 2")
     page.get_by_text("champion").first.wait_for(timeout=30_000)

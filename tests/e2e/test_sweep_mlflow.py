@@ -28,11 +28,26 @@ def mlflow_server(tmp_path_factory, free_port):
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(d / "server.log", "w")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{d / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(d / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:
@@ -61,18 +76,30 @@ def sweep(ray_local, mlflow_server, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("sweep")
     cfg = tiny_config(
-        tmp, mlflow_server, name="it_sweep",
-        **{"scaling.num_workers": 1, "data.batch_size": 8, "optim.max_iters": 24, "optim.steps": [24],
-           "train.eval_period": 6, "postprocess.score_thresh": 0.0,
-           "tune.search_space": {"loss.gamma": {"type": "uniform", "low": 0.0, "high": 5.0},
-                                 "loss.alpha": {"type": "uniform", "low": 0.1, "high": 0.9},
-                                 "model.prior": {"type": "loguniform", "low": 0.001, "high": 0.1},
-                                 "optim.lr": {"type": "loguniform", "low": 0.0003, "high": 0.003}},
-           "tune.num_samples": 4, "tune.grace_period": 1, "tune.reduction_factor": 2,
-           "tune.max_concurrent_trials": 2,
-           # Optuna's TPE here (the random default runs in test_tune_resume and the benchmark).
-           "tune.search_alg": "optuna"},
-    )  # fmt: skip
+        tmp,
+        mlflow_server,
+        name="it_sweep",
+        **{
+            "scaling.num_workers": 1,
+            "data.batch_size": 8,
+            "optim.max_iters": 24,
+            "optim.steps": [24],
+            "train.eval_period": 6,
+            "postprocess.score_thresh": 0.0,
+            "tune.search_space": {
+                "loss.gamma": {"type": "uniform", "low": 0.0, "high": 5.0},
+                "loss.alpha": {"type": "uniform", "low": 0.1, "high": 0.9},
+                "model.prior": {"type": "loguniform", "low": 0.001, "high": 0.1},
+                "optim.lr": {"type": "loguniform", "low": 0.0003, "high": 0.003},
+            },
+            "tune.num_samples": 4,
+            "tune.grace_period": 1,
+            "tune.reduction_factor": 2,
+            "tune.max_concurrent_trials": 2,
+            # Optuna's TPE here (the random default runs in test_tune_resume and the benchmark).
+            "tune.search_alg": "optuna",
+        },
+    )
     return run_sweep(cfg, sweep_name="it-sweep")
 
 
@@ -100,18 +127,25 @@ def test_sweep_in_mlflow(sweep, mlflow_server, tmp_path):
         for key in PARAMS:
             assert float(child.data.params[key]) == pytest.approx(row.params[key])
         hist = client.get_metric_history(child.info.run_id, "val/AP")
-        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == [6 * (i + 1) for i in range(row.rounds)]
+        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == [
+            6 * (i + 1) for i in range(row.rounds)
+        ]
         assert child.data.tags["stopped_early"] == str(row.stopped_early).lower()
         assert child.info.status == ("KILLED" if row.stopped_early else "FINISHED")
         if not row.stopped_early:
             names = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
             assert "plots/focal_loss_cdf.png" in names and "plots/pr_curves.png" in names
     best = [c for c in children if c.data.tags["best_trial"] == "true"]
-    assert len(best) == 1 and parent.data.tags["ray_retina.best_trial"] == best[0].data.tags["ray_retina.trial_id"]
+    assert (
+        len(best) == 1
+        and parent.data.tags["ray_retina.best_trial"] == best[0].data.tags["ray_retina.trial_id"]
+    )
     parent_files = {a.path for a in client.list_artifacts(sweep.parent_run_id)}
     assert "sweep_summary.md" in parent_files
     # the summary has a column per class: the focal parameters trade rare classes against frequent ones
-    summary = Path(client.download_artifacts(sweep.parent_run_id, "sweep_summary.md", str(tmp_path))).read_text()
+    summary = Path(
+        client.download_artifacts(sweep.parent_run_id, "sweep_summary.md", str(tmp_path))
+    ).read_text()
     header = summary.splitlines()[0]
     for name in ("rectangle", "ellipse", "triangle"):
         assert f"| AP {name} |" in header, header
@@ -128,12 +162,15 @@ def test_compare_trials_in_mlflow_ui(sweep, mlflow_server, open_mlflow_page, sho
 
     client = MlflowClient(mlflow_server)
     exp_id = client.get_run(sweep.parent_run_id).info.experiment_id
-    children = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}'")
+    children = client.search_runs(
+        [exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}'"
+    )
     run_ids = [c.info.run_id for c in children]
     classes = sorted({k for c in children for k in c.data.metrics if k.startswith("val/AP/")})
     assert len(run_ids) == 4 and classes, classes
     page = open_mlflow_page(
-        f"{mlflow_server}/#/compare-runs?runs={json.dumps(run_ids)}&experiments={json.dumps([exp_id])}", "val/AP"
+        f"{mlflow_server}/#/compare-runs?runs={json.dumps(run_ids)}&experiments={json.dumps([exp_id])}",
+        "val/AP",
     )
     page.get_by_role("tab", name="Parallel Coordinates Plot").click()
     page.get_by_role("button", name="Clear All").click()  # the UI preselects the first 3 params, 1 metric

@@ -50,13 +50,22 @@ def test_killed_sweep_resumes_to_the_end(tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     cfg = tiny_config(
-        tmp_path, mlflow_uri, name="it_resume",
-        **{"scaling.num_workers": 1, "data.batch_size": 8, "optim.max_iters": ROUNDS * EVAL_PERIOD,
-           "optim.steps": [ROUNDS * EVAL_PERIOD], "train.eval_period": EVAL_PERIOD,
-           "postprocess.score_thresh": 0.0,
-           "tune.scheduler": "fifo", "tune.num_samples": 2, "tune.max_concurrent_trials": 2,
-           "tune.search_space": {"loss.gamma": {"type": "uniform", "low": 0.5, "high": 3.0}}},
-    )  # fmt: skip
+        tmp_path,
+        mlflow_uri,
+        name="it_resume",
+        **{
+            "scaling.num_workers": 1,
+            "data.batch_size": 8,
+            "optim.max_iters": ROUNDS * EVAL_PERIOD,
+            "optim.steps": [ROUNDS * EVAL_PERIOD],
+            "train.eval_period": EVAL_PERIOD,
+            "postprocess.score_thresh": 0.0,
+            "tune.scheduler": "fifo",
+            "tune.num_samples": 2,
+            "tune.max_concurrent_trials": 2,
+            "tune.search_space": {"loss.gamma": {"type": "uniform", "low": 0.5, "high": 3.0}},
+        },
+    )
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     sweep_dir = tmp_path / "runs" / SWEEP
@@ -65,13 +74,21 @@ def test_killed_sweep_resumes_to_the_end(tmp_path, mlflow_uri):
     log1 = open(tmp_path / "first.log", "w")  # noqa: SIM115 - closed below
     first = subprocess.Popen(
         [*_cli(), "tune", "--config", str(cfg_file), "--name", SWEEP],
-        stdout=log1, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
-    )  # fmt: skip
+        stdout=log1,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 420
         while not _started_and_reported(sweep_dir):
-            assert first.poll() is None, f"sweep ended before it could be killed:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no reported round in time:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
+            assert first.poll() is None, (
+                f"sweep ended before it could be killed:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
+            )
+            assert time.monotonic() < deadline, (
+                f"no reported round in time:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
+            )
             time.sleep(1)
     finally:
         _kill_group(first)
@@ -85,13 +102,20 @@ def test_killed_sweep_resumes_to_the_end(tmp_path, mlflow_uri):
 
     second = subprocess.run(
         [*_cli(), "tune", "--config", str(cfg_file), "--resume", str(sweep_dir)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900, start_new_session=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=900,
+        start_new_session=True,
+    )
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
 
     parent_id = parent[0].info.run_id
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )
     # One run per trial: the restored trials found their runs again instead of opening new ones.
     assert len(children) == 2, [c.info.run_name for c in children]
     for child in children:

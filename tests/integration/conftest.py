@@ -42,4 +42,7 @@ def tiny_data(tmp_path_factory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("tiny_data")
     cfg = tiny_config(tmp, f"sqlite:///{tmp / 'mlflow.db'}")  # MLflow is not touched here
     ensure_data(cfg)
-    return {k: getattr(cfg.data, k.split(".", 1)[1]) for k in ("data.root", "data.train_shards", "data.val_shards")}
+    return {
+        k: getattr(cfg.data, k.split(".", 1)[1])
+        for k in ("data.root", "data.train_shards", "data.val_shards")
+    }

@@ -24,8 +24,11 @@ def _two_reports(config: dict) -> None:
     for iteration, ap in config["reports"]:
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint({**state, "iteration": iteration}, tmp)
-            ray.train.report({"val/AP": ap, "iteration": iteration}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint_dir_name(iteration))  # fmt: skip
+            ray.train.report(
+                {"val/AP": ap, "iteration": iteration},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=checkpoint_dir_name(iteration),
+            )
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +48,13 @@ def run_dir(ray_session, untrained_checkpoint, tmp_path_factory):
         train_loop_config={"state": str(run / "checkpoint_0000010" / "checkpoint.pt"), "reports": REPORTS},
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(
-            name="best", storage_path=str(storage),
-            checkpoint_config=ray.train.CheckpointConfig(checkpoint_score_attribute="val/AP", checkpoint_score_order="max"),
+            name="best",
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(
+                checkpoint_score_attribute="val/AP", checkpoint_score_order="max"
+            ),
         ),
-    )  # fmt: skip
+    )
     result = trainer.fit()
     assert result.error is None
     assert result.checkpoint.path.endswith("checkpoint_0000002")  # Ray's latest: the worse one
@@ -75,7 +81,9 @@ def test_export_takes_the_best_unless_told(run_dir, tmp_path, capsys):
     source = resolve_source(str(run_dir))
     assert source.checkpoint.endswith("checkpoint_0000001/checkpoint.pt")
     assert source.metrics["val/AP"] == pytest.approx(0.6)
-    assert main(["export", "--run", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "a")]) == 0
+    assert (
+        main(["export", "--run", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "a")]) == 0
+    )
     assert "checkpoint_0000001/checkpoint.pt  (val/AP 0.6000)" in capsys.readouterr().out
     named = str(run_dir / "checkpoint_0000002")
     assert main(["export", "--run", named, "--format", "torchscript", "--out", str(tmp_path / "b")]) == 0

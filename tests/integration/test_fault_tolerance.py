@@ -28,10 +28,19 @@ def test_worker_death_restarts_from_checkpoint_and_resume(
     from ray_retina.engine.worker import FAIL_ENV
 
     cfg = tiny_config(
-        tmp_path, mlflow_uri, name="ft", **tiny_data,
-        **{"optim.max_iters": 12, "optim.steps": [8], "optim.warmup_iters": 3, "train.eval_period": 4,
-           "run.max_failures": 1, "train.log_period": 1},
-    )  # fmt: skip
+        tmp_path,
+        mlflow_uri,
+        name="ft",
+        **tiny_data,
+        **{
+            "optim.max_iters": 12,
+            "optim.steps": [8],
+            "optim.warmup_iters": 3,
+            "train.eval_period": 4,
+            "run.max_failures": 1,
+            "train.log_period": 1,
+        },
+    )
     monkeypatch.setenv(FAIL_ENV, "1:6")  # rank 1 exits once at iteration 6 (after the checkpoint at 4)
     out = train(cfg, run_name="ft")
     monkeypatch.delenv(FAIL_ENV)
@@ -58,10 +67,18 @@ def test_worker_death_restarts_from_checkpoint_and_resume(
     stray = tmp_path / "runs" / "ft" / "checkpoint_9999999"
     stray.mkdir()
     longer = tiny_config(
-        tmp_path, mlflow_uri, name="ft", **tiny_data,
-        **{"optim.max_iters": 16, "optim.steps": [8], "optim.warmup_iters": 3, "train.eval_period": 4,
-           "train.log_period": 1},
-    )  # fmt: skip
+        tmp_path,
+        mlflow_uri,
+        name="ft",
+        **tiny_data,
+        **{
+            "optim.max_iters": 16,
+            "optim.steps": [8],
+            "optim.warmup_iters": 3,
+            "train.eval_period": 4,
+            "train.log_period": 1,
+        },
+    )
     again = train(longer, run_name="ft")
     assert again.error is None and again.metrics["iteration"] == 16
     assert not stray.exists()

@@ -9,17 +9,24 @@ import threading
 import numpy as np
 import pytest
 
-from ray_retina.config import DataConfig
+from ray_retina.config import DataSection
 from ray_retina.data.collate import RetinaCollate
 from ray_retina.data.datasets import build_dataset, iter_eval_batches
 from ray_retina.data.shards import prepare_shards, read_shards_table, shard_files, write_shards
 from ray_retina.data.synthetic import make_synthetic_coco
 
 
-def _data_cfg(**kw) -> DataConfig:
-    base = dict(train_min_size=[96, 128], test_min_size=128, max_size=256, batch_size=4, size_divisibility=32,
-                map_num_cpus=0.5, map_batch_size=4)  # fmt: skip
-    return DataConfig(**{**base, **kw})
+def _data_cfg(**kw) -> DataSection:
+    base = dict(
+        train_min_size=[96, 128],
+        test_min_size=128,
+        max_size=256,
+        batch_size=4,
+        size_divisibility=32,
+        map_num_cpus=0.5,
+        map_batch_size=4,
+    )
+    return DataSection(**{**base, **kw})
 
 
 @pytest.mark.ray
@@ -67,7 +74,9 @@ def test_deterministic_training_order_repeats_for_a_seed(ray_session, synth_shar
     first = two_epochs(0)
     assert two_epochs(0) == first
     assert sorted(first[0]) == sorted(first[1]) and first[0] != first[1]
-    assert not build_dataset(synth_shards / "train", _data_cfg(), train=True, seed=0).context.execution_options.preserve_order
+    assert not build_dataset(
+        synth_shards / "train", _data_cfg(), train=True, seed=0
+    ).context.execution_options.preserve_order
 
 
 @pytest.mark.ray
@@ -93,7 +102,10 @@ def test_val_dataset_is_deterministic_and_matches_eval_iterator(ray_session, syn
             n += 1
     assert n == 10
     assert (
-        sum(len(b["image_id"]) for b in iter_eval_batches(shard_files(synth_shards / "val"), cfg, max_images=5))
+        sum(
+            len(b["image_id"])
+            for b in iter_eval_batches(shard_files(synth_shards / "val"), cfg, max_images=5)
+        )
         == 5
     )
 

@@ -31,7 +31,10 @@ def test_train_two_workers_end_to_end(ray_session, tiny_data, tmp_path, mlflow_u
     assert run.data.tags["ray_retina.final_checkpoint"] == out.checkpoint_path
     ap_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/AP")]
     assert ap_steps == [6, 12]
-    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss_cls"), key=lambda m: m.step)]
+    losses = [
+        m.value
+        for m in sorted(client.get_metric_history(run.info.run_id, "train/loss_cls"), key=lambda m: m.step)
+    ]
     assert len(losses) >= 10
     # The focal loss starts at the prior's value and falls as the classifier learns the background.
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
@@ -68,14 +71,22 @@ def test_tune_two_trials(ray_session, tiny_data, tmp_path, mlflow_uri, capsys):
     from ray_retina.tune import run_sweep
 
     cfg = tiny_config(
-        tmp_path, mlflow_uri, name="it_tune", **tiny_data,
-        **{"scaling.num_workers": 1, "data.batch_size": 8,
-           "tune.search_space": {"loss.gamma": {"type": "uniform", "low": 0.0, "high": 5.0},
-                                 "loss.alpha": {"type": "uniform", "low": 0.1, "high": 0.9},
-                                 "model.prior": {"type": "loguniform", "low": 0.001, "high": 0.1},
-                                 "optim.lr": {"type": "loguniform", "low": 0.0005, "high": 0.005}},
-           "tune.num_samples": 2},
-    )  # fmt: skip
+        tmp_path,
+        mlflow_uri,
+        name="it_tune",
+        **tiny_data,
+        **{
+            "scaling.num_workers": 1,
+            "data.batch_size": 8,
+            "tune.search_space": {
+                "loss.gamma": {"type": "uniform", "low": 0.0, "high": 5.0},
+                "loss.alpha": {"type": "uniform", "low": 0.1, "high": 0.9},
+                "model.prior": {"type": "loguniform", "low": 0.001, "high": 0.1},
+                "optim.lr": {"type": "loguniform", "low": 0.0005, "high": 0.005},
+            },
+            "tune.num_samples": 2,
+        },
+    )
     summary = run_sweep(cfg, sweep_name="it-sweep")
     assert summary.num_trials == 2 and summary.num_errors == 0
     assert summary.best_ap is not None

@@ -19,7 +19,7 @@ import torch
 from _data_utils import png_bytes, shard_batch
 from PIL import Image
 
-from ray_retina.config import ConfigError, DataConfig, apply_overrides, load_config
+from ray_retina.config import ConfigError, DataSection, apply_overrides, load_config
 from ray_retina.data import augment
 from ray_retina.data.augment import AUGMENTED_COLUMNS, augment_batch, color_matrix, crop_boxes, photometric
 from ray_retina.data.datasets import augment_kwargs
@@ -96,7 +96,7 @@ def test_off_is_bit_identical_to_the_pipeline_without_augmentation():
     assert _same(plain, augment_batch(b, **kw, **off))
     assert _same(plain, augment_batch(b, **kw, photometric=None, crop=None, zoom_out=None))
     # the default config passes nothing new: the kwargs are the ones from before the augmentation existed
-    k = augment_kwargs(DataConfig(), train=True, cat_ids=CATS, seed=0)
+    k = augment_kwargs(DataSection(), train=True, cat_ids=CATS, seed=0)
     assert set(k) == {"train", "min_size_range", "max_size", "hflip_prob", "cat_ids", "seed", "skip_counter"}
 
 
@@ -260,8 +260,15 @@ def test_crop_zoom_flip_boxes_match_torchvision_v2(monkeypatch, seed):
     ratio, fx, fy = float(rng.uniform(1, 3)), float(rng.random()), float(rng.random())
     flip, size, min_visible = bool(seed % 2), int(rng.integers(40, 120)), 0.3
     _fixed(monkeypatch, window=window, zoom=(ratio, fx, fy))
-    out = augment_batch(b, **TRAIN, min_size_range=[size, size], hflip_prob=float(flip), seed=seed,
-                        crop={**CROP, "min_visible": min_visible}, zoom_out=ZOOM)  # fmt: skip
+    out = augment_batch(
+        b,
+        **TRAIN,
+        min_size_range=[size, size],
+        hflip_prob=float(flip),
+        seed=seed,
+        crop={**CROP, "min_visible": min_visible},
+        zoom_out=ZOOM,
+    )
     # independent: the output sizes from the documented rule, the boxes by torchvision
     scale = min(size / (ratio * min(ch, cw)), 1000 / (ratio * max(ch, cw)))
     canvas_h, canvas_w = int(ratio * ch * scale + 0.5), int(ratio * cw * scale + 0.5)
@@ -366,7 +373,9 @@ def test_photometric_only_changes_colours(monkeypatch, size):
     original before the resize (fewer pixels). Same boxes and sizes as without it either way."""
     rng = np.random.default_rng(5)
     arrs = [_smooth(int(rng.integers(60, 100)), int(rng.integers(60, 100)), seed=i) for i in range(3)]
-    b = shard_batch([png_bytes(a) for a in arrs], [a.shape[:2] for a in arrs], [[[5, 6, 20, 30]]] * 3, [[3]] * 3)
+    b = shard_batch(
+        [png_bytes(a) for a in arrs], [a.shape[:2] for a in arrs], [[[5, 6, 20, 30]]] * 3, [[3]] * 3
+    )
     kw = dict(TRAIN, min_size_range=[size, size], hflip_prob=0.5, seed=2)
     plain = augment_batch(b, **kw)
     factors = dict(brightness=1.2, contrast=0.8, saturation=1.3, hue=0.05)
@@ -494,8 +503,16 @@ def test_photometric_rejects_bad_input():
 def test_augment_batch_arguments_are_checked():
     b = _random_set(1, seed=6)
     with pytest.raises(ValueError, match="train=True"):
-        augment_batch(b, train=False, min_size_range=[50, 50], max_size=100, hflip_prob=0.0, cat_ids=CATS,
-                      seed=0, crop=CROP)  # fmt: skip
+        augment_batch(
+            b,
+            train=False,
+            min_size_range=[50, 50],
+            max_size=100,
+            hflip_prob=0.0,
+            cat_ids=CATS,
+            seed=0,
+            crop=CROP,
+        )
     kw = dict(TRAIN, min_size_range=[50, 50], hflip_prob=0.0, seed=0)
     for bad, match in [
         ({"crop": {**CROP, "prob": 1.5}}, "crop.prob"),
@@ -511,7 +528,7 @@ def test_augment_batch_arguments_are_checked():
 
 
 def test_config_defaults_off_and_validation():
-    a = DataConfig().augment
+    a = DataSection().augment
     assert a.photometric.prob == a.crop.prob == a.zoom_out.prob == 0.0
     for name in ("retinanet_r50_fpn_1x_coco", "smoke", "tune_focal", "tune_focal_gpu"):
         a = load_config(CONFIGS / f"{name}.yaml").data.augment
@@ -561,8 +578,9 @@ def test_finetune_config_runs_through_the_row_group_step(synth_shards):
     cfg = load_config(CONFIGS / "retinanet_r50_fpn_finetune_small.yaml").data
     d = synth_shards / "train"
     cats = [c["id"] for c in read_manifest(d)["categories"]]
-    kw = augment_kwargs(cfg.model_copy(update={"train_min_size": [64, 96], "max_size": 160}), train=True,
-                        cat_ids=cats, seed=0)  # fmt: skip
+    kw = augment_kwargs(
+        cfg.model_copy(update={"train_min_size": [64, 96], "max_size": 160}), train=True, cat_ids=cats, seed=0
+    )
     files = shard_files(d)
     frags = {"path": np.array(files), "row_group": np.zeros(len(files), np.int64)}
     first = [b for b in read_and_augment(frags, augment={**kw, "epoch": 1})]

@@ -26,7 +26,9 @@ def test_encode_decode_round_trip():
     boxes = torch.cat([boxes, boxes + 4 + torch.rand(100, 2, generator=g) * 200], 1)
     for weights in [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)]:
         coder = BoxCoder(weights=weights)
-        torch.testing.assert_close(coder.decode(coder.encode(boxes, anchors), anchors), boxes, atol=1e-3, rtol=1e-5)
+        torch.testing.assert_close(
+            coder.decode(coder.encode(boxes, anchors), anchors), boxes, atol=1e-3, rtol=1e-5
+        )
 
 
 def test_equals_torchvision_box_coder_and_decodes_fp32():
@@ -35,7 +37,9 @@ def test_equals_torchvision_box_coder_and_decodes_fp32():
     deltas = torch.randn(100, 4, generator=g)
     tv = TVBoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
     ours = BoxCoder()
-    torch.testing.assert_close(ours.decode(deltas, anchors), tv.decode_single(deltas, anchors), rtol=0, atol=0)
+    torch.testing.assert_close(
+        ours.decode(deltas, anchors), tv.decode_single(deltas, anchors), rtol=0, atol=0
+    )
     boxes = ours.decode(deltas, anchors)
     torch.testing.assert_close(ours.encode(boxes, anchors), tv.encode_single(boxes, anchors))
     assert ours.decode(deltas.bfloat16(), anchors).dtype == torch.float32

@@ -620,8 +620,12 @@ def test_mlflow_auth_config_written_at_start_is_what_mlflow_reads(tmp_path):
     argv = writer["command"] + writer.get("args", [])
     assert argv[:2] == ["sh", "-c"], argv
     ini = tmp_path / "basic_auth.ini"
-    env = {"PATH": os.environ["PATH"], "DB_USER": "db-user", "DB_PASSWORD": "0123abcd",
-           "MLFLOW_AUTH_CONFIG_PATH": str(ini)}  # fmt: skip
+    env = {
+        "PATH": os.environ["PATH"],
+        "DB_USER": "db-user",
+        "DB_PASSWORD": "0123abcd",
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+    }
     subprocess.run(["sh", "-c", argv[2]], env=env, check=True, timeout=30)
     assert ini.stat().st_mode & 0o077 == 0, "the ini holds the database password: owner-only"
     parser = configparser.ConfigParser()

@@ -29,8 +29,11 @@ def test_paper_defaults():
     assert (cfg.loss.gamma, cfg.loss.alpha, cfg.model.prior) == (2.0, 0.25, 0.01)
     assert (cfg.loss.fg_iou_thresh, cfg.loss.bg_iou_thresh) == (0.5, 0.4)
     assert cfg.postprocess.model_dump() == {
-        "score_thresh": 0.05, "topk_candidates": 1000, "nms_thresh": 0.5, "detections_per_img": 100,
-    }  # fmt: skip
+        "score_thresh": 0.05,
+        "topk_candidates": 1000,
+        "nms_thresh": 0.5,
+        "detections_per_img": 100,
+    }
     assert (cfg.optim.max_iters, cfg.optim.steps, cfg.optim.momentum) == (90_000, [60_000, 80_000], 0.9)
     assert cfg.model.p6_from == "c5"
 

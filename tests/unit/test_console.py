@@ -14,7 +14,14 @@ from ray_retina.engine.progress import ProgressPrinter, format_eta, format_eval_
 
 def test_progress_line_format():
     line = format_progress_line(
-        40, 200, loss_cls=0.51234, loss_box=0.30111, lr=0.01, images_per_s=11.84, data_wait_s=0.42, eta_s=135.2
+        40,
+        200,
+        loss_cls=0.51234,
+        loss_box=0.30111,
+        lr=0.01,
+        images_per_s=11.84,
+        data_wait_s=0.42,
+        eta_s=135.2,
     )
     assert line == (
         "[train] iter  40/200  loss_cls 0.5123  loss_box 0.3011  lr 1.00e-02  11.8 img/s  data 0.4 s  ETA 2m15s"
@@ -30,14 +37,27 @@ def test_progress_printer_eta_from_measured_rate_and_rank0_only():
     eta = re.search(r"ETA (\d+)m(\d\d)s", buf.getvalue())
     assert eta and 22 <= int(eta[1]) * 60 + int(eta[2]) <= 26  # 60 iterations left at 0.4 s
     silent = io.StringIO()
-    ProgressPrinter(100, enabled=False, stream=silent).line(1, loss_cls=1, loss_box=1, lr=1, images_per_s=1, data_wait_s=0)
+    ProgressPrinter(100, enabled=False, stream=silent).line(
+        1, loss_cls=1, loss_box=1, lr=1, images_per_s=1, data_wait_s=0
+    )
     assert silent.getvalue() == ""
 
 
 def test_eval_lines_show_ap_table_per_class_and_skips():
-    metrics = {"val/AP": 0.5, "val/AP50": 0.9, "val/AP75": 0.45, "val/APs": -1.0, "val/APm": 0.4, "val/APl": 0.6,
-               "val/num_images": 10, "val/skipped_images": 1, "val/AP/dog": 0.7, "val/AP50/dog": 0.95,
-               "val/AP/traffic light": -1.0, "val/AP50/traffic light": -1.0}  # fmt: skip
+    metrics = {
+        "val/AP": 0.5,
+        "val/AP50": 0.9,
+        "val/AP75": 0.45,
+        "val/APs": -1.0,
+        "val/APm": 0.4,
+        "val/APl": 0.6,
+        "val/num_images": 10,
+        "val/skipped_images": 1,
+        "val/AP/dog": 0.7,
+        "val/AP50/dog": 0.95,
+        "val/AP/traffic light": -1.0,
+        "val/AP50/traffic light": -1.0,
+    }
     lines = format_eval_lines(600, metrics)
     assert lines[0] == (
         "[eval]  iter 600  AP 50.0  AP50 90.0  AP75 45.0  APs n/a  APm 40.0  APl 60.0  (10 images)"
@@ -55,8 +75,18 @@ def _run(argv, capsys):
 
 
 def test_missing_annotations_is_one_line_naming_the_path(capsys, tmp_path):
-    rc, _, err = _run(["prepare", "--annotations", str(tmp_path / "missing.json"), "--images", str(tmp_path),
-                       "--out", str(tmp_path / "out")], capsys)  # fmt: skip
+    rc, _, err = _run(
+        [
+            "prepare",
+            "--annotations",
+            str(tmp_path / "missing.json"),
+            "--images",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capsys,
+    )
     lines = [x for x in err.splitlines() if x.strip()]
     assert rc == 2 and len(lines) == 1, err
     assert lines[0].startswith("error: ") and str(tmp_path / "missing.json") in lines[0]
@@ -74,8 +104,18 @@ def test_missing_config_and_bad_config_are_one_line(capsys, tmp_path):
 
 
 def test_missing_shard_set_says_what_to_do(capsys, tmp_path):
-    rc, _, err = _run(["train", "--set", f"data.train_shards={tmp_path / 'nope'}", f"data.val_shards={tmp_path / 'nope'}",
-                       "data.synth=null", f"run.storage_path={tmp_path / 'runs'}", "tracking.enabled=false"], capsys)  # fmt: skip
+    rc, _, err = _run(
+        [
+            "train",
+            "--set",
+            f"data.train_shards={tmp_path / 'nope'}",
+            f"data.val_shards={tmp_path / 'nope'}",
+            "data.synth=null",
+            f"run.storage_path={tmp_path / 'runs'}",
+            "tracking.enabled=false",
+        ],
+        capsys,
+    )
     assert rc == 2 and "Traceback" not in err, err
     line = [x for x in err.splitlines() if x.startswith("error:")][0]
     assert str(tmp_path / "nope") in line and "ray-retina prepare" in line
@@ -89,7 +129,9 @@ def test_verbose_shows_the_traceback(tmp_path):
 
 
 def test_set_takes_several_pairs_each_validated(capsys):
-    args = cli.build_parser().parse_args(["train", "--set", "optim.lr=0.02", "loss.gamma=1", "--set", "seed=3"])
+    args = cli.build_parser().parse_args(
+        ["train", "--set", "optim.lr=0.02", "loss.gamma=1", "--set", "seed=3"]
+    )
     assert args.overrides == ["optim.lr=0.02", "loss.gamma=1", "seed=3"]
     from ray_retina.config import load_config
 
@@ -111,10 +153,22 @@ def _trial(trial_id: str, gamma: float, **last):  # noqa: ANN202
     """What SweepProgress reads of a Tune Trial: id, config (searched keys + our __ keys), last result."""
     from types import SimpleNamespace
 
-    config = {"loss.gamma": gamma, "optim.lr": 0.001, "__base__": {"name": "x", "data": {"root": "/long/path"}},
-              "__sweep__": "s", "__mlflow_uri__": None, "__parent_run_id__": None, "__preset__": None}  # fmt: skip
-    return SimpleNamespace(trial_id=trial_id, config=config, last_result=last, path=f"/runs/s/{trial_id}",
-                           get_error=lambda: RuntimeError("Traceback ...\nValueError: boom"))  # fmt: skip
+    config = {
+        "loss.gamma": gamma,
+        "optim.lr": 0.001,
+        "__base__": {"name": "x", "data": {"root": "/long/path"}},
+        "__sweep__": "s",
+        "__mlflow_uri__": None,
+        "__parent_run_id__": None,
+        "__preset__": None,
+    }
+    return SimpleNamespace(
+        trial_id=trial_id,
+        config=config,
+        last_result=last,
+        path=f"/runs/s/{trial_id}",
+        get_error=lambda: RuntimeError("Traceback ...\nValueError: boom"),
+    )
 
 
 def test_sweep_progress_lines_name_trials_by_parameters_and_track_the_best(capsys):

@@ -20,8 +20,16 @@ def _gt(num_images: int = 20, seed: int = 0) -> dict:
         for _ in range(int(rng.integers(0, 6))):
             w, h = rng.uniform(8, 200, size=2)
             x, y = rng.uniform(0, 500 - w), rng.uniform(0, 400 - h)
-            anns.append({"id": aid, "image_id": i, "category_id": int(rng.choice([3, 17, 42])),
-                         "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h), "iscrowd": 0})  # fmt: skip
+            anns.append(
+                {
+                    "id": aid,
+                    "image_id": i,
+                    "category_id": int(rng.choice([3, 17, 42])),
+                    "bbox": [float(x), float(y), float(w), float(h)],
+                    "area": float(w * h),
+                    "iscrowd": 0,
+                }
+            )
             aid += 1
     return {"images": images, "annotations": anns, "categories": cats}
 
@@ -35,13 +43,23 @@ def _noisy_dets(gt: dict, seed: int = 1) -> list[dict]:
         x, y, w, h = a["bbox"]
         jit = rng.normal(0, 0.08, size=4) * [w, h, w, h]
         cat = a["category_id"] if rng.random() < 0.9 else 3
-        dets.append({"image_id": a["image_id"], "category_id": cat,
-                     "bbox": [x + jit[0], y + jit[1], max(1.0, w + jit[2]), max(1.0, h + jit[3])],
-                     "score": float(rng.uniform(0.05, 1.0))})  # fmt: skip
+        dets.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": cat,
+                "bbox": [x + jit[0], y + jit[1], max(1.0, w + jit[2]), max(1.0, h + jit[3])],
+                "score": float(rng.uniform(0.05, 1.0)),
+            }
+        )
     for _ in range(30):  # false positives
-        dets.append({"image_id": int(rng.integers(1, 21)), "category_id": 17,
-                     "bbox": [float(rng.uniform(0, 300)), float(rng.uniform(0, 200)), 50.0, 40.0],
-                     "score": float(rng.uniform(0.05, 0.6))})  # fmt: skip
+        dets.append(
+            {
+                "image_id": int(rng.integers(1, 21)),
+                "category_id": 17,
+                "bbox": [float(rng.uniform(0, 300)), float(rng.uniform(0, 200)), 50.0, 40.0],
+                "score": float(rng.uniform(0.05, 0.6)),
+            }
+        )
     return dets
 
 
@@ -64,8 +82,10 @@ def _pycocotools_reference(gt: dict, dets: list[dict]) -> np.ndarray:
 @pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
 def test_perfect_detections_score_one(backend):
     gt = _gt()
-    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
-            for a in gt["annotations"]]  # fmt: skip
+    dets = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        for a in gt["annotations"]
+    ]
     stats = coco_evaluate(gt, dets, backend=backend)
     assert stats["AP"] == pytest.approx(1.0)
     assert stats["AP50"] == pytest.approx(1.0)
@@ -105,7 +125,11 @@ def test_no_detections_is_zero_and_img_ids_restrict():
     dets = _noisy_dets(gt)
     sub = [d for d in dets if d["image_id"] <= 10]
     part = coco_evaluate(gt, sub, img_ids=list(range(1, 11)))
-    gt10 = {**gt, "images": gt["images"][:10], "annotations": [a for a in gt["annotations"] if a["image_id"] <= 10]}
+    gt10 = {
+        **gt,
+        "images": gt["images"][:10],
+        "annotations": [a for a in gt["annotations"] if a["image_id"] <= 10],
+    }
     assert part == coco_evaluate(gt10, sub)
 
 

@@ -100,9 +100,15 @@ def test_end_to_end_onnx_is_detect(onnx_files, model, state, h, w, pad_h, pad_w,
     session = ort.InferenceSession(str(onnx_files[2]), providers=["CPUExecutionProvider"])
     x = _padded(3, h, w, pad_h, pad_w)
     size, orig = torch.tensor([h, w]), torch.tensor([height, width])
-    ref = detect(model, build_postprocessor(config_from_dict(state["config"])),
-                 {"images": x, "image_sizes": size[None], "orig_sizes": orig[None]}, device=torch.device("cpu"))[0]  # fmt: skip
-    boxes, scores, labels, cats = session.run(None, {"images": x.numpy(), "image_size": size.numpy(), "orig_size": orig.numpy()})
+    ref = detect(
+        model,
+        build_postprocessor(config_from_dict(state["config"])),
+        {"images": x, "image_sizes": size[None], "orig_sizes": orig[None]},
+        device=torch.device("cpu"),
+    )[0]
+    boxes, scores, labels, cats = session.run(
+        None, {"images": x.numpy(), "image_size": size.numpy(), "orig_size": orig.numpy()}
+    )
     assert len(scores) == len(ref["scores"]) > 0
     np.testing.assert_array_equal(labels, ref["labels"].numpy())
     np.testing.assert_array_equal(cats, np.asarray(state["cat_ids"])[labels])
@@ -116,8 +122,13 @@ def test_onnx_json_rebuilds_the_anchors_and_names_the_labels(onnx_files, model, 
 
     meta = json.loads(onnx_files[1].read_text())
     a = meta["anchors"]
-    gen = AnchorGenerator(sizes=a["sizes"], scales_per_octave=a["scales_per_octave"], aspect_ratios=a["aspect_ratios"],
-                          strides=a["strides"], torchvision_compat=a["torchvision_compat"])  # fmt: skip
+    gen = AnchorGenerator(
+        sizes=a["sizes"],
+        scales_per_octave=a["scales_per_octave"],
+        aspect_ratios=a["aspect_ratios"],
+        strides=a["strides"],
+        torchvision_compat=a["torchvision_compat"],
+    )
     feats = [torch.zeros(1, 1, -(-128 // s), -(-160 // s)) for s in a["strides"]]
     with torch.no_grad():
         ref = model(_inputs(1, 128, 160))
@@ -158,10 +169,22 @@ def _reference_records(state, images: list[bytes], score_thresh: float) -> list[
     model, cfg, cat_ids = model_from_state(state, "cpu")
     out = []
     for i, data in enumerate(images):
-        pre = preprocess_batch({"path": np.asarray(["x"]), "bytes": object_array([data])}, min_size=cfg.data.test_min_size,
-                               max_size=cfg.data.max_size, files={"x": (i, "x", "x.png")})  # fmt: skip
-        d = detect_images(model, build_postprocessor(cfg), cfg, pre, device=torch.device("cpu"),
-                          amp_dtype=AMP_DTYPES[cfg.optim.amp], cat_ids=np.asarray(cat_ids), score_thresh=score_thresh)[0]  # fmt: skip
+        pre = preprocess_batch(
+            {"path": np.asarray(["x"]), "bytes": object_array([data])},
+            min_size=cfg.data.test_min_size,
+            max_size=cfg.data.max_size,
+            files={"x": (i, "x", "x.png")},
+        )
+        d = detect_images(
+            model,
+            build_postprocessor(cfg),
+            cfg,
+            pre,
+            device=torch.device("cpu"),
+            amp_dtype=AMP_DTYPES[cfg.optim.amp],
+            cat_ids=np.asarray(cat_ids),
+            score_thresh=score_thresh,
+        )[0]
         out.append(coco_records(i, d["boxes"], d["scores"], d["category_ids"]))
     return out
 
@@ -170,7 +193,9 @@ def _as_records(frame: pd.DataFrame, n: int) -> list[list[dict]]:
     from ray_retina.engine.evaluate import coco_records
 
     return [
-        coco_records(i, g[["x1", "y1", "x2", "y2"]].to_numpy(), g["score"].to_numpy(), g["category_id"].to_numpy())
+        coco_records(
+            i, g[["x1", "y1", "x2", "y2"]].to_numpy(), g["score"].to_numpy(), g["category_id"].to_numpy()
+        )
         for i, g in ((i, frame[frame["image_index"] == i]) for i in range(n))
     ]
 
@@ -192,7 +217,9 @@ def test_pyfunc_detections_are_predicts(pyfunc, state, val_jpegs):
     ref = _reference_records(state, val_jpegs, thresh)
     got = _as_records(frame, len(val_jpegs))
     assert got == ref  # the same boxes (1e-3 px), scores (1e-5) and category ids, in the same order
-    names = dict(zip(state["cat_ids"], ("rectangle", "ellipse", "triangle"), strict=True))  # the synthetic set's
+    names = dict(
+        zip(state["cat_ids"], ("rectangle", "ellipse", "triangle"), strict=True)
+    )  # the synthetic set's
     assert frame["category_name"].tolist() == [names[c] for c in frame["category_id"]]
     np.testing.assert_allclose(frame["bbox_w"], frame["x2"] - frame["x1"])
     np.testing.assert_allclose(frame["bbox_h"], frame["y2"] - frame["y1"])
@@ -228,7 +255,9 @@ def test_pyfunc_signature_and_requirements(pyfunc, untrained_pyfunc_dir):
     from ray_retina.export import pip_requirements
 
     reqs = {Requirement(r).name: Requirement(r) for r in pip_requirements()}
-    assert "ray-retina" not in reqs  # not on PyPI: the model carries the package (tests/e2e/test_model_package.py)
+    assert (
+        "ray-retina" not in reqs
+    )  # not on PyPI: the model carries the package (tests/e2e/test_model_package.py)
     assert all(len(r.specifier) == 1 and next(iter(r.specifier)).operator == "==" for r in reqs.values())
     assert all("+" not in str(r.specifier) for r in reqs.values())  # no local labels such as +cu130
     declared = [Requirement(r) for r in importlib.metadata.requires("ray-retina")]
@@ -273,7 +302,11 @@ def test_export_logs_registers_and_tags(untrained_checkpoint, state, tmp_path, m
     tracking.RunLogger(uri, train_run).set_tags(tracking.checkpoint_tags(str(run.parent), run.name))
     second = export(str(run / "checkpoint_0000010"), register="retina", alias="champion", tracking_uri=uri)
     assert second.run_id == second.source.run_id == train_run
-    assert first.source.checkpoint == second.source.checkpoint == str(run / "checkpoint_0000010" / "checkpoint.pt")
+    assert (
+        first.source.checkpoint
+        == second.source.checkpoint
+        == str(run / "checkpoint_0000010" / "checkpoint.pt")
+    )
     assert (first.registered_version, second.registered_version) == ("1", "2")
     client = MlflowClient(uri, registry_uri=uri)
     v = client.get_model_version_by_alias("retina", "champion")
@@ -282,9 +315,14 @@ def test_export_logs_registers_and_tags(untrained_checkpoint, state, tmp_path, m
 
     lr = config_from_dict(torch.load(second.source.checkpoint, weights_only=True)["config"]).lr
     assert {k: v.tags[k] for k in ("gamma", "alpha", "prior", "lr")} == {
-        "gamma": "1.5", "alpha": "0.25", "prior": "0.5", "lr": str(lr)
-    }  # fmt: skip
-    assert v.tags["ray_retina.checkpoint"] == second.source.checkpoint and v.tags["ray_retina.iteration"] == "10"
+        "gamma": "1.5",
+        "alpha": "0.25",
+        "prior": "0.5",
+        "lr": str(lr),
+    }
+    assert (
+        v.tags["ray_retina.checkpoint"] == second.source.checkpoint and v.tags["ray_retina.iteration"] == "10"
+    )
     assert v.tags["ray_retina.run_id"] == train_run and v.run_id == train_run
     assert client.get_run(first.run_id).data.tags["mlflow.runName"] == f"export-{run.name}"
 
@@ -312,12 +350,17 @@ def test_run_and_sweep_ids_resolve_to_checkpoint_dirs(untrained_checkpoint, tmp_
     run_dir, _, _ = untrained_checkpoint
     client = MlflowClient(uri)
     exp = client.create_experiment("x")
-    train = client.create_run(exp, tags=tracking.checkpoint_tags(str(run_dir.parent), run_dir.name)).info.run_id
+    train = client.create_run(
+        exp, tags=tracking.checkpoint_tags(str(run_dir.parent), run_dir.name)
+    ).info.run_id
     assert tracking.run_checkpoint_location(uri, train) == str(run_dir)
     parent = client.create_run(exp, tags={tracking.BEST_TRIAL_TAG: "t2"}).info.run_id
     for trial in ("t1", "t2"):
-        child = client.create_run(exp, run_name=run_dir.name if trial == "t2" else "gone",
-                                  tags={tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: trial}).info.run_id  # fmt: skip
+        child = client.create_run(
+            exp,
+            run_name=run_dir.name if trial == "t2" else "gone",
+            tags={tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: trial},
+        ).info.run_id
         client.log_param(child, "run.storage_path", str(run_dir.parent))
     best = tracking.best_trial_run(uri, parent)
     assert best.data.tags[tracking.TRIAL_TAG] == "t2"

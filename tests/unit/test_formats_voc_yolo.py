@@ -29,24 +29,35 @@ CLASSES = ["cat", "dog"]  # ids 1, 2 (note: not what sorting the VOC names would
 
 # name -> (display width, height, [(class, [x, y, w, h], difficult)]); COCO pixels, before clipping.
 IMAGES: dict[str, tuple[int, int, list[tuple[str, list[float], int]]]] = {
-    "a.jpg": (80, 60, [
-        ("cat", [10, 10, 20, 15], 0),
-        ("dog", [70, 50, 20, 20], 0),  # partly outside: clipped to [70, 50, 10, 10]
-        ("cat", [90, 10, 5, 5], 0),  # wholly outside: dropped
-        ("dog", [0, 0, 30, 30], 1),  # VOC difficult -> iscrowd=1 (not expressible in YOLO)
-    ]),
-    "b.jpg": (64, 48, [
-        ("dog", [-5, -5, 10, 10], 0),  # clipped to [0, 0, 5, 5]
-        ("cat", [5, 5, 30, 20], 0),
-        ("cat", [5, 5, 10, -3], 0),  # h < 0: dropped
-    ]),
+    "a.jpg": (
+        80,
+        60,
+        [
+            ("cat", [10, 10, 20, 15], 0),
+            ("dog", [70, 50, 20, 20], 0),  # partly outside: clipped to [70, 50, 10, 10]
+            ("cat", [90, 10, 5, 5], 0),  # wholly outside: dropped
+            ("dog", [0, 0, 30, 30], 1),  # VOC difficult -> iscrowd=1 (not expressible in YOLO)
+        ],
+    ),
+    "b.jpg": (
+        64,
+        48,
+        [
+            ("dog", [-5, -5, 10, 10], 0),  # clipped to [0, 0, 5, 5]
+            ("cat", [5, 5, 30, 20], 0),
+            ("cat", [5, 5, 10, -3], 0),  # h < 0: dropped
+        ],
+    ),
     "c.jpg": (50, 70, [("cat", [1, 2, 48, 60], 0)]),  # VOC: size 0 in the XML; YOLO: a polygon
     "exif.jpg": (60, 80, [("dog", [5, 10, 30, 40], 0)]),  # stored 80 x 60, EXIF orientation 6
     "neg.jpg": (40, 40, []),  # a negative (VOC: XML without objects; YOLO: empty label file)
-}  # fmt: skip
+}
 EXPECTED_SHARED = {  # counts of the COCO reasons for the images above, common to all formats
-    "bbox_clipped": 2, "bbox_outside": 1, "bbox_nonpositive": 1, "image_without_annotations": 1,
-}  # fmt: skip
+    "bbox_clipped": 2,
+    "bbox_outside": 1,
+    "bbox_nonpositive": 1,
+    "image_without_annotations": 1,
+}
 
 
 def _jpeg(w: int, h: int, seed: int, exif_rotate: bool = False) -> bytes:
@@ -74,8 +85,15 @@ def _coco(entries: list[tuple[str, int, int, list]], *, crowd: bool) -> dict:
         for name, box, difficult in objs:
             if difficult and not crowd:
                 continue
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat[name], "bbox": box,
-                         "iscrowd": difficult})  # fmt: skip
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": cat[name],
+                    "bbox": box,
+                    "iscrowd": difficult,
+                }
+            )
     return {"images": images, "annotations": anns, "categories": [{"id": cat[n], "name": n} for n in CLASSES]}
 
 
@@ -85,8 +103,10 @@ def _voc_xml(filename: str, w: int, h: int, objects: list[tuple[str, list[float]
         f"<xmax>{x + bw}</xmax><ymax>{y + bh}</ymax></bndbox></object>"
         for n, (x, y, bw, bh), d in objects
     )
-    return (f"<annotation><folder>VOC</folder><filename>{filename}</filename><size><width>{w}</width>"
-            f"<height>{h}</height><depth>3</depth></size>{objs}</annotation>")  # fmt: skip
+    return (
+        f"<annotation><folder>VOC</folder><filename>{filename}</filename><size><width>{w}</width>"
+        f"<height>{h}</height><depth>3</depth></size>{objs}</annotation>"
+    )
 
 
 def make_voc(root: Path, imgs: dict[str, bytes]) -> tuple[Path, Path]:
@@ -174,17 +194,20 @@ def _assert_same_shards(got: Path, want: Path) -> None:
 def test_voc_prepares_like_its_coco_json(tmp_path, caplog):
     coco_path, coco_images = make_voc(tmp_path / "voc", _image_bytes())
     with caplog.at_level(logging.WARNING):
-        (out, manifest), = prepare_dataset(
+        ((out, manifest),) = prepare_dataset(
             tmp_path / "out_voc", format="voc", root=tmp_path / "voc", classes=CLASSES, use_ray=False
-        ).items()  # fmt: skip
-    (ref, _), = prepare_dataset(tmp_path / "out_coco", annotations=coco_path, images=coco_images,
-                                use_ray=False).items()  # fmt: skip
+        ).items()
+    ((ref, _),) = prepare_dataset(
+        tmp_path / "out_coco", annotations=coco_path, images=coco_images, use_ray=False
+    ).items()
     _assert_same_shards(Path(out), Path(ref))
     v = manifest["validation"]
     assert {k: v[k] for k in COCO_REASONS if v[k]} == {**EXPECTED_SHARED, "crowd": 1, "image_missing": 1}
     assert {k: v[k] for k in v if k not in COCO_REASONS} == {
-        "label_file_missing": 0, "label_file_invalid": 1, "class_unknown": 1,
-    }  # fmt: skip
+        "label_file_missing": 0,
+        "label_file_invalid": 1,
+        "class_unknown": 1,
+    }
     assert "broken.xml does not parse" in caplog.text
     assert [c["name"] for c in manifest["categories"]] == CLASSES and manifest["source"]["format"] == "voc"
     rows = _rows(Path(out))
@@ -204,17 +227,22 @@ def test_voc_classes_default_to_the_sorted_names(tmp_path):
 def test_yolo_prepares_like_its_coco_json(tmp_path, caplog):
     coco_path, coco_images = make_yolo(tmp_path / "yolo", _image_bytes())
     with caplog.at_level(logging.WARNING):
-        (out, manifest), = prepare_dataset(tmp_path / "out_yolo", format="yolo", root=tmp_path / "yolo",
-                                           use_ray=False).items()  # fmt: skip
-    (ref, _), = prepare_dataset(tmp_path / "out_coco", annotations=coco_path, images=coco_images,
-                                use_ray=False).items()  # fmt: skip
+        ((out, manifest),) = prepare_dataset(
+            tmp_path / "out_yolo", format="yolo", root=tmp_path / "yolo", use_ray=False
+        ).items()
+    ((ref, _),) = prepare_dataset(
+        tmp_path / "out_coco", annotations=coco_path, images=coco_images, use_ray=False
+    ).items()
     _assert_same_shards(Path(out), Path(ref))
     v = manifest["validation"]
     assert {k: v[k] for k in COCO_REASONS if v[k]} == {**EXPECTED_SHARED, "image_without_annotations": 2}
     assert {k: v[k] for k in v if k not in COCO_REASONS} == {
-        "label_file_missing": 1, "label_file_invalid": 0, "label_line_invalid": 2, "label_file_orphan": 1,
+        "label_file_missing": 1,
+        "label_file_invalid": 0,
+        "label_line_invalid": 2,
+        "label_file_orphan": 1,
         "class_unknown": 1,
-    }  # fmt: skip
+    }
     assert "labels/a.txt:2: '0 0.5 0.5'" in caplog.text and "labels/a.txt:3" in caplog.text
     assert "labels/a.txt:4: class 7" in caplog.text and "orphan.txt has no image" in caplog.text
     rows = _rows(Path(out))
@@ -226,16 +254,20 @@ def test_voc_and_yolo_agree_on_the_boxes_they_share(tmp_path):
     imgs = _image_bytes()
     make_voc(tmp_path / "voc", imgs)
     make_yolo(tmp_path / "yolo", imgs)
-    (voc_out, _), = prepare_dataset(tmp_path / "v", format="voc", root=tmp_path / "voc", classes=CLASSES,
-                                    use_ray=False).items()  # fmt: skip
+    ((voc_out, _),) = prepare_dataset(
+        tmp_path / "v", format="voc", root=tmp_path / "voc", classes=CLASSES, use_ray=False
+    ).items()
     ((yolo_out, _),) = prepare_dataset(
         tmp_path / "y", format="yolo", root=tmp_path / "yolo", use_ray=False
     ).items()
     voc, yolo = _rows(Path(voc_out)), _rows(Path(yolo_out))
     for name in IMAGES:
         keep = [i for i, c in enumerate(voc[name]["iscrowd"]) if not c]
-        np.testing.assert_allclose(np.array(voc[name]["bbox"])[keep].reshape(-1, 4),
-                                   np.array(yolo[name]["bbox"]).reshape(-1, 4), atol=1e-4)  # fmt: skip
+        np.testing.assert_allclose(
+            np.array(voc[name]["bbox"])[keep].reshape(-1, 4),
+            np.array(yolo[name]["bbox"]).reshape(-1, 4),
+            atol=1e-4,
+        )
         assert [voc[name]["category_id"][i] for i in keep] == yolo[name]["category_id"]
 
 
@@ -248,8 +280,11 @@ def test_voc_corners_are_one_based_inclusive(tmp_path):
     (root / "JPEGImages").mkdir()
     (root / "JPEGImages" / "x.jpg").write_bytes(_jpeg(80, 60, 0))
     xml = _voc_xml("x.jpg", 80, 60, [])
-    boxes = "".join(f"<object><name>a</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax>"
-                    f"<ymax>{b[3]}</ymax></bndbox></object>" for b in [(1, 1, 80, 60), (11, 21, 30, 40)])  # fmt: skip
+    boxes = "".join(
+        f"<object><name>a</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax>"
+        f"<ymax>{b[3]}</ymax></bndbox></object>"
+        for b in [(1, 1, 80, 60), (11, 21, 30, 40)]
+    )
     (root / "Annotations" / "x.xml").write_text(xml.replace("</annotation>", boxes + "</annotation>"))
     ((out, manifest),) = prepare_dataset(tmp_path / "out", format="voc", root=root, use_ray=False).items()
     row = read_shards_table(out).to_pylist()[0]
@@ -306,8 +341,15 @@ def test_val_fraction_writes_a_disjoint_deterministic_train_val(tmp_path):
     _flat_yolo(tmp_path / "yolo", 20)
 
     def split(seed: int, out: str) -> dict[str, set[str]]:
-        manifests = prepare_dataset(tmp_path / out, format="yolo", root=tmp_path / "yolo", val_fraction=0.25,
-                                    seed=seed, use_ray=False, progress=False)  # fmt: skip
+        manifests = prepare_dataset(
+            tmp_path / out,
+            format="yolo",
+            root=tmp_path / "yolo",
+            val_fraction=0.25,
+            seed=seed,
+            use_ray=False,
+            progress=False,
+        )
         assert sorted(Path(p).name for p in manifests) == ["train", "val"]
         assert (
             sum(m["validation"]["label_line_invalid"] for m in manifests.values()) == 7
@@ -325,8 +367,15 @@ def test_val_fraction_writes_a_disjoint_deterministic_train_val(tmp_path):
 
 def test_coco_json_splits_by_val_fraction(tmp_path):
     coco_path, images = make_voc(tmp_path / "voc", _image_bytes())
-    manifests = prepare_dataset(tmp_path / "out", annotations=coco_path, images=images, val_fraction=0.4, seed=3,
-                                use_ray=False, progress=False)  # fmt: skip
+    manifests = prepare_dataset(
+        tmp_path / "out",
+        annotations=coco_path,
+        images=images,
+        val_fraction=0.4,
+        seed=3,
+        use_ray=False,
+        progress=False,
+    )
     ids = [{r["image_id"] for r in read_shards_table(p).to_pylist()} for p in manifests]
     assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 5  # 6 images, ghost.jpg is missing
     total = {k: sum(m["validation"][k] for m in manifests.values()) for k in COCO_REASONS}
@@ -344,8 +393,22 @@ def test_cli_voc_writes_the_image_sets_splits(tmp_path, capsys):
     (root / "ImageSets" / "Main" / "val.txt").write_text("exif\nneg\nnoxml\n")  # noxml: no XML, no image
     (root / "ImageSets" / "Main" / "aeroplane_train.txt").write_text("a 1\n")  # per-class lists: ignored
     out = tmp_path / "shards"
-    rc = main(["prepare", "--format", "voc", "--root", str(root), "--classes", "cat, dog", "--out", str(out),
-               "--no-ray", "--rows-per-shard", "2"])  # fmt: skip
+    rc = main(
+        [
+            "prepare",
+            "--format",
+            "voc",
+            "--root",
+            str(root),
+            "--classes",
+            "cat, dog",
+            "--out",
+            str(out),
+            "--no-ray",
+            "--rows-per-shard",
+            "2",
+        ]
+    )
     assert rc == 0
     train, val = read_manifest(out / "train"), read_manifest(out / "val")
     assert {r["file_name"] for r in read_shards_table(out / "train").to_pylist()} == {
@@ -356,11 +419,21 @@ def test_cli_voc_writes_the_image_sets_splits(tmp_path, capsys):
     assert {r["file_name"] for r in read_shards_table(out / "val").to_pylist()} == {"exif.jpg", "neg.jpg"}
     assert train["validation"]["label_file_invalid"] == 1 and val["validation"]["label_file_invalid"] == 0
     assert val["validation"]["label_file_missing"] == 1 and val["validation"]["image_missing"] == 1
-    assert train["categories"] == val["categories"] == [
-        {"id": 1, "name": "cat", "supercategory": ""}, {"id": 2, "name": "dog", "supercategory": ""},
-    ]  # fmt: skip
-    assert train["source"] | {"root": None} == {"format": "voc", "root": None, "classes": CLASSES, "split": "train",
-                                                "split_by": "source"}  # fmt: skip
+    assert (
+        train["categories"]
+        == val["categories"]
+        == [
+            {"id": 1, "name": "cat", "supercategory": ""},
+            {"id": 2, "name": "dog", "supercategory": ""},
+        ]
+    )
+    assert train["source"] | {"root": None} == {
+        "format": "voc",
+        "root": None,
+        "classes": CLASSES,
+        "split": "train",
+        "split_by": "source",
+    }
     printed = capsys.readouterr().out
     assert f"to {out}/train" in printed and f"to {out}/val" in printed
     # the source has splits: --val-fraction is refused with one line
@@ -390,8 +463,23 @@ def test_cli_yolo_writes_train_and_val(tmp_path):
         assert sorted(r["file_name"] for r in rows) == [f"images/{split}/{split}{i}.jpg" for i in range(n)]
         assert all(r["bbox"] == [[12, 6, 8, 12]] and r["category_id"] == [2] for r in rows)
         assert [c["name"] for c in read_manifest(out / split)["categories"]] == CLASSES
-    assert main(["prepare", "--format", "yolo", "--root", str(root), "--out", str(tmp_path / "v"), "--no-ray",
-                 "--split", "val"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare",
+                "--format",
+                "yolo",
+                "--root",
+                str(root),
+                "--out",
+                str(tmp_path / "v"),
+                "--no-ray",
+                "--split",
+                "val",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["val"]
 
 

@@ -105,16 +105,24 @@ def test_coco_start_equals_torchvision_before_training(coco_like, caplog):
 @pytest.mark.parametrize(
     ("overrides", "keys", "suggestion"),
     [
-        ({}, ["model.p6_from", "model.torchvision_anchors"], "--set model.p6_from=p5 model.torchvision_anchors=true"),
+        (
+            {},
+            ["model.p6_from", "model.torchvision_anchors"],
+            "--set model.p6_from=p5 model.torchvision_anchors=true",
+        ),
         (
             {**TV_MODEL, "model.backbone": "resnet18", "model.head_convs": 2},
-            ["model.backbone: 'resnet18', the weights need 'resnet50'", "model.head_convs: 2, the weights need 4",
-             "backbone.body.layer3.*", "head.classification_head.conv.0..3"],
+            [
+                "model.backbone: 'resnet18', the weights need 'resnet50'",
+                "model.head_convs: 2, the weights need 4",
+                "backbone.body.layer3.*",
+                "head.classification_head.conv.0..3",
+            ],
             "--set model.backbone=resnet50 model.head_convs=4",
         ),
     ],
     ids=["paper-defaults", "resnet18-2-convs"],
-)  # fmt: skip
+)
 def test_mismatching_model_config_stops_at_start_up(coco_like, overrides, keys, suggestion):
     _, path = coco_like
     cfg = apply_overrides(Config(), {**overrides, "model.init_from": str(path)})
@@ -162,9 +170,14 @@ def abc_checkpoint(tmp_path_factory):
         for p in model.head.parameters():
             p.normal_()  # unlike any fresh init
     engine = Engine(
-        cfg, model, build_criterion(cfg, 3), build_postprocessor(cfg), torch.device("cpu"), [1, 2, 3],
+        cfg,
+        model,
+        build_criterion(cfg, 3),
+        build_postprocessor(cfg),
+        torch.device("cpu"),
+        [1, 2, 3],
         cat_names=["a", "b", "c"],
-    )  # fmt: skip
+    )
     run = tmp_path_factory.mktemp("run")
     (run / "checkpoint_0000010").mkdir()
     state = engine.state_dict()
@@ -183,8 +196,12 @@ def _rows(model, label: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_own_checkpoint_maps_classes_by_name(abc_checkpoint, form):
     run, src = abc_checkpoint
     ckpt_dir = run / "checkpoint_0000010"
-    where = {"file": ckpt_dir / "checkpoint.pt", "checkpoint-dir": ckpt_dir, "run-dir": run,
-             "uri": f"file://{ckpt_dir / 'checkpoint.pt'}"}[form]  # fmt: skip
+    where = {
+        "file": ckpt_dir / "checkpoint.pt",
+        "checkpoint-dir": ckpt_dir,
+        "run-dir": run,
+        "uri": f"file://{ckpt_dir / 'checkpoint.pt'}",
+    }[form]
     cfg = apply_overrides(Config(), {**ARCH, "model.prior": PRIOR, "model.init_from": str(where)})
     torch.manual_seed(1)
     model = build_model(cfg, 3)

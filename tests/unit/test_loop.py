@@ -14,11 +14,19 @@ from ray_retina.model import build_criterion, build_model, build_postprocessor
 
 def small_cfg(**over) -> Config:
     base = {
-        "model.backbone": "resnet18", "model.fpn_channels": 32, "model.head_convs": 1, "model.head_norm": "gn",
-        "model.frozen_bn": True, "model.anchor_sizes": [16, 32, 64, 128, 256],
-        "optim.lr": 0.01, "optim.max_iters": 12, "optim.steps": [8], "optim.warmup_iters": 4,
-        "optim.warmup_factor": 0.1, "train.max_bad_steps": 2,
-    }  # fmt: skip
+        "model.backbone": "resnet18",
+        "model.fpn_channels": 32,
+        "model.head_convs": 1,
+        "model.head_norm": "gn",
+        "model.frozen_bn": True,
+        "model.anchor_sizes": [16, 32, 64, 128, 256],
+        "optim.lr": 0.01,
+        "optim.max_iters": 12,
+        "optim.steps": [8],
+        "optim.warmup_iters": 4,
+        "optim.warmup_factor": 0.1,
+        "train.max_bad_steps": 2,
+    }
     base.update(over)
     return apply_overrides(Config(), base)
 
@@ -26,7 +34,9 @@ def small_cfg(**over) -> Config:
 def make_engine(cfg: Config, seed: int = 0) -> Engine:
     torch.manual_seed(seed)
     model = build_model(cfg, 3)
-    return Engine(cfg, model, build_criterion(cfg, 3), build_postprocessor(cfg), torch.device("cpu"), [3, 17, 42])
+    return Engine(
+        cfg, model, build_criterion(cfg, 3), build_postprocessor(cfg), torch.device("cpu"), [3, 17, 42]
+    )
 
 
 def batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -35,8 +45,12 @@ def batch(seed: int = 0) -> dict[str, torch.Tensor]:
         "images": torch.randint(0, 255, (2, 3, 64, 96), generator=g, dtype=torch.uint8),
         "image_sizes": torch.tensor([[64, 96], [60, 80]]),
         "orig_sizes": torch.tensor([[64, 96], [120, 160]]),
-        "gt_boxes": torch.tensor([[[4.0, 6.0, 40.0, 50.0], [50.0, 10.0, 90.0, 30.0]],
-                                  [[10.0, 10.0, 30.0, 30.0], [0.0, 0.0, 0.0, 0.0]]]),  # fmt: skip
+        "gt_boxes": torch.tensor(
+            [
+                [[4.0, 6.0, 40.0, 50.0], [50.0, 10.0, 90.0, 30.0]],
+                [[10.0, 10.0, 30.0, 30.0], [0.0, 0.0, 0.0, 0.0]],
+            ]
+        ),
         "gt_labels": torch.tensor([[0, 2], [1, -1]]),
         "gt_crowd": torch.zeros(2, 2, dtype=torch.bool),
         "image_id": torch.tensor([1, 2]),
@@ -114,7 +128,9 @@ def test_checkpoint_loads_weights_only_and_resume_is_exact():
     for i in range(3, 6):
         lrs.append(resumed.train_step(batch(i))["lr"])
     assert lrs == pytest.approx([0.01 * lr_factor(cfg)(i) for i in range(3, 6)])
-    for (k, a), b in zip(unwrap(straight.model).state_dict().items(), unwrap(resumed.model).state_dict().values(), strict=True):
+    for (k, a), b in zip(
+        unwrap(straight.model).state_dict().items(), unwrap(resumed.model).state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
     assert resumed.iteration == straight.iteration == 6
 

@@ -25,7 +25,9 @@ def _dense_reference(logits, labels, alpha, gamma, weights=None):
     k = logits.shape[-1]
     keep = labels != -1
     target = F.one_hot(labels.clamp(min=0), k + 1)[..., :k].to(logits.dtype)
-    loss = torchvision.ops.sigmoid_focal_loss(logits, target, alpha=alpha, gamma=gamma, reduction="none").sum(-1)
+    loss = torchvision.ops.sigmoid_focal_loss(logits, target, alpha=alpha, gamma=gamma, reduction="none").sum(
+        -1
+    )
     if weights is not None:
         loss = loss * weights
     return loss[keep].sum()
@@ -147,12 +149,15 @@ def test_fused_extremes_and_no_grad():
 def test_box_losses():
     a = torch.tensor([[0.0, 0.05, 1.0, -2.0]])
     z = torch.zeros(1, 4)
-    torch.testing.assert_close(smooth_l1_loss(a, z, beta=0.1), torch.tensor([[0.0, 0.5 * 0.05**2 / 0.1, 0.95, 1.95]]))
+    torch.testing.assert_close(
+        smooth_l1_loss(a, z, beta=0.1), torch.tensor([[0.0, 0.5 * 0.05**2 / 0.1, 0.95, 1.95]])
+    )
     torch.testing.assert_close(l1_loss(a, z), a.abs())
     torch.testing.assert_close(smooth_l1_loss(a, z, beta=0.0), a.abs())
     torch.testing.assert_close(box_regression_loss(a, z, kind="l1"), torch.tensor([3.05]))
     torch.testing.assert_close(
-        smooth_l1_loss(a, z, beta=1.0 / 9, reduction="sum"), F.smooth_l1_loss(a, z, beta=1.0 / 9, reduction="sum")
+        smooth_l1_loss(a, z, beta=1.0 / 9, reduction="sum"),
+        F.smooth_l1_loss(a, z, beta=1.0 / 9, reduction="sum"),
     )
 
 

@@ -37,7 +37,9 @@ def test_batched_nms_empty_and_bad_method():
 @pytest.mark.parametrize("topk", [1000, 30])
 def test_postprocess_equals_torchvision(topk):
     b, s, k = 3, 256, 6
-    anchors, per_level = AnchorGenerator()([torch.zeros(1, 1, s // st, s // st) for st in (8, 16, 32, 64, 128)])
+    anchors, per_level = AnchorGenerator()(
+        [torch.zeros(1, 1, s // st, s // st) for st in (8, 16, 32, 64, 128)]
+    )
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(b, anchors.shape[0], k, generator=g) * 1.5 - 5.0
     deltas = torch.randn(b, anchors.shape[0], 4, generator=g) * 0.5
@@ -45,9 +47,17 @@ def test_postprocess_equals_torchvision(topk):
     got = PostProcessor(topk_candidates=topk, detections_per_img=100)(
         HeadOutputs(logits, deltas, anchors, per_level), torch.tensor(sizes)
     )
-    tv_self = SimpleNamespace(score_thresh=0.05, topk_candidates=topk, nms_thresh=0.5, detections_per_img=100,
-                              box_coder=TVBoxCoder(weights=(1.0, 1.0, 1.0, 1.0)))
-    head = {"cls_logits": list(logits.split(per_level, 1)), "bbox_regression": list(deltas.split(per_level, 1))}
+    tv_self = SimpleNamespace(
+        score_thresh=0.05,
+        topk_candidates=topk,
+        nms_thresh=0.5,
+        detections_per_img=100,
+        box_coder=TVBoxCoder(weights=(1.0, 1.0, 1.0, 1.0)),
+    )
+    head = {
+        "cls_logits": list(logits.split(per_level, 1)),
+        "bbox_regression": list(deltas.split(per_level, 1)),
+    }
     ref = TVRetinaNet.postprocess_detections(tv_self, head, [list(anchors.split(per_level))] * b, sizes)
     for d, r in zip(got, ref, strict=True):
         assert len(d["scores"]) == len(r["scores"]) > 10

@@ -31,7 +31,11 @@ def test_forward_shapes_and_order(tiny):
     per_level = [9 * (128 // s) * (256 // s) for s in (8, 16, 32, 64, 128)]
     assert out.num_anchors_per_level == per_level
     r = sum(per_level)
-    assert out.cls_logits.shape == (2, r, 3) and out.box_deltas.shape == (2, r, 4) and out.anchors.shape == (r, 4)
+    assert (
+        out.cls_logits.shape == (2, r, 3)
+        and out.box_deltas.shape == (2, r, 4)
+        and out.anchors.shape == (r, 4)
+    )
     # uint8 input is accepted and equals the float input
     x = torch.randint(0, 255, (1, 3, 128, 128), dtype=torch.uint8)
     model.eval()
@@ -47,7 +51,9 @@ def test_prior_init_gives_pi(prior):
     cfg = small_cfg(**{"model.prior": prior, "model.head_convs": 2})
     model = build_model(cfg, num_classes=5)
     cls = model.head.classification_head
-    assert cls.cls_logits.bias.detach().allclose(torch.full_like(cls.cls_logits.bias, -math.log((1 - prior) / prior)))
+    assert cls.cls_logits.bias.detach().allclose(
+        torch.full_like(cls.cls_logits.bias, -math.log((1 - prior) / prior))
+    )
     for conv in [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)]:
         assert abs(conv.weight.std().item() - 0.01) < 0.002
     with torch.no_grad():
@@ -107,7 +113,9 @@ def test_nan_logits_raise(tiny):
 
 
 def _hand_outputs():
-    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [50.0, 50.0, 60.0, 60.0], [0, 0, 10, 10]])
+    anchors = torch.tensor(
+        [[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [50.0, 50.0, 60.0, 60.0], [0, 0, 10, 10]]
+    )
     logits = torch.full((2, 4, 2), -10.0)
     logits[0, 0, 0] = 2.0  # 0.881, kept
     logits[0, 1, 0] = 1.0  # 0.731, same class, IoU 81/119 with the first: suppressed
@@ -122,7 +130,9 @@ def test_postprocess_by_hand():
     out = _hand_outputs()
     dets = PostProcessor()(out, torch.tensor([[100, 100], [55, 58]]))
     assert len(dets) == 2
-    torch.testing.assert_close(dets[0]["boxes"], torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0]]))
+    torch.testing.assert_close(
+        dets[0]["boxes"], torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0]])
+    )
     torch.testing.assert_close(dets[0]["scores"], torch.sigmoid(torch.tensor([2.0, 0.0])))
     assert dets[0]["labels"].tolist() == [0, 1]
     torch.testing.assert_close(dets[1]["boxes"], torch.tensor([[50.0, 50.0, 58.0, 55.0]]))

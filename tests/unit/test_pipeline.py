@@ -135,8 +135,13 @@ def test_train_sizes_jitter_in_range_and_depend_on_seed_image_and_epoch():
 
 
 def test_zero_boxes_and_crowd_are_carried():
-    b = shard_batch([_jpeg(np.zeros((40, 40, 3), np.uint8))] * 2, [(40, 40)] * 2, [[], [[1, 2, 3, 4], [5, 5, 5, 5]]],
-               [[], [42, 3]], crowd=[[], [1, 0]])  # fmt: skip
+    b = shard_batch(
+        [_jpeg(np.zeros((40, 40, 3), np.uint8))] * 2,
+        [(40, 40)] * 2,
+        [[], [[1, 2, 3, 4], [5, 5, 5, 5]]],
+        [[], [42, 3]],
+        crowd=[[], [1, 0]],
+    )
     out = augment_batch(b, min_size_range=[40, 40], **TEST_KW)
     assert out["gt_boxes"][0].shape == (0, 4) and out["gt_labels"][0].shape == (0,)
     np.testing.assert_array_equal(out["gt_crowd"][1], [True, False])
@@ -160,10 +165,15 @@ def test_collate_pads_images_and_targets():
     boxes[2] = np.array([[0, 0, 5, 5], [1, 1, 9, 9], [2, 2, 4, 4]], np.float32)
     labels[2], crowd[2] = np.array([0, 1, 0]), np.array([False, True, False])
     batch = {
-        "image": imgs, "gt_boxes": boxes, "gt_labels": labels, "gt_crowd": crowd,
-        "image_size": np.array([[50, 70], [100, 30], [20, 20]]), "orig_size": np.array([[100, 140], [100, 30], [40, 40]]),
-        "scale": np.array([0.5, 1.0, 0.5], np.float32), "image_id": np.array([7, 8, 9]),
-    }  # fmt: skip
+        "image": imgs,
+        "gt_boxes": boxes,
+        "gt_labels": labels,
+        "gt_crowd": crowd,
+        "image_size": np.array([[50, 70], [100, 30], [20, 20]]),
+        "orig_size": np.array([[100, 140], [100, 30], [40, 40]]),
+        "scale": np.array([0.5, 1.0, 0.5], np.float32),
+        "image_id": np.array([7, 8, 9]),
+    }
     out = RetinaCollate(size_divisibility=32)(batch)
     assert out["images"].shape == (3, 3, 128, 96) and out["images"].dtype == torch.uint8
     assert out["images"].is_contiguous()
@@ -179,8 +189,16 @@ def test_collate_pads_images_and_targets():
     assert out["scale"].dtype == torch.float32
 
     # A batch without any object still has a GT axis of 1, all padding.
-    empty = {**batch, "gt_boxes": boxes[1:2], "gt_labels": labels[1:2], "gt_crowd": crowd[1:2], "image": imgs[1:2],
-             "orig_size": batch["orig_size"][1:2], "scale": batch["scale"][1:2], "image_id": batch["image_id"][1:2]}  # fmt: skip
+    empty = {
+        **batch,
+        "gt_boxes": boxes[1:2],
+        "gt_labels": labels[1:2],
+        "gt_crowd": crowd[1:2],
+        "image": imgs[1:2],
+        "orig_size": batch["orig_size"][1:2],
+        "scale": batch["scale"][1:2],
+        "image_id": batch["image_id"][1:2],
+    }
     out = RetinaCollate(size_divisibility=128)(empty)
     assert out["images"].shape == (1, 3, 128, 128) and out["gt_labels"].tolist() == [[-1]]
 
@@ -215,7 +233,7 @@ def _quadrants() -> np.ndarray:
         ("JPEG", "RGB"),
         ("JPEG", "L"),
         ("JPEG", "CMYK"),
-    ],  # fmt: skip
+    ],
 )
 def test_decode_any_mode_to_rgb(fmt, mode, fast):
     src = _quadrants()
@@ -266,8 +284,13 @@ def test_corrupt_rows_are_dropped_and_counted():
 
     good = _jpeg(_quadrants())
     counter = f"local-test-{uuid.uuid4().hex}"  # a counter of its own: no other test's skips in it
-    b = shard_batch([good, good[: len(good) // 2], b"", b"\x00" * 100, good], [(60, 80)] * 5, [[[1, 1, 5, 5]]] * 5,
-               [[3]] * 5, ids=[11, 12, 13, 14, 15])  # fmt: skip
+    b = shard_batch(
+        [good, good[: len(good) // 2], b"", b"\x00" * 100, good],
+        [(60, 80)] * 5,
+        [[[1, 1, 5, 5]]] * 5,
+        [[3]] * 5,
+        ids=[11, 12, 13, 14, 15],
+    )
     out = augment_batch(b, min_size_range=[60, 60], skip_counter=counter, **TEST_KW)
     assert out["image_id"].tolist() == [11, 15]  # truncated, zero-byte and garbage rows dropped
     assert [len(x) for x in out["gt_boxes"]] == [1, 1]
@@ -300,8 +323,13 @@ def test_read_and_augment_is_augment_batch_over_a_row_group(synth_shards):
     ids = [int(i) for b in out for i in b["image_id"]]
     table = read_shards_table(synth_shards / "val")
     assert ids == table.column("image_id").to_pylist()[:8]
-    first = augment_batch({c: table.column(c).to_numpy(zero_copy_only=False)[:3] for c in
-                           ["image_id", "height", "width", "image", "bbox", "category_id", "iscrowd"]}, **kw)  # fmt: skip
+    first = augment_batch(
+        {
+            c: table.column(c).to_numpy(zero_copy_only=False)[:3]
+            for c in ["image_id", "height", "width", "image", "bbox", "category_id", "iscrowd"]
+        },
+        **kw,
+    )
     for a, b, c in zip(first["image"], out[0]["image"], whole[0]["image"][:3], strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)

@@ -103,8 +103,10 @@ def _tiny_gt():
 @pytest.mark.parametrize("backend", ["faster_coco_eval", "pycocotools"])
 def test_pr_curves_from_real_cocoeval(tmp_path, backend):
     gt = _tiny_gt()
-    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
-            for a in gt["annotations"]]  # fmt: skip
+    dets = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        for a in gt["annotations"]
+    ]
     dets.append(
         {"image_id": 2, "category_id": 17, "bbox": [70, 5, 30, 30], "score": 0.95}
     )  # a false positive
@@ -169,9 +171,13 @@ def test_figure4_draws_given_curves(tmp_path):
     # The drawing takes computed curves (numpy only): a panel with no sample (NaN rows) still draws.
     x = np.linspace(0.0, 1.0, 11)
     data = plots.FocalLossCDF(
-        gammas=(0.0, 2.0), x=x, positives=np.full((2, 11), np.nan), negatives=np.stack([x, x**4]),
-        num_positives=0, num_negatives=40,
-    )  # fmt: skip
+        gammas=(0.0, 2.0),
+        x=x,
+        positives=np.full((2, 11), np.nan),
+        negatives=np.stack([x, x**4]),
+        num_positives=0,
+        num_negatives=40,
+    )
     assert _is_png(plots.figure4(data, tmp_path / "fig4.png", gamma=2.0, title="hand-made"))
 
 
@@ -181,8 +187,12 @@ def test_figure4_from_model(tmp_path):
     model = build_model(cfg, 3)
     criterion = build_criterion(cfg, 3)
     images, gt_boxes, gt_labels = boxes_image(b=2, size=64)
-    batch = {"images": images.to(torch.uint8), "gt_boxes": gt_boxes, "gt_labels": gt_labels,
-             "gt_crowd": torch.zeros_like(gt_labels, dtype=torch.bool)}  # fmt: skip
+    batch = {
+        "images": images.to(torch.uint8),
+        "gt_boxes": gt_boxes,
+        "gt_labels": gt_labels,
+        "gt_crowd": torch.zeros_like(gt_labels, dtype=torch.bool),
+    }
     model.train()
     out = report.figure4_from_model(
         model, criterion, [batch], 2.0, 0.25, tmp_path / "fig4.png", max_anchors=300
@@ -197,11 +207,15 @@ def _sweep_rows():
     rng = np.random.default_rng(0)
     rows = []
     for _ in range(8):
-        rows.append({
-            "loss.gamma": float(rng.uniform(0, 5)), "loss.alpha": str(rng.choice(["0.25", "0.5", "0.75"])),
-            "model.prior": float(10 ** rng.uniform(-3, -1)), "optim.lr": float(10 ** rng.uniform(-4, -2)),
-            "val/AP": float(rng.uniform(0, 0.4)),
-        })  # fmt: skip
+        rows.append(
+            {
+                "loss.gamma": float(rng.uniform(0, 5)),
+                "loss.alpha": str(rng.choice(["0.25", "0.5", "0.75"])),
+                "model.prior": float(10 ** rng.uniform(-3, -1)),
+                "optim.lr": float(10 ** rng.uniform(-4, -2)),
+                "val/AP": float(rng.uniform(0, 0.4)),
+            }
+        )
     rows.append({"loss.gamma": 1.0, "loss.alpha": "0.25", "model.prior": 0.01, "optim.lr": 1e-3})  # no AP yet
     return rows
 
@@ -239,8 +253,9 @@ def test_plots_import_keeps_backend_headless(tmp_path, before):
     env = {k: v for k, v in os.environ.items() if k not in ("MPLBACKEND", "DISPLAY", "WAYLAND_DISPLAY")}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     code = textwrap.dedent(_HEADLESS.format(before=before))
-    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     assert _is_png(tmp_path / "pr.png") and _is_png(tmp_path / "s.png")
     if before:

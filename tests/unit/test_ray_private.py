@@ -34,7 +34,9 @@ def test_no_other_private_ray_name_in_the_package():
         if f.name == "_ray_private.py":
             continue
         for n, line in enumerate(f.read_text().splitlines(), 1):
-            if re.search(r"\bray\.[\w.]*\._\w+|from ray(\.[\w.]+)?\._internal|from ray(\.[\w.]+)? import _\w+", line):
+            if re.search(
+                r"\bray\.[\w.]*\._\w+|from ray(\.[\w.]+)?\._internal|from ray(\.[\w.]+)? import _\w+", line
+            ):
                 hits.append(f"{f.relative_to(pkg)}:{n}: {line.strip()}")
     assert not hits, "private Ray APIs outside _ray_private.py:\n" + "\n".join(hits)
 

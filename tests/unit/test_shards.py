@@ -122,8 +122,14 @@ def test_rebuilt_gt_gives_the_same_ap_as_the_json(synth, tmp_path):
         x, y, w, h = a["bbox"]
         j = rng.normal(0, 0.15, 4) * [w, h, w, h]
         cat = a["category_id"] if rng.random() > 0.2 else 17
-        dets.append({"image_id": a["image_id"], "category_id": cat, "bbox": [x + j[0], y + j[1], w + j[2], h + j[3]],
-                     "score": float(rng.random())})  # fmt: skip
+        dets.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": cat,
+                "bbox": [x + j[0], y + j[1], w + j[2], h + j[3]],
+                "score": float(rng.random()),
+            }
+        )
     for img in original["images"]:
         dets.append({"image_id": img["id"], "category_id": 42, "bbox": [5.0, 5.0, 30.0, 30.0], "score": 0.3})
     a = _coco_stats(_coco_from_dict(original), dets)
@@ -160,15 +166,35 @@ def make_messy_coco(root):
     (img_dir / "garbage.jpg").write_bytes(b"this is not an image at all" * 10)
     _save(img_dir / "noann.jpg", rgb, "JPEG")
 
-    names = ["rgb.jpg", "rgba.png", "gray.jpg", "cmyk.jpg", "palette.png", "exif.jpg", "truncated.jpg",
-             "zero.jpg", "garbage.jpg", "missing.jpg", "noann.jpg"]  # fmt: skip
+    names = [
+        "rgb.jpg",
+        "rgba.png",
+        "gray.jpg",
+        "cmyk.jpg",
+        "palette.png",
+        "exif.jpg",
+        "truncated.jpg",
+        "zero.jpg",
+        "garbage.jpg",
+        "missing.jpg",
+        "noann.jpg",
+    ]
     images = [{"id": 100 + i, "file_name": n, "height": 60, "width": 80} for i, n in enumerate(names)]
     images[names.index("exif.jpg")].update(height=80, width=60)  # display orientation
     anns = []
 
     def ann(image_id, bbox, cat=1, crowd=0):
-        anns.append({"id": 1000 + len(anns), "image_id": image_id, "category_id": cat, "bbox": bbox,
-                     "area": 12.5, "iscrowd": crowd, "segmentation": []})  # fmt: skip
+        anns.append(
+            {
+                "id": 1000 + len(anns),
+                "image_id": image_id,
+                "category_id": cat,
+                "bbox": bbox,
+                "area": 12.5,
+                "iscrowd": crowd,
+                "segmentation": [],
+            }
+        )
 
     for img in images:
         if img["file_name"] != "noann.jpg":
@@ -201,17 +227,34 @@ def test_validation_is_counted_by_reason_and_records_round_trip(tmp_path, capsys
     manifest = prepare_shards(ann_path, img_dir, tmp_path / "out", rows_per_shard=3, use_ray=False)
     v = manifest["validation"]
     assert v == {
-        "image_missing": 1, "image_unreadable": 2, "image_without_annotations": 1, "bbox_invalid": 1,
-        "bbox_nonpositive": 2, "bbox_clipped": 2, "bbox_outside": 1, "ann_unknown_image": 1, "crowd": 1,
-    }  # fmt: skip
+        "image_missing": 1,
+        "image_unreadable": 2,
+        "image_without_annotations": 1,
+        "bbox_invalid": 1,
+        "bbox_nonpositive": 2,
+        "bbox_clipped": 2,
+        "bbox_outside": 1,
+        "ann_unknown_image": 1,
+        "crowd": 1,
+    }
     summary = capsys.readouterr().err
     assert "bbox_clipped" in summary and "clipped to it" in summary and "image_missing" in summary
 
     rows = {r["file_name"]: r for r in read_shards_table(tmp_path / "out").to_pylist()}
     # zero-byte, garbage and missing files are skipped; a truncated JPEG has a valid header and is kept
     # here (the pipeline drops it when it fails to decode, and counts it)
-    assert sorted(rows) == sorted(["rgb.jpg", "rgba.png", "gray.jpg", "cmyk.jpg", "palette.png", "exif.jpg",
-                                   "truncated.jpg", "noann.jpg"])  # fmt: skip
+    assert sorted(rows) == sorted(
+        [
+            "rgb.jpg",
+            "rgba.png",
+            "gray.jpg",
+            "cmyk.jpg",
+            "palette.png",
+            "exif.jpg",
+            "truncated.jpg",
+            "noann.jpg",
+        ]
+    )
     assert manifest["num_images"] == 8 and manifest["num_shards"] == 4
     for name, r in rows.items():
         assert r["image"] == (img_dir / name).read_bytes()

@@ -20,13 +20,15 @@ from ray_retina.tune import (
 def test_search_space_types_and_bounds():
     cfg = apply_overrides(
         Config(),
-        {"tune.search_space": {
-            "loss.gamma": {"type": "uniform", "low": 0.0, "high": 5.0},
-            "model.prior": {"type": "loguniform", "low": 0.001, "high": 0.1},
-            "loss.alpha": {"type": "choice", "values": [0.25, 0.5]},
-            "optim.lr": {"type": "grid", "values": [0.01, 0.02]},
-        }},
-    )  # fmt: skip
+        {
+            "tune.search_space": {
+                "loss.gamma": {"type": "uniform", "low": 0.0, "high": 5.0},
+                "model.prior": {"type": "loguniform", "low": 0.001, "high": 0.1},
+                "loss.alpha": {"type": "choice", "values": [0.25, 0.5]},
+                "optim.lr": {"type": "grid", "values": [0.01, 0.02]},
+            }
+        },
+    )
     space = search_space(cfg)
     assert space["loss.gamma"].lower == 0.0 and space["loss.gamma"].upper == 5.0
     assert space["model.prior"].lower == 0.001
@@ -38,7 +40,9 @@ def test_search_space_types_and_bounds():
 
 
 def test_search_space_rejects_unknown_keys_and_types():
-    bad_key = apply_overrides(Config(), {"tune.search_space": {"loss.gama": {"type": "uniform", "low": 0, "high": 1}}})
+    bad_key = apply_overrides(
+        Config(), {"tune.search_space": {"loss.gama": {"type": "uniform", "low": 0, "high": 1}}}
+    )
     with pytest.raises(ConfigError, match=r"loss\.gama"):
         search_space(bad_key)
     bad_type = apply_overrides(Config(), {"tune.search_space": {"loss.gamma": {"type": "normal"}}})
@@ -80,9 +84,15 @@ def test_random_search_is_seeded_by_the_config():
     from ray_retina.tune import _search_alg
 
     cfg = apply_overrides(
-        Config(), {"seed": 3, "tune.search_space": {"loss.gamma": {"type": "uniform", "low": 0.0, "high": 5.0},
-                                                    "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}},
-    )  # fmt: skip
+        Config(),
+        {
+            "seed": 3,
+            "tune.search_space": {
+                "loss.gamma": {"type": "uniform", "low": 0.0, "high": 5.0},
+                "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+            },
+        },
+    )
 
     def draw(c):
         gen = _search_alg(c, 8)
@@ -100,7 +110,13 @@ def test_trial_label_names_a_trial_by_its_parameters():
     from ray_retina.tune import trial_label
 
     label = trial_label(
-        {"optim.lr": 0.0051234, "loss.alpha": 0.25, "model.prior": 0.01, "loss.gamma": 2.0, "data.hflip_prob": 0.5},
+        {
+            "optim.lr": 0.0051234,
+            "loss.alpha": 0.25,
+            "model.prior": 0.01,
+            "loss.gamma": 2.0,
+            "data.hflip_prob": 0.5,
+        },
         "abc_00003",
     )
     assert label == "gamma=2 alpha=0.25 pi=0.01 lr=0.00512 hflip_prob=0.5 [abc_00003]"
@@ -112,6 +128,8 @@ def test_summary_table_has_a_column_per_class():
         TrialRow("t0", {"loss.gamma": 0.0}, 0.31, 1, 100, True, None, per_class={"dog": 0.2, "cat": -1.0}),
     ]
     lines = markdown_table(rows).splitlines()
-    assert lines[0] == "| trial | loss.gamma | val/AP | AP cat | AP dog | rounds | iterations | stopped early |"
+    assert (
+        lines[0] == "| trial | loss.gamma | val/AP | AP cat | AP dog | rounds | iterations | stopped early |"
+    )
     assert lines[2] == "| t1 | 2 | 0.4000 | 0.3000 | 0.5000 | 3 | 300 | no |"
     assert lines[3] == "| t0 | 0 | 0.3100 | n/a | 0.2000 | 1 | 100 | yes |"

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ray_retina.data.formats.source import Source, Unit
-from ray_retina.io import dir_exists, file_exists, open_input, resolve_uri
+from ray_retina.uri import dir_exists, file_exists, open_input, resolve_uri
 
 COCO_REASONS: dict[str, str] = {
     # per image

@@ -32,7 +32,7 @@ from typing import Any
 
 from ray_retina.data.formats.files import IMAGE_EXTENSIONS, header_size, list_files, read_bytes, thread_map
 from ray_retina.data.formats.source import Source, Unit, Warner, categories_from_names, number
-from ray_retina.io import dir_exists, is_uri, join_uri, resolve_uri
+from ray_retina.uri import dir_exists, is_uri, join_uri, resolve_uri
 
 VOC_REASONS = ("label_file_missing", "label_file_invalid", "class_unknown")
 VOC_SPLITS = ("train", "val", "test")

@@ -31,7 +31,7 @@ import yaml
 
 from ray_retina.data.formats.files import IMAGE_EXTENSIONS, header_size, list_files, read_bytes, thread_map
 from ray_retina.data.formats.source import Source, Unit, Warner, number
-from ray_retina.io import dir_exists, file_exists, is_uri, join_uri, resolve_uri
+from ray_retina.uri import dir_exists, file_exists, is_uri, join_uri, resolve_uri
 
 YOLO_REASONS = (
     "label_file_missing",

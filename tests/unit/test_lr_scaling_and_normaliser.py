@@ -42,8 +42,9 @@ def test_reference_batch_rescales_explicit_lr():
 
 def test_paper_config_with_reference_batch_on_fewer_gpus():
     # The paper config (lr 0.01 at 16 images) on 4 GPUs x 2 images: half the batch, half the lr, twice the iters.
-    cfg = load_config(ROOT / "configs/retinanet_r50_fpn_1x_coco.yaml",
-                      ["optim.reference_batch=16", "scaling.num_workers=4"])  # fmt: skip
+    cfg = load_config(
+        ROOT / "configs/retinanet_r50_fpn_1x_coco.yaml", ["optim.reference_batch=16", "scaling.num_workers=4"]
+    )
     r = resolve(cfg)
     assert r.optim.lr == pytest.approx(0.005)
     assert (r.optim.max_iters, r.optim.steps, r.optim.warmup_iters) == (180_000, [120_000, 160_000], 1000)
@@ -118,9 +119,14 @@ def _normaliser_worker(rank: int, world: int, port: int, fg_per_rank: list[list[
             n = glob["num_fg"].clone()
             dist.all_reduce(n)
             own_sum = {k: loc[k] * loc["num_fg"].clamp(min=1) for k in ("loss_cls", "loss_box")}
-            results.append({"num_fg": float(glob["num_fg"]), "total_fg": float(n),
-                            **{k: float(glob[k]) for k in ("loss_cls", "loss_box")},
-                            **{f"own_{k}": float(v) for k, v in own_sum.items()}})  # fmt: skip
+            results.append(
+                {
+                    "num_fg": float(glob["num_fg"]),
+                    "total_fg": float(n),
+                    **{k: float(glob[k]) for k in ("loss_cls", "loss_box")},
+                    **{f"own_{k}": float(v) for k, v in own_sum.items()},
+                }
+            )
     finally:
         dist.destroy_process_group()
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))

@@ -27,9 +27,11 @@ def test_postprocess_maps_boxes_back_per_axis_and_clips():
     anchors = torch.rand(r, 4, generator=g) * 50
     anchors[:, 2:] = anchors[:, :2] + 5 + torch.rand(r, 2, generator=g) * 40
     out = HeadOutputs(
-        cls_logits=torch.randn(2, r, k, generator=g) * 3, box_deltas=torch.randn(2, r, 4, generator=g) * 0.3,
-        anchors=anchors, num_anchors_per_level=[r],
-    )  # fmt: skip
+        cls_logits=torch.randn(2, r, k, generator=g) * 3,
+        box_deltas=torch.randn(2, r, 4, generator=g) * 0.3,
+        anchors=anchors,
+        num_anchors_per_level=[r],
+    )
     pp = PostProcessor(score_thresh=0.05, detections_per_img=100)
     sizes = torch.tensor([[64, 96], [60, 80]])
     orig = torch.tensor([[128, 96], [120, 200]])  # image 0: y x2 only; image 1: x 2.5, y 2
@@ -55,7 +57,11 @@ def _case() -> tuple[dict, list[dict]]:
         {"id": 3, "image_id": 2, "category_id": 2, "bbox": [5, 5, 40, 20], "area": 800, "iscrowd": 0},
         {"id": 4, "image_id": 3, "category_id": 2, "bbox": [60, 10, 30, 30], "area": 900, "iscrowd": 0},
     ]
-    gt = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "cat/a"}, {"id": 2, "name": "b"}]}
+    gt = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "cat/a"}, {"id": 2, "name": "b"}],
+    }
     dets = [
         {"image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "score": 0.9},
         {"image_id": 2, "category_id": 1, "bbox": [51, 50, 20, 40], "score": 0.8},
@@ -89,7 +95,9 @@ def test_per_class_ap_equals_cocoeval_per_category(backend):
     per = per_class_ap(ev)
     for cat in (1, 2):
         ap, ap50 = _pycocotools_ap_of(gt, dets, cat)
-        assert per[cat]["AP"] == pytest.approx(ap, abs=1e-12) and per[cat]["AP50"] == pytest.approx(ap50, abs=1e-12)
+        assert per[cat]["AP"] == pytest.approx(ap, abs=1e-12) and per[cat]["AP50"] == pytest.approx(
+            ap50, abs=1e-12
+        )
     assert per[1]["AP50"] == pytest.approx(1.0) and per[2]["AP50"] < 1.0  # the hand-made expectation
     # the overall AP is the mean of the per-class APs (COCO's definition)
     assert stats["AP"] == pytest.approx((per[1]["AP"] + per[2]["AP"]) / 2, abs=1e-12)
@@ -123,11 +131,19 @@ def val_set(tmp_path_factory):
 
 
 def _cfg():
-    return apply_overrides(load_config(ROOT / "configs" / "smoke.yaml"), {
-        "data.test_min_size": 64, "data.max_size": 96, "data.size_divisibility": 32, "data.batch_size": 2,
-        "model.backbone": "resnet18", "model.fpn_channels": 16, "model.head_convs": 1,
-        "postprocess.score_thresh": 0.0,
-    })  # fmt: skip
+    return apply_overrides(
+        load_config(ROOT / "configs" / "smoke.yaml"),
+        {
+            "data.test_min_size": 64,
+            "data.max_size": 96,
+            "data.size_divisibility": 32,
+            "data.batch_size": 2,
+            "model.backbone": "resnet18",
+            "model.fpn_channels": 16,
+            "model.head_convs": 1,
+            "postprocess.score_thresh": 0.0,
+        },
+    )
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 5, None])
@@ -150,7 +166,9 @@ def test_undecodable_val_image_stays_in_the_ap_denominator(val_set, tmp_path):
     cfg = _cfg()
     torch.manual_seed(0)
     model = build_model(cfg, 3)
-    eng = Engine(cfg, model, build_criterion(cfg, 3), build_postprocessor(cfg), torch.device("cpu"), [3, 17, 42])
+    eng = Engine(
+        cfg, model, build_criterion(cfg, 3), build_postprocessor(cfg), torch.device("cpu"), [3, 17, 42]
+    )
     torch.save(eng.state_dict(), tmp_path / "checkpoint.pt")
     stats = evaluate_checkpoint(tmp_path / "checkpoint.pt", val_set)
     assert stats["num_images"] == 5 and stats["skipped_images"] == 1
@@ -165,7 +183,14 @@ def test_each_rank_gets_its_own_random_state_back():
     from ray_retina.model import build_criterion, build_model, build_postprocessor
 
     cfg = _cfg()
-    eng = Engine(cfg, build_model(cfg, 3), build_criterion(cfg, 3), build_postprocessor(cfg), torch.device("cpu"), [1, 2, 3])
+    eng = Engine(
+        cfg,
+        build_model(cfg, 3),
+        build_criterion(cfg, 3),
+        build_postprocessor(cfg),
+        torch.device("cpu"),
+        [1, 2, 3],
+    )
     states = []
     for rank in range(3):  # what three ranks would hold at a report
         seed_everything(100 + rank)

@@ -53,7 +53,9 @@ def test_frozen_bn_and_frozen_stages():
     assert not any(p.requires_grad for p in bb.body.layer1.parameters())
     assert all(p.requires_grad for p in bb.body.layer2.parameters())
     stem_only = BackboneWithFPN(name="resnet18", out_channels=32, freeze_at=1)
-    assert not stem_only.body.conv1.weight.requires_grad and stem_only.body.layer1[0].conv1.weight.requires_grad
+    assert (
+        not stem_only.body.conv1.weight.requires_grad and stem_only.body.layer1[0].conv1.weight.requires_grad
+    )
     free = BackboneWithFPN(name="resnet18", out_channels=32, frozen_bn=False, freeze_at=0)
     assert any(isinstance(m, nn.BatchNorm2d) for m in free.body.modules())
     assert all(p.requires_grad for p in free.parameters())
@@ -62,7 +64,9 @@ def test_frozen_bn_and_frozen_stages():
 
 
 def test_group_norm_heads():
-    model = build_model(small_cfg(**{"model.head_norm": "gn", "model.fpn_channels": 48, "model.head_convs": 2}), 3)
+    model = build_model(
+        small_cfg(**{"model.head_norm": "gn", "model.fpn_channels": 48, "model.head_convs": 2}), 3
+    )
     gns = [m for m in model.head.modules() if isinstance(m, nn.GroupNorm)]
     assert len(gns) == 4 and all(m.num_groups == 16 for m in gns)  # gcd(48, 32)
     convs = [m for m in model.head.classification_head.conv.modules() if isinstance(m, nn.Conv2d)]
@@ -95,7 +99,9 @@ def test_backbone_weights_from_local_file(tmp_path):
     torch.save(resnet.state_dict(), path)
     model = build_model(small_cfg(**{"model.backbone_weights": str(path)}), 3)
     torch.testing.assert_close(model.backbone.body.conv1.weight, resnet.conv1.weight)
-    torch.testing.assert_close(model.backbone.body.layer3[1].bn2.running_var, resnet.layer3[1].bn2.running_var)
+    torch.testing.assert_close(
+        model.backbone.body.layer3[1].bn2.running_var, resnet.layer3[1].bn2.running_var
+    )
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         build_model(small_cfg(**{"model.backbone_weights": str(missing)}), 3)
@@ -132,7 +138,9 @@ def test_bf16_autocast_keeps_loss_and_decode_fp32():
     (losses["loss_cls"] + losses["loss_box"]).backward()
     assert torch.isfinite(model.head.classification_head.cls_logits.weight.grad).all()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        dets = build_postprocessor(small_cfg(**{"postprocess.score_thresh": 0.0}))(model(images), torch.tensor([[128, 128]] * 2))
+        dets = build_postprocessor(small_cfg(**{"postprocess.score_thresh": 0.0}))(
+            model(images), torch.tensor([[128, 128]] * 2)
+        )
     assert dets[0]["boxes"].dtype == torch.float32 and len(dets[0]["boxes"]) == 100
 
 
@@ -143,7 +151,9 @@ def _outputs(b: int, size: int, k: int = 3, seed: int = 0) -> HeadOutputs:
     feats = [torch.zeros(1, 1, size // s, size // s) for s in (8, 16, 32, 64, 128)]
     anchors, per_level = AnchorGenerator()(feats)
     r = anchors.shape[0]
-    return HeadOutputs(torch.randn(b, r, k, generator=g) - 2, torch.randn(b, r, 4, generator=g) * 0.1, anchors, per_level)
+    return HeadOutputs(
+        torch.randn(b, r, k, generator=g) - 2, torch.randn(b, r, 4, generator=g) * 0.1, anchors, per_level
+    )
 
 
 def _crit(normalizer: str, **kw) -> RetinaNetLoss:
@@ -194,18 +204,33 @@ def test_one_image_much_larger_than_the_other():
 
 def test_normalisers():
     out = _outputs(2, 128, seed=3)
-    gt = torch.tensor([[[10.0, 10.0, 60.0, 60.0], [64.0, 64.0, 128.0, 128.0]], [[0.0, 0.0, 40.0, 90.0], [0, 0, 0, 0]]])
+    gt = torch.tensor(
+        [[[10.0, 10.0, 60.0, 60.0], [64.0, 64.0, 128.0, 128.0]], [[0.0, 0.0, 40.0, 90.0], [0, 0, 0, 0]]]
+    )
     labels = torch.tensor([[0, 2], [1, -1]])
     single = [
-        {n: _crit(n)(HeadOutputs(out.cls_logits[i : i + 1], out.box_deltas[i : i + 1], out.anchors, out.num_anchors_per_level),
-                     gt[i : i + 1], labels[i : i + 1]) for n in ("global", "per_image")}
+        {
+            n: _crit(n)(
+                HeadOutputs(
+                    out.cls_logits[i : i + 1],
+                    out.box_deltas[i : i + 1],
+                    out.anchors,
+                    out.num_anchors_per_level,
+                ),
+                gt[i : i + 1],
+                labels[i : i + 1],
+            )
+            for n in ("global", "per_image")
+        }
         for i in range(2)
     ]
     n = [s["global"]["num_fg"] for s in single]
     # per_image (torchvision): mean over images of each image's loss / its num_fg
     per_image = _crit("per_image")(out, gt, labels)
     for key in ("loss_cls", "loss_box"):
-        torch.testing.assert_close(per_image[key], (single[0]["per_image"][key] + single[1]["per_image"][key]) / 2)
+        torch.testing.assert_close(
+            per_image[key], (single[0]["per_image"][key] + single[1]["per_image"][key]) / 2
+        )
     # global (paper): all anchors of the batch / num_fg of the batch
     glob = _crit("global")(out, gt, labels)
     assert glob["num_fg"] == n[0] + n[1]
@@ -265,7 +290,9 @@ def test_load_torchvision_state_dict_with_category_subset_and_old_keys():
     from torchvision.models.detection.retinanet import RetinaNetHead as TVHead
 
     torch.manual_seed(0)
-    model = build_model(small_cfg(**{"model.fpn_channels": 32, "model.head_convs": 4, "model.p6_from": "p5"}), 3)
+    model = build_model(
+        small_cfg(**{"model.fpn_channels": 32, "model.head_convs": 4, "model.p6_from": "p5"}), 3
+    )
     tv_head = TVHead(32, 9, 91)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     for k, v in tv_head.state_dict().items():
