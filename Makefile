@@ -27,12 +27,15 @@ demo: $(STAMP)
 TIERS ?= unit integration e2e
 
 test: $(STAMP)
-	@rc=0; for tier in $(TIERS); do \
+	@rc=0; times=""; total0=$$(date +%s); for tier in $(TIERS); do \
 		echo "$(BIN)/python -m pytest tests/$$tier -q --durations=15 $(PYTEST_ARGS)"; \
+		t0=$$(date +%s); \
 		$(BIN)/python -m pytest tests/$$tier -q --durations=15 $(PYTEST_ARGS); r=$$?; \
+		times="$$times $$tier $$(( $$(date +%s) - t0 )) s;"; \
 		if [ $$r -eq 5 ] && [ -n "$(if $(strip $(PYTEST_ARGS)),narrowed)" ]; then r=0; fi; \
 		if [ $$r -ne 0 ]; then echo "tests/$$tier failed (exit $$r)"; rc=$$r; fi; \
-	done; exit $$rc
+	done; \
+	echo "tier times:$$times total $$(( $$(date +%s) - total0 )) s"; exit $$rc
 
 # The unit tier only: no Ray cluster, no services, under 2 minutes on two cores.
 test-fast: $(STAMP)
@@ -51,7 +54,7 @@ docs: $(STAMP)
 		-k test_compare_trials_in_mlflow_ui $(PYTEST_ARGS)
 	RAY_RETINA_DOCS_DIR=$(CURDIR)/docs $(BIN)/python -m pytest tests/e2e/test_serve_model.py -q $(PYTEST_ARGS)
 
-# The first GPU (issue 14): correctness of the GPU path and the paper setting's numbers in < 5 min of device
+# The GPU check: correctness of the GPU path and the paper setting's numbers in < 5 min of device
 # time; the table goes to stdout and bench_out/gpu_check.json. The dry run executes every path on the CPU.
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py

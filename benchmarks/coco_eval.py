@@ -9,7 +9,7 @@ low-scoring false positives of random classes and places up to 100. Both backend
 function (`ray_retina.engine.evaluate.coco_evaluate`: copy GT and detections, loadRes, evaluate, accumulate,
 summarize), so the times are what an eval period pays. Wall and CPU time of this process are both
 reported: on a shared machine the CPU time is the steadier number (both backends are single-threaded). The 12 stats must agree within 1e-12.
-Target (issue 5): faster_coco_eval >= 5x faster than pycocotools, same stats.
+Target: faster_coco_eval >= 5x faster than pycocotools, same stats.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ Each figure is the median of ``--repeats`` full passes, run in interleaved round
 pass each (Ray's and the DataLoader's start-up is outside the timing; a Ray pass includes its
 per-epoch execution start, also reported as the time to the first batch).
 The data set: synthetic COCO-format shapes at COCO-like sizes (``--image-size``), JPEG.
-Target (issue 4): Ray Data >= 0.8x the DataLoader and >= 1.6x the single process.
+Target: Ray Data >= 0.8x the DataLoader and >= 1.6x the single process.
 """
 
 from __future__ import annotations

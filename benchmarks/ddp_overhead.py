@@ -17,7 +17,7 @@
     advance. Ray's step time comes from its own metrics (``train/images_per_s`` per eval period: the
     training steps and data waits of the window) and from the MLflow timestamps of the eval-period reports
     (adding eval, report and checkpoint); the first window (start-up) is left out.
-    Ray's overhead per step = (ray step - bare step) / bare step. Target (issue 5): <= 5%.
+    Ray's overhead per step = (ray step - bare step) / bare step. Target: <= 5%.
 
 (a) gives medians of per-step times; (b) compares means (Ray reports totals per eval period), the bare loop
 run once before and once after Ray. Wall and CPU times: on a shared machine CPU time is the steadier one.

@@ -6,7 +6,7 @@ Logits (B, R, K) float32 with realistic sparse targets: about 1 in 100 anchors f
 each), the rest background. torchvision's op takes the dense one-hot target (built once, outside the
 timing); ours takes the class index per anchor. Both reduce with "sum"; the values are checked equal.
 Peak extra memory: the resident-memory high-water mark above the inputs during one forward + backward.
-Target (issue 3): ours >= 3x faster and <= 1/4 of torchvision's peak extra memory.
+Target: ours >= 3x faster and <= 1/4 of torchvision's peak extra memory.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 Same head outputs for both: logits drawn so that a trained-model-like few thousand scores per image pass
 0.05, deltas N(0, 0.5). Settings: score 0.05, top 1000 per level, NMS 0.5, 100 per image. The detections
-are checked identical before timing; the two sides run in turn in each repeat. Target (issue 3): ours >= 3x faster.
+are checked identical before timing; the two sides run in turn in each repeat. Target: ours >= 3x faster.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/train_step.py [--settings r50 r18] [--repeats 9] [--threads 2]
 
-Settings (issue 3): (a) ResNet-50, 2 x 512 px; (b) ResNet-18, 16 x 128 px; 80 classes, about 7 GT boxes
+Settings: (a) ResNet-50, 2 x 512 px; (b) ResNet-18, 16 x 128 px; 80 classes, about 7 GT boxes
 per image. Both models: frozen BN, stem + res2 frozen, P6 from P5, torchvision's head and anchors; ours
 is loaded from torchvision's state dict and runs torchvision's loss settings (L1 box loss, per-image
 normaliser), so both steps compute the same losses (checked). torchvision's resize transform is replaced

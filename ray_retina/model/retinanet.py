@@ -248,9 +248,7 @@ def build_model(cfg: Config, num_classes: int = 80) -> RetinaNet:
         scales_per_octave=m.anchor_scales_per_octave,
         aspect_ratios=m.anchor_aspect_ratios,
         strides=backbone.strides,
-        torchvision_compat=getattr(
-            m, "torchvision_anchors", False
-        ),  # optional config field (see load_torchvision_retinanet)
+        torchvision_compat=m.torchvision_anchors,  # see load_torchvision_retinanet
     )
     head = RetinaNetHead(
         in_channels=m.fpn_channels,

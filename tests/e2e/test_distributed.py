@@ -1,4 +1,4 @@
-"""Issue 5: multi-node DDP on a simulated 2-node cluster, and distributed evaluation (2 workers == 1 worker)."""
+"""Multi-node DDP on a simulated 2-node cluster, and distributed evaluation (2 workers == 1 worker)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 12, "who may register and promote": the tracking server of the cluster runs MLflow's basic-auth app
+"""Who may register and promote: the tracking server of the cluster runs MLflow's basic-auth app
 (cluster/mlflow/mlflow-server.yaml), and training, sweeps and export authenticate with
 ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` from the environment (cluster/kuberay/*.yaml).
 

@@ -1,4 +1,4 @@
-"""Issue 12: the exported model served for real. A real `mlflow server` (SQLite store, Model Registry), two
+"""The exported model served for real. A real `mlflow server` (SQLite store, Model Registry), two
 tiny checkpoints (untrained, from configs/smoke.yaml with the tiny overrides), `ray-retina export --run
 <MLflow run id> --register --alias champion`, a second export that takes the alias over, then `mlflow models
 serve -m models:/NAME@champion --env-manager local` answering POSTs to /invocations.

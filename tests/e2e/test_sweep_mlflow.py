@@ -1,4 +1,4 @@
-"""Issue 6: a 4-trial ASHA sweep against a real `mlflow server`, checked through MlflowClient, and the
+"""A 4-trial ASHA sweep against a real `mlflow server`, checked through MlflowClient, and the
 MLflow UI driven in headless Chromium to compare the trials."""
 
 from __future__ import annotations

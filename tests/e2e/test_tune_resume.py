@@ -1,4 +1,4 @@
-"""Issue 6: `ray-retina tune --resume` finishes a sweep whose driver was killed.
+"""`ray-retina tune --resume` finishes a sweep whose driver was killed.
 
 The sweep runs as a real `ray-retina tune` process (its own local Ray). Once Tune has saved an experiment
 state that holds a reported round, the whole process group (driver, GCS, raylet, workers) gets SIGKILL:

@@ -1,4 +1,4 @@
-"""``model.backbone_weights`` as a torchvision weights name (issue 11): resolved through torchvision's weights
+"""``model.backbone_weights`` as a torchvision weights name: resolved through torchvision's weights
 API to a URL, downloaded once into torch's hub cache with its sha256 prefix checked, then read from the cache;
 with neither, a one-line message naming the URL and the exact path to put the file at.
 

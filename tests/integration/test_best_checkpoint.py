@@ -1,4 +1,4 @@
-"""Issue 12, best by default: a real Ray Train run reports two checkpoints, the later one worse by val/AP.
+"""Best by default: a real Ray Train run reports two checkpoints, the later one worse by val/AP.
 A run directory means the best one (through Ray's result API) for every consumer: find_checkpoint,
 load_checkpoint_state (eval, predict) and `ray-retina export`; a checkpoint directory means exactly itself."""
 

@@ -1,4 +1,4 @@
-"""Issue 5: a worker dies mid-run and the run goes on from its last checkpoint; re-running a run resumes it;
+"""A worker dies mid-run and the run goes on from its last checkpoint; re-running a run resumes it;
 the resumed run follows the same lr schedule; MLflow keeps one continuous run."""
 
 from __future__ import annotations

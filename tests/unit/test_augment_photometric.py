@@ -1,4 +1,4 @@
-"""Training augmentation for real photos (issue 11): photometric jitter, a crop that keeps boxes, zoom-out.
+"""Training augmentation for real photos: photometric jitter, a crop that keeps boxes, zoom-out.
 
 Boxes after every transform are checked against numbers worked out by hand for given crop / zoom parameters
 and against torchvision.transforms.v2 on ``tv_tensors.BoundingBoxes`` (crop, resize, pad, flip with the

@@ -1,4 +1,4 @@
-"""Issue 13's correctness debts and contracts of the redesigned glue (no Ray cluster)."""
+"""Contracts of the glue between model, eval and checkpoints (no Ray cluster): back-mapping of boxes, per-class AP, exact val subsets, per-rank random state, finding checkpoints."""
 
 from __future__ import annotations
 

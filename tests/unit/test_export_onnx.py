@@ -1,4 +1,4 @@
-"""Issue 12: the exported network (ONNX, TorchScript) against PyTorch at two image sizes, and the MLflow
+"""The exported network (ONNX, TorchScript) against PyTorch at two image sizes, and the MLflow
 pyfunc model in this process: its detections are the detect() path's, in predict's records format too.
 
 The untrained tiny checkpoint of tests/conftest.py (`untrained_checkpoint`, prior 0.5) detects plenty.

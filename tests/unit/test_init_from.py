@@ -1,4 +1,4 @@
-"""Fine-tuning starts (issue 11): ``model.init_from`` with torchvision's COCO RetinaNet weights or one of our
+"""Fine-tuning starts: ``model.init_from`` with torchvision's COCO RetinaNet weights or one of our
 checkpoints, classes mapped by name, new classes at the prior init, and the start-up check of the config.
 
 The COCO start is checked against torchvision's own model with the same weights before any training step: the

@@ -1,4 +1,5 @@
-"""Model details of issue 3 section 5 and the edge cases of section 6."""
+"""Model options (P6 source, frozen BN and stages, GroupNorm heads, pixel statistics, channels_last, bf16) and
+the edge cases every detector suite has (all-crowd, degenerate and out-of-image boxes, mixed sizes, normalisers)."""
 
 from __future__ import annotations
 

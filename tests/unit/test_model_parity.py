@@ -1,4 +1,4 @@
-"""Parity with torchvision's RetinaNet (issue 3): same weights, same normalised input, same numbers.
+"""Parity with torchvision's RetinaNet: same weights, same normalised input, same numbers.
 
 torchvision's ``retinanet_resnet50_fpn`` (v1) differs from the paper in four places, each a config option
 of ours: P6 from P5, per-image loss normalisation, L1 box loss, 300 detections. Its anchors are integer
