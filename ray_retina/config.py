@@ -421,27 +421,72 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str], source: 
     return config_from_dict(d, source)
 
 
+BASE_KEY = "_base_"
+"""Top-level YAML key naming the config(s) a file extends: a path relative to the file, or a list of them."""
+
+
+def _read_yaml(p: Path) -> dict[str, Any]:
+    """One YAML file's top-level mapping (``_base_`` not followed); errors name the file and line."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where} not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return raw
+
+
+def merge_config_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key (recursively), any other value (a scalar, a
+    list, null) replaces the base's. Neither input is changed."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_config_dicts(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config_dict(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of a YAML config with its ``_base_`` chain resolved (not yet validated).
+
+    ``_base_`` is a path relative to the file or a list of them; bases merge in list order (a later base
+    overrides an earlier one), then the file's own keys override them all (:func:`merge_config_dicts`).
+    A base may have bases of its own; a file that is its own base through any chain is an error naming
+    the files of the cycle."""
+    p = Path(path).resolve()
+    if p in _chain:
+        cycle = " -> ".join(str(c) for c in (*_chain[_chain.index(p) :], p))
+        raise ConfigError(f"config _base_ cycle: {cycle}")
+    raw = _read_yaml(p)
+    bases = raw.pop(BASE_KEY, None)
+    if bases is None:
+        return raw
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{p}: {BASE_KEY} must be a path or a list of paths, got {bases!r}")
+    merged: dict[str, Any] = {}
+    for b in bases:
+        bp = p.parent / b
+        if not bp.is_file():
+            raise ConfigError(f"{p}: {BASE_KEY} {b!r} not found ({bp})")
+        merged = merge_config_dicts(merged, load_config_dict(bp, (*_chain, p)))
+    return merge_config_dicts(merged, raw)
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> Config:
-    """Load a YAML config (None: the package defaults) and apply dotted overrides."""
-    if path is None:
-        cfg = Config()
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ConfigError(
-                f"{p}:{where} not valid YAML ({getattr(err, 'problem', None) or err})"
-            ) from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
-        cfg = config_from_dict(raw, str(p))
+    """Load a YAML config (None: the package defaults) with its ``_base_`` chain resolved
+    (:func:`load_config_dict`), then apply dotted overrides. The result is the fully resolved config: the
+    one printed by ``--print-config``, logged (``config.yaml``) and checkpointed."""
+    cfg = Config() if path is None else config_from_dict(load_config_dict(path), str(path))
     if overrides:
         cfg = apply_overrides(cfg, overrides, f"{path or 'defaults'} + overrides")
     return cfg
