@@ -39,6 +39,18 @@ def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
         help="override dotted config keys, e.g. --set optim.lr=0.02 loss.gamma=1 (each validated)",
     )
     p.add_argument("--verbose", "-v", action="store_true", help="Ray's own progress bars and tracebacks")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (_base_ chain and --set applied) as YAML and exit",
+    )
+
+
+def _print_config(cfg) -> int:  # noqa: ANN001
+    from ray_retina.config import to_yaml
+
+    print(to_yaml(cfg), end="")
+    return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -108,6 +120,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ray_retina.engine.trainer import train
 
     cfg = load_config(_config_path(args.config, DEFAULT_TRAIN_CONFIG), args.overrides)
+    if args.print_config:
+        return _print_config(cfg)
     if args.resume:
         from ray_retina.config import apply_overrides
 
@@ -125,6 +139,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ray_retina.tune import run_sweep
 
     cfg = load_config(_config_path(args.config, DEFAULT_TUNE_CONFIG), args.overrides)
+    if args.print_config:
+        return _print_config(cfg)
     summary = run_sweep(
         cfg, preset=args.preset, resume=args.resume, sweep_name=args.name, verbose=args.verbose
     )

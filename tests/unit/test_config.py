@@ -205,3 +205,18 @@ def test_base_errors_name_the_file(tmp_path):
     top2 = _write(tmp_path / "top2.yaml", "_base_: typo.yaml\n")
     with pytest.raises(ConfigError, match=r"optim\.lrr: unknown key"):
         load_config(top2)
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_print_config_shows_the_resolved_config_and_exits(command, capsys):
+    from ray_retina.cli import main
+
+    rc = main(
+        [command, "--config", str(ROOT / "configs" / "tune_focal.yaml"), "--print-config", "--set", "seed=5"]
+    )
+    assert rc == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = load_config(ROOT / "configs" / "tune_focal.yaml", ["seed=5"])
+    assert printed == expected.model_dump(mode="json")
+    assert printed["model"]["backbone"] == "resnet18"  # from smoke.yaml, through _base_
+    assert printed["scaling"]["num_workers"] == 1 and BASE_KEY not in printed
