@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ray_retina.checkpoint import cleanup_unregistered_checkpoints
+from ray_retina.checkpoint import prepare_resume
 from ray_retina.config import Config
 from ray_retina.engine.session import abs_storage, default_run_name, ensure_data, ensure_ray, resolve_paths
 
@@ -69,7 +69,8 @@ def build_trainer(
     cat_ids = sorted(int(c["id"]) for c in manifest["categories"])
     names = {int(c["id"]): str(c.get("name", c["id"])) for c in manifest["categories"]}
     storage = abs_storage(cfg.run.storage_path)
-    cleanup_unregistered_checkpoints(storage, run_name)
+    # Where workers start when Ray's snapshot cannot say (missing or unreadable); None: Ray's own resume.
+    resume_from = prepare_resume(storage, run_name)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
@@ -88,6 +89,7 @@ def build_trainer(
         "mlflow_run_id": mlflow_run_id,
         "storage_path": storage,
         "run_dir": f"{storage.rstrip('/')}/{run_name}",
+        "resume_from": resume_from,
     }
     train_ds = build_dataset(
         cfg.data.train_shards, cfg.data, train=True, seed=cfg.seed, skip_counter=loop_config["skip_counter"]

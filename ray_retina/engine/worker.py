@@ -92,7 +92,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     num_classes = int(loop_config["num_classes"])
-    if cfg.model.init_from and ray.train.get_checkpoint() is None:
+    if cfg.model.init_from and ray.train.get_checkpoint() is None and not loop_config.get("resume_from"):
         # A fine-tuning start, on every rank before DDP wraps the model (a resumed run's own checkpoint,
         # loaded below, wins). It loads every layer, so model.backbone_weights is not read.
         from ray_retina.config import apply_overrides
@@ -123,6 +123,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         engine.load_state_dict(state, rank=rank)
         logger.info("rank %d resumed at iteration %d", rank, engine.iteration)
+    elif loop_config.get("resume_from"):  # Ray's snapshot was missing or unreadable: the driver's choice
+        from ray_retina.checkpoint import load_checkpoint_state
+
+        engine.load_state_dict(load_checkpoint_state(loop_config["resume_from"]), rank=rank)
+        logger.info(
+            "rank %d resumed at iteration %d from %s", rank, engine.iteration, loop_config["resume_from"]
+        )
 
     tracker = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
