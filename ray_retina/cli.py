@@ -153,6 +153,29 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0 if summary.num_errors == 0 else 1
 
 
+def _add_tta_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: horizontal flip (and --tta-scales), merged before one NMS "
+        "(default: the checkpoint config's eval.tta)",
+    )
+    p.add_argument(
+        "--tta-scales",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        metavar="S",
+        help="with --tta: factors of the test size to run (default 1.0)",
+    )
+
+
+def _tta_arg(args: argparse.Namespace):  # noqa: ANN202 - a TTASection, imported lazily with the config
+    from ray_retina.config import TTASection
+
+    return TTASection(enabled=True, flip=True, scales=args.tta_scales) if args.tta else None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -168,6 +191,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plots_dir=args.plots,
         max_images=args.max_images,
         per_class=per_class,
+        tta=_tta_arg(args),
     )
     print(
         f"COCO box AP on {int(stats['num_images'])} images of {args.shards}"
@@ -319,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="COCO eval implementation (default: the checkpoint config's train.eval_backend)",
     )
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
+    _add_tta_args(p)
     p.add_argument(
         "--plots", default=None, metavar="DIR", help="write PR curves, detections and Figure 4 here"
     )

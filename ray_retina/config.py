@@ -203,6 +203,34 @@ class PostprocessSection(_Section):
     detections_per_img: int = Field(100, ge=1)
 
 
+class TTASection(_Section):
+    """Test-time augmentation (``eval.tta``; ``ray-retina predict --tta``): each image is also run
+    horizontally flipped and at each of ``scales`` (factors of the test size), and the candidates of every
+    view, mapped back to the original image, go through ONE per-class NMS (``engine/tta.py``). Applies to
+    training eval, ``ray-retina eval``, ``predict``, the MLflow model and Ray Serve; not to the ONNX graph."""
+
+    enabled: bool = False
+    flip: bool = True
+    scales: list[float] = Field(default_factory=lambda: [1.0])
+    """Factors of the test size (data.test_min_size and data.max_size); 1.0 is the plain view."""
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: list[float]) -> list[float]:
+        if not v or not all(0.1 <= s <= 4.0 for s in v) or len(set(v)) != len(v):
+            raise ValueError(f"must be distinct factors in [0.1, 4], at least one, got {v}")
+        return v
+
+
+class EvalSection(_Section):
+    """How a model is evaluated and run at test time (beyond ``postprocess``)."""
+
+    tta: TTASection = TTASection()
+    precision_target: float = Field(0.9, gt=0.0, le=1.0)
+    """Each eval also picks, per class, the lowest score threshold whose val precision (IoU 0.5) reaches
+    this (checkpoint ``thresholds["precision"]``), beside the F1-optimal one (``thresholds["f1"]``)."""
+
+
 class OptimSection(_Section):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float | None = Field(None, gt=0.0)
@@ -304,6 +332,7 @@ class Config(_Section):
     run: RunSection = RunSection()
     tracking: TrackingSection = TrackingSection()
     tune: TuneSection = TuneSection()
+    eval: EvalSection = EvalSection()
 
     @property
     def global_batch(self) -> int:

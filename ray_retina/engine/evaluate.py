@@ -25,8 +25,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ray_retina.engine.tta import detect_tta
+
 if TYPE_CHECKING:
-    from ray_retina.config import Config
+    from ray_retina.config import Config, TTASection
 
 logger = logging.getLogger(__name__)
 
@@ -211,16 +213,36 @@ def detect(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    tta: TTASection | None = None,
+    size_divisibility: int = 128,
 ) -> list[dict[str, torch.Tensor]]:
     """Detections of a collated batch, boxes XYXY in ORIGINAL image pixels (clipped), labels 0..K-1.
 
     The one detection path of training eval, ``ray-retina eval``, ``predict`` and the exported model: the
-    model (eval mode, under the run's autocast) and the post-processor with ``target_sizes``."""
+    model (eval mode, under the run's autocast) and the post-processor with ``target_sizes``. With
+    ``tta`` enabled (the config's ``eval.tta``) every view's candidates are merged before one NMS
+    (``engine/tta.py``; other scales are padded to ``size_divisibility``, the config's data value)."""
     was_training = model.training
     model.eval()
-    with amp_context(device, amp_dtype):
-        outputs = model(model_inputs(batch["images"], device, channels_last))
-    dets = postprocessor(outputs, batch["image_sizes"].to(device), batch["orig_sizes"].to(device))
+
+    def forward(images: torch.Tensor) -> Any:
+        with amp_context(device, amp_dtype):
+            return model(model_inputs(images, device, channels_last))
+
+    if tta is not None and tta.enabled:
+        dets = detect_tta(
+            forward,
+            postprocessor,
+            batch,
+            scales=tta.scales,
+            flip=tta.flip,
+            size_divisibility=size_divisibility,
+            device=device,
+        )
+    else:
+        dets = postprocessor(
+            forward(batch["images"]), batch["image_sizes"].to(device), batch["orig_sizes"].to(device)
+        )
     model.train(was_training)
     return dets
 
@@ -351,6 +373,7 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     max_images: int | None = None,
     per_class: dict[int, dict[str, float]] | None = None,
+    tta: TTASection | None = None,
 ) -> dict[str, float]:
     """COCO box AP of a checkpoint on a val shard set: the 12 stats keyed as ``STAT_NAMES`` (AP, AP50, AP75,
     APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl), each in [0, 1], or -1 where COCO has no data (e.g. no
@@ -361,7 +384,8 @@ def evaluate_checkpoint(
     directory, or a run directory (its best checkpoint by val/AP). ``batch_size`` defaults to the
     config's ``data.batch_size`` (as in training eval: a different batch pads differently and can move AP
     in the last digit); ``backend`` to the config's ``train.eval_backend``; ``max_images`` evaluates the
-    first N images only. ``per_class``, when given, is filled with :func:`per_class_ap`. With
+    first N images only. ``per_class``, when given, is filled with :func:`per_class_ap`. ``tta``: the
+    test-time augmentation (None: the checkpoint config's ``eval.tta``). With
     ``plots_dir`` it also writes the run's pictures (``report.write_run_pictures``).
     """
     from ray_retina.checkpoint import load_checkpoint_state
@@ -396,7 +420,14 @@ def evaluate_checkpoint(
         plan, cfg.data, batch_size=batch_size, cat_ids=label_cats, skipped=skipped
     ):
         per_image = detect(
-            model, postprocess, batch, device=device, amp_dtype=amp, channels_last=cfg.model.channels_last
+            model,
+            postprocess,
+            batch,
+            device=device,
+            amp_dtype=amp,
+            channels_last=cfg.model.channels_last,
+            tta=cfg.eval.tta if tta is None else tta,
+            size_divisibility=cfg.data.size_divisibility,
         )
         ids = [int(i) for i in batch["image_id"]]
         img_ids.extend(ids)

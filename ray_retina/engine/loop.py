@@ -225,6 +225,8 @@ class Engine:
             device=self.device,
             amp_dtype=self.amp_dtype,
             channels_last=self.cfg.model.channels_last,
+            tta=self.cfg.eval.tta,
+            size_divisibility=self.cfg.data.size_divisibility,
         )
         return detections_to_coco(dets, [int(i) for i in batch["image_id"]], self.cat_ids.tolist())
 
