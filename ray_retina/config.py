@@ -304,6 +304,46 @@ class TrackingSection(_Section):
     """None: the config name (one experiment per config)."""
 
 
+class ServeSection(_Section):
+    """The served model (``ray-retina serve``, and the limits the exported MLflow model carries).
+
+    Limits: a request over one is answered 400 naming it; every image's size is read from its header
+    before any pixel is decoded."""
+
+    max_pixels: int = Field(25_000_000, ge=1, le=89_478_485)
+    """Pixels (height x width) an image may have: 25 MP holds a 6000 x 4000 photo and stays far under
+    Pillow's decompression-bomb limit (89.5 MP warns, 179 MP refuses)."""
+    max_images: int = Field(16, ge=1)
+    """Images per request."""
+    max_batch_size: int = Field(8, ge=1)
+    """Images per forward pass: the Ray Serve batcher's size, and the upper end of the MLflow model's
+    ``batch_size`` param ([1, max_batch_size])."""
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    """How long the Ray Serve batcher waits for a batch to fill."""
+    num_replicas: int = Field(1, ge=1)
+    """Replicas when autoscaling is off."""
+    min_replicas: int | None = Field(None, ge=0)
+    """With max_replicas: autoscaling between the two on ongoing requests per replica."""
+    max_replicas: int | None = Field(None, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0.0)
+    num_cpus: float = Field(1.0, gt=0.0)
+    """CPUs per replica (decoding and, without a GPU, the network)."""
+    num_gpus: float = Field(0.0, ge=0.0, le=1.0)
+    """GPU per replica; a fraction shares one GPU between replicas."""
+    amp: Literal["none", "bf16", "fp16"] | None = None
+    """Autocast on a GPU replica; None: the checkpoint's ``optim.amp``."""
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeSection:
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("serve.min_replicas and serve.max_replicas go together (autoscaling)")
+        if self.min_replicas is not None and self.min_replicas > self.max_replicas:  # type: ignore[operator]
+            raise ValueError("serve.min_replicas must be <= serve.max_replicas")
+        return self
+
+
 class TuneSection(_Section):
     search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Dotted key -> {"type": uniform|loguniform|choice|grid, "low", "high" | "values"}."""
@@ -332,6 +372,7 @@ class Config(_Section):
     run: RunSection = RunSection()
     tracking: TrackingSection = TrackingSection()
     tune: TuneSection = TuneSection()
+    serve: ServeSection = ServeSection()
     eval: EvalSection = EvalSection()
 
     @property
