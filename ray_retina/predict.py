@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ray_retina.config import Config, config_from_dict
 from ray_retina.data.augment import object_array
 from ray_retina.engine.evaluate import coco_records
+from ray_retina.serving import detect_images
 from ray_retina.uri import resolve_uri
 
 logger = logging.getLogger(__name__)
@@ -169,51 +170,6 @@ def preprocess_batch(
         "png_name": np.asarray([str(src["png_name"][j]) for j in idx], dtype=object),
         "bytes": object_array([bytes(src["image"][j]) for j in idx]),
     }
-
-
-@torch.no_grad()
-def detect_images(
-    model: torch.nn.Module,
-    postprocess: Any,
-    cfg: Config,
-    batch: Mapping[str, Any],
-    *,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    cat_ids: np.ndarray,
-    score_thresh: float | None = None,
-) -> list[dict[str, np.ndarray]]:
-    """The detections of a :func:`preprocess_batch` output (``image``, ``orig_size``): its images padded into
-    one batch (``collate.pad_images``), then ``evaluate.detect`` (the network, the post-process, boxes back to
-    original pixels). Per image, in order: ``boxes`` (D, 4) float32 XYXY in original pixels, ``scores`` (D,)
-    float32, ``category_ids`` (D,) original ids (``cat_ids[label]``); with ``score_thresh`` only scores above
-    it (the post-process's own rule, ``>``). ``ray-retina predict``'s actors and the exported model both run
-    this, so a served image's detections are predict's."""
-    from ray_retina.data.collate import pad_images
-    from ray_retina.engine.evaluate import detect
-
-    padded, sizes = pad_images(list(batch["image"]), cfg.data.size_divisibility)
-    inputs = {
-        "images": torch.from_numpy(padded),
-        "image_sizes": torch.from_numpy(sizes),
-        "orig_sizes": torch.from_numpy(np.array(list(batch["orig_size"]), dtype=np.int64).reshape(-1, 2)),
-    }
-    dets = detect(
-        model, postprocess, inputs, device=device, amp_dtype=amp_dtype, channels_last=cfg.model.channels_last
-    )
-    out = []
-    for d in dets:
-        keep = d["scores"] > score_thresh if score_thresh is not None else slice(None)
-        out.append(
-            {
-                "boxes": d["boxes"][keep].float().cpu().numpy().reshape(-1, 4),
-                "scores": d["scores"][keep].float().cpu().numpy().reshape(-1),
-                "category_ids": np.asarray(cat_ids, dtype=np.int64)[d["labels"][keep].cpu().numpy()].reshape(
-                    -1
-                ),
-            }
-        )
-    return out
 
 
 class Predictor:

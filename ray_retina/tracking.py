@@ -251,6 +251,22 @@ def best_trial_run(uri: str, parent_run_id: str) -> Any:
     return runs[0]
 
 
+def run_tags(uri: str, run_id: str) -> dict[str, str]:
+    """The tags of an MLflow run. Raises ``FileNotFoundError`` naming the run and store when it is not
+    there."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(_client(uri).get_run(run_id).data.tags)
+    except MlflowException as err:  # no such run in this store: a user error, one line
+        raise FileNotFoundError(f"no MLflow run {run_id} at {uri} (--tracking-uri?): {err.message}") from None
+
+
+def run_experiment_id(uri: str, run_id: str) -> str:
+    """The id of the experiment an MLflow run belongs to."""
+    return str(_client(uri).get_run(run_id).info.experiment_id)
+
+
 # ----------------------------------------------------------------------------------------- the model registry
 
 

@@ -23,7 +23,7 @@ def test_model_carries_the_package(untrained_pyfunc_dir, val_jpegs, tmp_path):
     .pth finder never runs, so the installed ray_retina cannot be imported) loads the model from its own
     directory alone and detects what the model loaded here detects."""
     code = untrained_pyfunc_dir / "code" / "ray_retina"
-    assert (code / "export.py").is_file() and (code / "engine" / "evaluate.py").is_file()
+    assert (code / "serving.py").is_file() and (code / "engine" / "evaluate.py").is_file()
     assert not list(code.rglob("__pycache__"))
     (tmp_path / "images.json").write_text(json.dumps([base64.b64encode(b).decode() for b in val_jpegs]))
     script = f"""

@@ -4,7 +4,7 @@ tiny checkpoints (untrained, from configs/smoke.yaml with the tiny overrides), `
 serve -m models:/NAME@champion --env-manager local` answering POSTs to /invocations.
 
 The served detections are compared with ray-retina's own detection path in this process, run as
-`ray-retina predict` runs it (predict.preprocess_batch, then predict.detect_images, one image per
+`ray-retina predict` runs it (predict.preprocess_batch, then serving.detect_images, one image per
 batch) and written in predict's records format (evaluate.coco_records): the same boxes and category ids,
 scores within 1e-4. (`ray-retina predict` itself needs a Ray cluster; its Ray Data steps are these functions.)
 """
@@ -180,7 +180,8 @@ def _reference(state: dict, images: list[bytes], score_thresh: float, per_image:
     from ray_retina.engine.evaluate import coco_records
     from ray_retina.engine.restore import AMP_DTYPES, model_from_state
     from ray_retina.model import build_postprocessor
-    from ray_retina.predict import detect_images, preprocess_batch
+    from ray_retina.predict import preprocess_batch
+    from ray_retina.serving import detect_images
 
     model, cfg, cat_ids = model_from_state(state, "cpu")
     out = []

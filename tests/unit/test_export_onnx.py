@@ -164,7 +164,8 @@ def _reference_records(state, images: list[bytes], score_thresh: float) -> list[
     from ray_retina.engine.evaluate import coco_records
     from ray_retina.engine.restore import AMP_DTYPES, model_from_state
     from ray_retina.model import build_postprocessor
-    from ray_retina.predict import detect_images, preprocess_batch
+    from ray_retina.predict import preprocess_batch
+    from ray_retina.serving import detect_images
 
     model, cfg, cat_ids = model_from_state(state, "cpu")
     out = []
@@ -208,7 +209,7 @@ def pyfunc(untrained_pyfunc_dir):
 
 
 def test_pyfunc_detections_are_predicts(pyfunc, state, val_jpegs):
-    from ray_retina.export import OUTPUT_COLUMNS
+    from ray_retina.serving import OUTPUT_COLUMNS
 
     thresh = 0.52  # the untrained model scores ~0.5: keeps some, drops most
     frame = pyfunc.predict(pd.DataFrame({"image": val_jpegs}), params={"score_thresh": thresh})
@@ -249,7 +250,7 @@ def test_pyfunc_signature_and_requirements(pyfunc, untrained_pyfunc_dir):
     sig = pyfunc.metadata.signature
     assert sig.inputs.to_dict() == [{"type": "binary", "name": "image", "required": True}]
     params = {p.name: p.default for p in sig.params.params}
-    assert params == {"score_thresh": 0.05, "detections_per_img": 100, "batch_size": 1}
+    assert params == {"score_thresh": 0.05, "detections_per_img": 100, "thresholds": "eval", "batch_size": 1}
     from packaging.requirements import Requirement
 
     from ray_retina.export import pip_requirements
@@ -270,15 +271,17 @@ def test_pyfunc_signature_and_requirements(pyfunc, untrained_pyfunc_dir):
     assert "ray-retina" not in " ".join(saved) and any(r.startswith("torch==") for r in saved)
 
 
-def test_batch_size_pads_images_together(state, val_jpegs):
-    """batch_size 1 (default): an image's detections do not depend on the rest of the request."""
-    from ray_retina.export import Detector
+def test_an_image_is_detected_as_alone_at_any_batch_size(state, val_jpegs):
+    """An image's detections do not depend on the rest of the request nor on batch_size: images are batched
+    only with images of the same padded shape."""
+    from ray_retina.serving import Detector
 
     det = Detector(state, "cpu")
-    alone = det.frame(val_jpegs[1:2], detections_per_img=5)
-    with_other = det.frame(val_jpegs[:2], detections_per_img=5)
-    second = with_other[with_other["image_index"] == 1].drop(columns="image_index").reset_index(drop=True)
-    pd.testing.assert_frame_equal(second, alone.drop(columns="image_index"))
+    alone = det.frame(val_jpegs[1:2], {"detections_per_img": 5})
+    for batch_size in (1, 3):
+        with_other = det.frame(val_jpegs, {"detections_per_img": 5, "batch_size": batch_size})
+        second = with_other[with_other["image_index"] == 1].drop(columns="image_index").reset_index(drop=True)
+        pd.testing.assert_frame_equal(second, alone.drop(columns="image_index"), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- export + registry
