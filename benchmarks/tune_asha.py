@@ -129,7 +129,7 @@ def tracking_overhead(url: str, reports: int) -> dict[str, float]:
 
 def sweep(scheduler: str, args: argparse.Namespace, url: str, out: Path) -> dict[str, float]:
     from ray_retina.config import apply_overrides, load_config
-    from ray_retina.tune import run_sweep
+    from ray_retina.sweep.run import run_sweep
 
     cfg = load_config(ROOT / "configs" / "tune_focal.yaml")
     cfg = apply_overrides(

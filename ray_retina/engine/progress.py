@@ -106,35 +106,3 @@ class ProgressPrinter:
             lines = [line.replace("]", f" {self.tag}]", 1) for line in lines]
         stream.write("".join(line + "\n" for line in lines))
         stream.flush()
-
-
-# ----------------------------------------------------------------------------------------- sweeps
-
-TUNE_PREFIX = "[tune]"
-
-
-def format_trial_round(
-    label: str, round_: int, rounds: int, metrics: Mapping[str, float], best: tuple[str, float] | None = None
-) -> str:
-    """A sweep's line per trial per eval round: the trial (its parameters and id), the round, AP and AP50,
-    and the best trial so far when there is one.
-
-        [tune] gamma=2 alpha=0.25 pi=0.01 lr=0.001 [00003]  round 3/8  AP 30.1  AP50 72.3  | best AP 33.5: ...
-    """
-    ap = "  ".join(f"{k} {_pct(metrics[f'val/{k}'])}" for k in ("AP", "AP50") if f"val/{k}" in metrics)
-    line = f"{TUNE_PREFIX} {label}  round {round_}/{rounds}  {ap}".rstrip()
-    if best is not None:
-        line += f"  | best AP {_pct(best[1])}: {best[0]}"
-    return line
-
-
-def format_trial_end(
-    label: str, *, rounds_done: int, rounds: int, ap: float | None, error: str | None = None
-) -> str:
-    """A sweep's line when a trial ends: finished, stopped early by the scheduler (ASHA), or failed."""
-    shown = f"AP {_pct(ap)}" if ap is not None else "no AP reported"
-    if error is not None:
-        return f"{TUNE_PREFIX} {label}  FAILED after round {rounds_done}/{rounds}: {error}"
-    if rounds_done < rounds:
-        return f"{TUNE_PREFIX} {label}  stopped by the scheduler after round {rounds_done}/{rounds} ({shown})"
-    return f"{TUNE_PREFIX} {label}  finished {rounds_done}/{rounds} rounds ({shown})"

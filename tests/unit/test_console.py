@@ -150,18 +150,10 @@ def test_data_synth_json_override_round_trips():
 
 
 def _trial(trial_id: str, gamma: float, **last):  # noqa: ANN202
-    """What SweepProgress reads of a Tune Trial: id, config (searched keys + our __ keys), last result."""
+    """What SweepProgress reads of a Tune Trial: id, config (the searched keys only), last result."""
     from types import SimpleNamespace
 
-    config = {
-        "loss.gamma": gamma,
-        "optim.lr": 0.001,
-        "__base__": {"name": "x", "data": {"root": "/long/path"}},
-        "__sweep__": "s",
-        "__mlflow_uri__": None,
-        "__parent_run_id__": None,
-        "__preset__": None,
-    }
+    config = {"loss.gamma": gamma, "optim.lr": 0.001}
     return SimpleNamespace(
         trial_id=trial_id,
         config=config,
@@ -174,7 +166,7 @@ def _trial(trial_id: str, gamma: float, **last):  # noqa: ANN202
 def test_sweep_progress_lines_name_trials_by_parameters_and_track_the_best(capsys):
     import pickle
 
-    from ray_retina.tune import SweepProgress
+    from ray_retina.sweep.console import SweepProgress
 
     cb = SweepProgress(rounds=4)
     a, b = _trial("t_00000", 2.0), _trial("t_00001", 0.5)
@@ -203,7 +195,7 @@ def test_sweep_progress_lines_name_trials_by_parameters_and_track_the_best(capsy
 
 
 def test_sweep_progress_in_min_mode_keeps_the_lowest():
-    from ray_retina.tune import SweepProgress
+    from ray_retina.sweep.console import SweepProgress
 
     cb = SweepProgress(rounds=2, metric="val/loss", mode="min")
     a, b = _trial("a", 1.0), _trial("b", 2.0)

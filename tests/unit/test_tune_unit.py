@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from ray_retina.config import Config, ConfigError, apply_overrides
-from ray_retina.tune import (
+from ray_retina.sweep.report import TrialRow, markdown_table, paper_table
+from ray_retina.sweep.space import (
     FOCAL_PAIR,
     PAPER_TABLE1,
-    TrialRow,
-    markdown_table,
-    paper_table,
     preset_space,
+    search_alg,
     search_space,
+    trial_label,
     trial_overrides,
 )
 
@@ -55,7 +55,7 @@ def test_paper_preset_is_the_papers_grid():
     grid = space[FOCAL_PAIR]["grid_search"]
     assert [g for g, _ in grid] == [0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
     assert dict(map(tuple, grid))[2.0] == 0.25 and dict(map(tuple, grid))[0.0] == 0.75
-    over = trial_overrides({FOCAL_PAIR: [0.5, 0.5], "optim.lr": 0.01, "__base__": {}})
+    over = trial_overrides({FOCAL_PAIR: [0.5, 0.5], "optim.lr": 0.01})
     assert over == {"loss.gamma": 0.5, "loss.alpha": 0.5, "optim.lr": 0.01}
     cfg = apply_overrides(Config(), over)
     assert (cfg.loss.gamma, cfg.loss.alpha) == (0.5, 0.5)
@@ -69,8 +69,8 @@ def test_tables():
         TrialRow("t0", {"loss.gamma": 0.0, "loss.alpha": 0.75}, 0.31, 1, 100, True, None),
     ]
     md = markdown_table(rows)
-    assert "| t1 | 0.25 | 2 | 0.4000 | 3 | 300 | no |" in md
-    assert "| t0 | 0.75 | 0 | 0.3100 | 1 | 100 | yes |" in md
+    assert "| t1 | 0.25 | 2 | 0.4000 | n/a | n/a | 3 | 300 | no |  |" in md
+    assert "| t0 | 0.75 | 0 | 0.3100 | n/a | n/a | 1 | 100 | yes | n/a |" in md
     pt = paper_table(rows)
     assert "| 2.0 | 0.25 | 40.0 | 34.0 |" in pt and "| 0.0 | 0.75 | 31.0 | 31.1 |" in pt
     assert pt.count("\n") == len(PAPER_TABLE1) + 1
@@ -80,8 +80,6 @@ def test_random_search_is_seeded_by_the_config():
     """The same `seed` draws the same trials (what lets the ASHA and FIFO benchmark compare the same points);
     another seed draws others."""
     from ray.tune.experiment import Experiment
-
-    from ray_retina.tune import _search_alg
 
     cfg = apply_overrides(
         Config(),
@@ -95,20 +93,18 @@ def test_random_search_is_seeded_by_the_config():
     )
 
     def draw(c):
-        gen = _search_alg(c, 8)
+        gen = search_alg(c, 8)
         gen.add_configurations([Experiment("x", run=lambda _: None, config=search_space(c), num_samples=4)])
         return [(t.config["loss.gamma"], t.config["optim.lr"]) for t in (gen.next_trial() for _ in range(4))]
 
     first = draw(cfg)
     assert draw(cfg) == first
-    assert _search_alg(cfg, 3).max_concurrent == 3  # Tune would ignore TuneConfig's limit for it
+    assert search_alg(cfg, 3).max_concurrent == 3  # Tune would ignore TuneConfig's limit for it
     assert len(set(first)) == 4 and all(0 <= g <= 5 and 1e-4 <= lr <= 1e-2 for g, lr in first)
     assert draw(apply_overrides(cfg, {"seed": 4})) != first
 
 
 def test_trial_label_names_a_trial_by_its_parameters():
-    from ray_retina.tune import trial_label
-
     label = trial_label(
         {
             "optim.lr": 0.0051234,
@@ -129,7 +125,9 @@ def test_summary_table_has_a_column_per_class():
     ]
     lines = markdown_table(rows).splitlines()
     assert (
-        lines[0] == "| trial | loss.gamma | val/AP | AP cat | AP dog | rounds | iterations | stopped early |"
+        lines[0]
+        == "| trial | loss.gamma | val/AP | tied with best | vs default (AP points) | AP cat | AP dog "
+        "| rounds | iterations | stopped early | stop within noise |"
     )
-    assert lines[2] == "| t1 | 2 | 0.4000 | 0.3000 | 0.5000 | 3 | 300 | no |"
-    assert lines[3] == "| t0 | 0 | 0.3100 | n/a | 0.2000 | 1 | 100 | yes |"
+    assert lines[2] == "| t1 | 2 | 0.4000 | n/a | n/a | 0.3000 | 0.5000 | 3 | 300 | no |  |"
+    assert lines[3] == "| t0 | 0 | 0.3100 | n/a | n/a | n/a | 0.2000 | 1 | 100 | yes | n/a |"
