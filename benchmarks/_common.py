@@ -1,12 +1,18 @@
-"""Timing and memory helpers shared by the benchmark scripts."""
+"""Timing and memory helpers shared by the benchmark scripts, and the writer of their results files."""
 
 from __future__ import annotations
 
 import gc
+import importlib.metadata
+import json
 import os
+import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def median_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> tuple[float, list[float]]:
@@ -75,3 +81,95 @@ def peak_extra_rss(fn: Callable[[], object]) -> int:
     before = _status("VmRSS")
     fn()
     return max(0, _status("VmHWM") - before)
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_VERSIONS = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "pillow",
+    "pyarrow",
+    "ray",
+    "mlflow",
+    "faster-coco-eval",
+    "pycocotools",
+)
+
+
+def _commit() -> str:
+    """HEAD of the repository, with "+dirty" when tracked files differ from it; ``BENCH_COMMIT`` wins (a copy of
+    the tree without .git, such as the GPU machine's)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    return head + ("+dirty" if dirty else "")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict[str, Any]:
+    """What a timing depends on besides the code: commit, load averages (1, 5, 15 min) and core count, CPU
+    model, Python and the versions of the libraries the benchmarks time (None: not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in _VERSIONS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    with open("/proc/loadavg") as f:
+        load = [float(x) for x in f.read().split()[:3]]
+    return {
+        "commit": _commit(),
+        "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "load_average_1_5_15": load,
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def write_results(
+    name: str, table: str, data: dict[str, Any], *, out_dir: Path | None = None, note: str = ""
+) -> Path:
+    """Write one run's table (markdown) and its numbers with the environment it ran in (JSON) as
+    ``<out_dir>/<name>-<UTC yyyymmdd-hhmmss>.{md,json}``; returns the JSON path. ``environment()`` is read
+    at the end of the run, so its load averages cover the run (the 5- and 15-minute ones a longer run).
+    ``out_dir`` defaults to ``benchmarks/results``, the folder the READMEs' tables cite."""
+    env = environment()
+    out_dir = out_dir or RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    payload = {"benchmark": name, "environment": env, "note": note, "table": table, "results": data}
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    load = ", ".join(f"{x:g}" for x in env["load_average_1_5_15"])
+    header = (
+        f"# {name}, {env['utc']} UTC\n\ncommit {env['commit']}; load average {load} (1/5/15 min) on "
+        f"{env['cpu_count']} cores ({env['cpu_model']}); Python {env['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+        + "\n\n"
+        + (f"{note}\n\n" if note else "")
+    )
+    (out_dir / f"{stem}.md").write_text(header + table.rstrip() + "\n")
+    print(f"results: {json_path} (+ .md)", flush=True)
+    return json_path

@@ -85,12 +85,16 @@ from typing import Any
 T_START = time.perf_counter()  # the wall time reported includes the imports below
 # Ray reads these at import; the tests set the same (see tests/conftest.py).
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# cuBLAS reads this when its handle is made: the deterministic-mode rows need a fixed workspace
+# (torch.use_deterministic_algorithms raises on cuBLAS calls without it). Set for the whole run so that
+# both sides of the deterministic on/off comparison use the same workspace.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import torch  # noqa: E402
-from _common import load_average  # noqa: E402
+from _common import environment, load_average  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-from train_step import make_pair, sgd  # noqa: E402  (torchvision pair on the same weights, fused SGD)
+from train_step import make_pair, network_ours, sgd  # noqa: E402  (torchvision pair on the same weights)
 
 from ray_retina.config import Config, apply_overrides, load_config  # noqa: E402
 from ray_retina.model import (  # noqa: E402
@@ -138,6 +142,7 @@ SAME_MATH_RTOL = 1e-3  # channels_last, torch.compile: fp32, different kernels
 SAME_MATH_GRAD_COS = 0.999
 PP_BOX_ATOL = 1e-2  # px
 PP_SCORE_ATOL = 1e-5
+AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 # Every row the table has, in order: (key, name, GPU-only). GPU-only rows are "skipped: no CUDA" without CUDA
 # (with what their CPU stand-in computed); the others run on whatever device there is. The keys b2 / b8 are
@@ -151,7 +156,11 @@ ROWS: list[tuple[str, str, bool]] = [
     ("matcher_gpu_cpu", "matcher GPU vs CPU", True),
     ("step_b2", "train step images/s, batch {b2}, {amp}", True),
     ("step_b8", "train step images/s, batch {b8}, {amp}", True),
-    ("vs_detectron2", "images/s per GPU vs detectron2 R50-FPN 1x", True),
+    (
+        "vs_detectron2",
+        "images/s per GPU vs detectron2's published R50-FPN 1x rate (8 V100, not run here)",
+        True,
+    ),
     ("channels_last_speed", "channels_last step speed-up (ours)", True),
     ("outside_b2", "time outside the network, batch {b2}", True),
     ("outside_b8", "time outside the network, batch {b8}", True),
@@ -161,10 +170,24 @@ ROWS: list[tuple[str, str, bool]] = [
     ("tflops_b8", "achieved TFLOP/s of our step, batch {b8}", True),
     ("data_per_core", "decode + augment images/s per CPU core", False),
     ("cores_per_gpu", "CPU cores per GPU so it never waits", True),
+    ("deterministic_repeat", "deterministic mode: two steps from the same weights, {amp}", True),
+    ("deterministic_cost", "deterministic mode cost, ours images/s, {amp}", True),
     ("ray_train_gpu", "Ray Train, 1 GPU worker, NCCL: val/AP", True),
     ("compile", "optim.compile (torch.compile) vs plain, fp32 step", True),
 ]
 GPU_ONLY = {k for k, _, g in ROWS if g}
+# The sections, in the order they run (--only picks some).
+SECTIONS = ("correctness", "parity", "steps", "deterministic", "data", "ray", "compile")
+# GPU-only rows whose outcome compares a result with a reference (the CPU, the plain model, a bit-identical
+# repeat, a finished run): their CPU stand-in runs the same comparison, and a stand-in that disagrees fails
+# the dry run. The other GPU-only rows are speeds and sizes, which a CPU at tiny sizes says nothing about.
+STANDIN_CHECKS = {
+    "postprocess_gpu_cpu",
+    "matcher_gpu_cpu",
+    "deterministic_repeat",
+    "ray_train_gpu",
+    "compile",
+}
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -234,7 +257,15 @@ def gpu_settings(args: argparse.Namespace) -> Settings:
         },
         budget_s=args.budget_s or 300.0,
         target_s=300.0,
-        estimates={"correctness": 40, "parity": 15, "steps": 70, "data": 20, "ray": 100, "compile": 100},
+        estimates={
+            "correctness": 40,
+            "parity": 15,
+            "steps": 70,
+            "deterministic": 40,
+            "data": 20,
+            "ray": 100,
+            "compile": 100,
+        },
     )
 
 
@@ -280,7 +311,15 @@ def dry_settings(args: argparse.Namespace) -> Settings:
         # The dry run's point is that every path executes: its budget only stops a pathological machine.
         budget_s=args.budget_s or 600.0,
         target_s=120.0,
-        estimates={"correctness": 10, "parity": 5, "steps": 10, "data": 5, "ray": 30, "compile": 5},
+        estimates={
+            "correctness": 10,
+            "parity": 5,
+            "steps": 10,
+            "deterministic": 5,
+            "data": 5,
+            "ray": 30,
+            "compile": 5,
+        },
     )
 
 
@@ -311,13 +350,20 @@ class Report:
     def add(self, key: str, value: str, target: str, ok: bool | None, **data: Any) -> None:
         """``ok``: True/False for a check or a target, None for a plain measure ("info").
 
-        A GPU-only row without CUDA is "skipped: no CUDA" whatever its CPU stand-in gave (a CPU time says
-        nothing about a GPU target); the value says what the stand-in computed. A stand-in that raises fails
-        its rows (``fail``): a broken code path is broken on any device."""
+        A GPU-only row without CUDA is never PASS: the value says what its CPU stand-in computed. A stand-in
+        of a comparison (``STANDIN_CHECKS``) that disagrees with its reference is FAIL, since the same code
+        compares on the GPU; one that agrees is "skipped: no CUDA". A speed or size target is "skipped: no
+        CUDA" whatever the stand-in measured (a CPU time says nothing about a GPU target). A stand-in that
+        raises fails its rows (``fail``): a broken code path is broken on any device."""
         gpu_only = key in GPU_ONLY
         if gpu_only and not self.cuda:
-            status = "skipped: no CUDA"
-            value = f"cpu stand-in: {value}" + ("; the stand-in missed it" if ok is False else "")
+            value = f"cpu stand-in: {value}"
+            if key in STANDIN_CHECKS and ok is False:
+                status = "FAIL: the cpu stand-in disagrees with its reference"
+            elif key in STANDIN_CHECKS:
+                status = "skipped: no CUDA (cpu stand-in agrees)"
+            else:
+                status = "skipped: no CUDA"
         else:
             status = "info" if ok is None else ("PASS" if ok else "FAIL")
         self.rows[key] = Row(key, self.names[key], self.device, value, target, status, gpu_only, data)
@@ -587,6 +633,124 @@ def correctness(report: Report, s: Settings, device: torch.device) -> None:
     )
 
 
+@contextlib.contextmanager
+def deterministic_mode(on: bool, *, warn_only: bool = False, benchmark: bool = False) -> Iterator[None]:
+    """``on``: PyTorch's deterministic algorithms, ``cudnn.deterministic`` and ``cudnn.benchmark`` off (what a
+    reproducible GPU run sets). Off: PyTorch's defaults, with ``cudnn.benchmark`` as given. Restores the
+    previous flags on exit."""
+    old = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    torch.use_deterministic_algorithms(on, warn_only=warn_only)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = benchmark and not on
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old[2], old[3]
+
+
+def deterministic_check(report: Report, s: Settings, device: torch.device) -> None:
+    """Deterministic mode on the paper model (default Config, the timed steps' autocast): (1) two steps from
+    the same weights and batch give bit-identical losses and gradients with it on (and how far apart they are
+    with it off); (2) our step's images/s with it on against PyTorch's defaults and against
+    ``cudnn.benchmark``, interleaved, medians, at both batch sizes. An op with no deterministic kernel makes
+    the strict mode raise: the row names it and the rest runs with ``warn_only``."""
+    cfg = apply_overrides(Config(), {"model.backbone": s.backbone, **s.model_overrides})
+    torch.manual_seed(0)
+    model = build_model(cfg, NUM_CLASSES).to(device).train()
+    criterion = build_criterion(cfg, NUM_CLASSES).to(device)
+    amp = AMP_DTYPES[s.step_amp]
+    images, gt_boxes, gt_labels, _ = make_batch(s.batches[0], s.height, s.width, seed=3)
+    images, gt_boxes, gt_labels = images.to(device), gt_boxes.to(device), gt_labels.to(device)
+
+    def step_result() -> dict[str, Any]:
+        return train_step_result(model, criterion, images, gt_boxes, gt_labels, device, amp)
+
+    warn_only, missing = False, "none"
+    try:
+        with deterministic_mode(True):
+            on1 = step_result()
+    except RuntimeError as err:  # an op without a deterministic implementation (PyTorch names it)
+        if "deterministic" not in str(err):
+            raise
+        warn_only, missing = True, str(err).splitlines()[0][:200]
+        with deterministic_mode(True, warn_only=True):
+            on1 = step_result()
+    with deterministic_mode(True, warn_only=warn_only):
+        on2 = step_result()
+    with deterministic_mode(False):
+        off1, off2 = step_result(), step_result()
+    same_on = (
+        torch.equal(on1["grad"], on2["grad"])
+        and on1["loss_cls"] == on2["loss_cls"]
+        and on1["loss_box"] == on2["loss_box"]
+    )
+    on_diff = float((on1["grad"] - on2["grad"]).abs().max())
+    off_diff = float((off1["grad"] - off2["grad"]).abs().max())
+    report.add(
+        "deterministic_repeat",
+        f"on: losses and gradient {'bit-identical' if same_on else 'DIFFER'} (max abs grad diff {on_diff:.1e}); "
+        f"off: max abs grad diff {off_diff:.1e}; ops without a deterministic kernel: {missing} "
+        f"({s.backbone} {s.batches[0]}x{s.height}x{s.width} {s.step_amp})",
+        "on: bit-identical",
+        same_on,
+        on_grad_max_diff=on_diff,
+        off_grad_max_diff=off_diff,
+        warn_only=warn_only,
+        missing=missing,
+    )
+
+    # The cost: our training step (fused SGD, as in the step rows) in each mode, rounds in rotating order.
+    opt = sgd(model)
+    variants = {
+        "default": {"on": False},
+        "deterministic": {"on": True, "warn_only": warn_only},
+        "cudnn_benchmark": {"on": False, "benchmark": True},
+    }
+    rates: dict[int, dict[str, float]] = {}
+    for b, repeats in zip(s.batches, s.repeats, strict=True):
+        x, gb, gl, _ = make_batch(b, s.height, s.width, seed=b)
+        x, gb, gl = x.to(device), gb.to(device), gl.to(device)
+
+        def step(x: torch.Tensor = x, gb: torch.Tensor = gb, gl: torch.Tensor = gl) -> None:
+            with autocast(device, amp):
+                out = model(x)
+            losses = criterion(out, gb, gl)
+            (losses["loss_cls"] + losses["loss_box"]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for i in range(s.warmup + repeats):
+            names = list(variants)
+            for k in names[i % 3 :] + names[: i % 3]:
+                with deterministic_mode(**variants[k]):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    step()
+                    sync(device)
+                if i >= s.warmup:
+                    times[k].append(time.perf_counter() - t0)
+        rates[b] = {k: b / statistics.median(v) for k, v in times.items()}
+    text = "; ".join(
+        f"batch {b}: default {r['default']:.1f}, deterministic {r['deterministic']:.1f} "
+        f"({r['deterministic'] / r['default']:.2f}x), cudnn.benchmark {r['cudnn_benchmark']:.1f} img/s"
+        for b, r in rates.items()
+    )
+    report.add(
+        "deterministic_cost",
+        f"{text} ({s.backbone} {s.height}x{s.width} {s.step_amp}, medians of {s.repeats})",
+        "info (deterministic / default images/s)",
+        None,
+        images_per_s={str(b): r for b, r in rates.items()},
+    )
+
+
 def compile_check(report: Report, s: Settings, device: torch.device) -> None:
     """torch.compile (what optim.compile does in the worker) against the plain model, one fp32 step.
     Without CUDA the stand-in uses backend="eager" (Dynamo's tracing only: inductor's C++ build would not
@@ -707,7 +871,7 @@ class Pair:
 def time_batch(pair: Pair, s: Settings, device: torch.device, b: int, repeats: int) -> dict[str, Any]:
     """Median step times (ours, ours channels_last, torchvision) and network-only times at batch `b`, peak
     memory of a step, FLOPs of our step."""
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[s.step_amp]
+    amp = AMP_DTYPES[s.step_amp]
     tv, ours, ours_cl, crit, opts = pair.tv, pair.ours, pair.ours_cl, pair.crit, pair.opts
     images, gt_boxes, gt_labels, targets = make_batch(b, s.height, s.width, seed=b)
     images, gt_boxes, gt_labels = images.to(device), gt_boxes.to(device), gt_labels.to(device)
@@ -729,10 +893,10 @@ def time_batch(pair: Pair, s: Settings, device: torch.device, b: int, repeats: i
         opts["tv"].step()
         opts["tv"].zero_grad(set_to_none=True)
 
-    def net_ours() -> None:
+    def net_ours() -> None:  # the same work as net_tv: normalisation, backbone + FPN, head (no anchors)
         with autocast(device, amp):
-            out = ours(images)
-            total = out.cls_logits.float().sum() + out.box_deltas.float().sum()
+            cls_logits, box_deltas = network_ours(ours, images)
+            total = cls_logits.float().sum() + box_deltas.float().sum()
         total.backward()
         ours.zero_grad(set_to_none=True)
 
@@ -886,14 +1050,19 @@ def step_timings(report: Report, s: Settings, device: torch.device, gpu_name: st
 
     b2, b8 = results["b2"], results["b8"]
     best = max(b8["images_per_s"]["ours"], b8["images_per_s"]["ours_cl"])
+    # detectron2 is not run here: its figure is the one MODEL_ZOO.md publishes (8 V100, fp32, its own data
+    # loading), so the row compares a rate measured on this GPU with a published one from other hardware.
     report.add(
         "vs_detectron2",
-        f"ours {b2['images_per_s']['ours']:.1f} img/s at batch {b2['batch']} (best at batch {b8['batch']}: {best:.1f})",
-        f">= {D2_IMAGES_PER_S_PER_GPU:.2f} (detectron2 MODEL_ZOO: {D2_SECONDS_PER_ITER} s/iter, "
-        f"{D2_IMAGES_PER_ITER} img on {D2_GPUS} V100)",
+        f"ours {b2['images_per_s']['ours']:.1f} img/s measured here at batch {b2['batch']} (best at batch "
+        f"{b8['batch']}: {best:.1f}); detectron2 {D2_IMAGES_PER_S_PER_GPU:.2f} img/s per GPU is a published "
+        "figure on other hardware, not run beside it",
+        f">= {D2_IMAGES_PER_S_PER_GPU:.2f}, published (detectron2 MODEL_ZOO.md: {D2_SECONDS_PER_ITER} s/iter, "
+        f"{D2_IMAGES_PER_ITER} img on {D2_GPUS} V100, fp32)",
         b2["images_per_s"]["ours"] >= D2_IMAGES_PER_S_PER_GPU,
         ours=b2["images_per_s"]["ours"],
-        detectron2=D2_IMAGES_PER_S_PER_GPU,
+        detectron2_published=D2_IMAGES_PER_S_PER_GPU,
+        detectron2_source="MODEL_ZOO.md retinanet_R_50_FPN_1x, 8 V100, fp32; not run here",
     )
     speedups = {k: v["images_per_s"]["ours_cl"] / v["images_per_s"]["ours"] for k, v in results.items()}
     report.add(
@@ -984,8 +1153,12 @@ def data_per_core(report: Report, s: Settings, tmp: Path) -> dict[str, float]:
 
 def ray_train(report: Report, s: Settings, tmp: Path) -> None:
     """`ray_retina.engine.trainer.train` on configs/smoke.yaml with 1 worker: on the GPU (NCCL, bf16), or the
-    CPU stand-in. Ray is always shut down afterwards."""
-    import ray
+    CPU stand-in. Ray is always shut down afterwards; without Ray installed the row says so."""
+    try:
+        import ray  # deferred: the GPU machine may have no Ray, and the other sections need none
+    except ImportError:
+        report.skip(["ray_train_gpu"], "ray not installed on this machine")
+        return
 
     from ray_retina.engine.trainer import train
 
@@ -1068,6 +1241,11 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 without CUDA)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temporary data and Ray run folder")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated sections to run ({', '.join(SECTIONS)}); the others' rows are 'skipped: not selected'",
+    )
     return ap.parse_args(argv)
 
 
@@ -1153,20 +1331,21 @@ def main(argv: list[str] | None = None) -> int:
             per_core=found["per_core"],
         )
 
-    sections: list[tuple[str, list[str], float, Callable[[], None]]] = [
+    sections: list[tuple[str, str, list[str], Callable[[], None]]] = [
         (
+            "correctness",
             "AMP and channels_last",
             ["amp_bf16", "amp_fp16", "channels_last"],
-            est["correctness"],
             lambda: correctness(report, s, device),
         ),
         (
+            "parity",
             "post-process and matcher, device vs CPU",
             ["postprocess_gpu_cpu", "matcher_gpu_cpu"],
-            est["parity"],
             lambda: device_parity(report, s, device),
         ),
         (
+            "steps",
             "training step, ours vs torchvision",
             [
                 "parity_torchvision",
@@ -1181,17 +1360,31 @@ def main(argv: list[str] | None = None) -> int:
                 "tflops_b2",
                 "tflops_b8",
             ],
-            est["steps"],
             steps,
         ),
-        ("decode + augment per CPU core", ["data_per_core", "cores_per_gpu"], est["data"], data),
-        ("Ray Train, 1 worker", ["ray_train_gpu"], est["ray"], lambda: ray_train(report, s, tmp)),
+        (
+            "deterministic",
+            "deterministic mode",
+            ["deterministic_repeat", "deterministic_cost"],
+            lambda: deterministic_check(report, s, device),
+        ),
+        ("data", "decode + augment per CPU core", ["data_per_core", "cores_per_gpu"], data),
+        ("ray", "Ray Train, 1 worker", ["ray_train_gpu"], lambda: ray_train(report, s, tmp)),
         # last: the least predictable in time (inductor's compile), and skipped first when time runs short
-        ("torch.compile", ["compile"], est["compile"], lambda: compile_check(report, s, device)),
+        ("compile", "torch.compile", ["compile"], lambda: compile_check(report, s, device)),
     ]
+    assert [sid for sid, *_ in sections] == list(SECTIONS)
+    only = set(args.only.split(",")) if args.only else set(SECTIONS)
+    if only - set(SECTIONS):
+        raise SystemExit(
+            f"--only: unknown section(s) {sorted(only - set(SECTIONS))}; known: {list(SECTIONS)}"
+        )
     try:
-        for name, keys, estimate, fn in sections:
-            with section(report, budget, name, keys, estimate) as run:
+        for sid, name, keys, fn in sections:
+            if sid not in only:
+                report.skip(keys, "not selected (--only)")
+                continue
+            with section(report, budget, name, keys, est[sid]) as run:
                 if run:
                     fn()
             gc.collect()  # the section's models and batches, before the next one allocates its own
@@ -1221,8 +1414,18 @@ def main(argv: list[str] | None = None) -> int:
         + f"; wall {wall:.1f} s (target {s.target_s:.0f} s: {'met' if wall <= s.target_s else 'NOT met'}), "
         f"CPU {cpu_s:.1f} s in this process and its children (Ray's daemons not counted); {load_average()}"
     )
+    meta["environment"] = environment()  # read at the end: its load averages cover the run
     save(report, meta, out)
-    print(f"written: {out}")
+    env = meta["environment"]
+    out.with_suffix(".md").write_text(
+        f"# gpu_check{' --dry-run' if args.dry_run else ''}: {report.device}, {wall:.0f} s, {env['utc']} UTC\n\n"
+        f"commit {env['commit']}; load average {env['load_average_1_5_15']} on {env['cpu_count']} cores "
+        f"({env['cpu_model']}); Python {env['python']}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"cuDNN {meta['cudnn']}; "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+        + f"\n\n{report.markdown()}\n\n{len(failed)} FAIL\n"
+    )
+    print(f"written: {out} (+ .md)")
     return 1 if failed else 0
 
 

@@ -148,5 +148,20 @@ def test_predict_maps_back_to_original_ids_and_pixels():
 
 def test_bf16_autocast_step_keeps_fp32_loss():
     eng = make_engine(small_cfg(**{"optim.amp": "bf16"}))
-    out = eng.train_step(batch())
-    assert out is not None and torch.isfinite(torch.tensor(out["loss_cls"]))
+    ref = make_engine(small_cfg())  # same seed: the same weights, fp32 throughout
+    seen: dict[str, torch.dtype] = {}
+    criterion = eng.criterion
+
+    def recording_criterion(outputs, *args, **kwargs):
+        losses = criterion(outputs, *args, **kwargs)
+        seen["head"] = outputs.cls_logits.dtype
+        seen.update({k: losses[k].dtype for k in ("loss_cls", "loss_box")})
+        return losses
+
+    eng.criterion = recording_criterion
+    out, ref_out = eng.train_step(batch()), ref.train_step(batch())
+    assert seen["head"] == torch.bfloat16  # autocast was on around the network
+    assert seen["loss_cls"] == torch.float32 and seen["loss_box"] == torch.float32
+    assert out is not None and ref_out is not None
+    for k in ("loss_cls", "loss_box"):  # fp32 losses of bf16 outputs: close to the fp32 step's
+        assert out[k] == pytest.approx(ref_out[k], rel=2e-2), k
