@@ -16,10 +16,14 @@ repeat (ABBA: torchvision first in even repeats, ours first in odd ones) so that
 same machine load; medians of the repeats after one warm-up, and the paired comparison of the two
 steps (in how many repeats ours was faster, the median per-repeat ratio), in wall
 time and in process CPU time (this machine is shared: CPU time stays close to the work done when other
-jobs preempt us). "outside (direct)" times the outside part on its own (wall): from fixed head outputs
-to the losses' gradients (torchvision: anchor generation, per-image matching, per-image losses), plus
-the optimizer step; it does not suffer from subtracting two large noisy numbers.
+jobs preempt us). The network part is the same work on both sides: normalisation, backbone + FPN, head
+(ours without its anchor generator, as torchvision's). "outside (direct)" times the outside part on its own
+(wall): from fixed head outputs to the losses' gradients, plus the optimizer step, with the same work on both
+sides: anchors included on both (each side's generator as its step calls it: torchvision builds them per
+step, ours looks them up in its per-size cache) and, as a second row, excluded on both (anchors made before
+the timing); it does not suffer from subtracting two large noisy numbers.
 Targets: our step faster in both settings; our outside time <= 1/3 of torchvision's.
+Each run writes its table and environment to ``benchmarks/results/train_step-<UTC time>.{md,json}``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import time
 
 import torch
 import torchvision
-from _common import load_average
+from _common import load_average, write_results
 from torch import nn
 from torchvision.models.detection import RetinaNet as TVRetinaNet
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -81,6 +85,16 @@ def make_pair(backbone: str):
     ours = build_model(cfg, NUM_CLASSES)
     load_torchvision_retinanet(ours, tv.state_dict())
     return tv, ours, build_criterion(cfg, NUM_CLASSES)
+
+
+def network_ours(ours: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our model's forward without its anchor generator: normalisation, backbone + FPN, head, as
+    ``RetinaNet.forward`` runs them. The network part of the step, the same work as torchvision's
+    ``transform`` + ``backbone`` + ``head``."""
+    x = (images.float() - ours.pixel_mean) / ours.pixel_std
+    if ours.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return ours.head(ours.backbone(x))
 
 
 def make_batch(b: int, size: int, seed: int = 0):
@@ -143,8 +157,8 @@ def run(setting: str, repeats: int) -> dict[str, float]:
         tv.zero_grad(set_to_none=True)
 
     def net_ours():
-        out = ours(images)
-        (out.cls_logits.sum() + out.box_deltas.sum()).backward()
+        cls_logits, box_deltas = network_ours(ours, images)
+        (cls_logits.sum() + box_deltas.sum()).backward()
         ours.zero_grad(set_to_none=True)
 
     # Outside the network, measured directly: from fixed head outputs (leaves, so the backward stops at
@@ -153,6 +167,8 @@ def run(setting: str, repeats: int) -> dict[str, float]:
         image_list = tv.transform(list(images))[0]
         tv_feats = list(tv.backbone(image_list.tensors).values())
         tv_head = {k: v.detach().requires_grad_() for k, v in tv.head(tv_feats).items()}
+        tv_anchors = tv.anchor_generator(image_list, tv_feats)
+        our_feats = ours.backbone((images.float() - ours.pixel_mean) / ours.pixel_std)
         our_out = ours(images)
     our_out = our_out._replace(
         cls_logits=our_out.cls_logits.detach().requires_grad_(),
@@ -163,14 +179,20 @@ def run(setting: str, repeats: int) -> dict[str, float]:
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
 
-    def loss_tv():
-        anchors = tv.anchor_generator(image_list, tv_feats)
+    # Anchors included on both sides (each generator as its step calls it), and excluded on both.
+    def loss_tv(anchors: list[torch.Tensor] | None = None):
+        if anchors is None:
+            anchors = tv.anchor_generator(image_list, tv_feats)
         losses = tv.compute_loss(targets, tv_head, anchors)  # per-image matching and losses
         (losses["classification"] + losses["bbox_regression"]).backward()
         tv_head["cls_logits"].grad = tv_head["bbox_regression"].grad = None
 
-    def loss_ours():
-        losses = crit(our_out, gt_boxes, gt_labels)
+    def loss_ours(with_anchors: bool = True):
+        out = our_out
+        if with_anchors:
+            anchors, per_level = ours.anchor_generator(our_feats)
+            out = our_out._replace(anchors=anchors, num_anchors_per_level=per_level)
+        losses = crit(out, gt_boxes, gt_labels)
         (losses["loss_cls"] + losses["loss_box"]).backward()
         our_out.cls_logits.grad = our_out.box_deltas.grad = None
 
@@ -183,7 +205,14 @@ def run(setting: str, repeats: int) -> dict[str, float]:
     def opt_ours_step():
         opt_ours.step()
 
-    direct = {"loss_tv": loss_tv, "loss_ours": loss_ours, "opt_tv": opt_tv_step, "opt_ours": opt_ours_step}
+    direct = {
+        "loss_tv": loss_tv,
+        "loss_ours": loss_ours,
+        "lossnoanc_tv": lambda: loss_tv(tv_anchors),
+        "lossnoanc_ours": lambda: loss_ours(False),
+        "opt_tv": opt_tv_step,
+        "opt_ours": opt_ours_step,
+    }
     for fn in direct.values():
         fn()
     direct_times: dict[str, list[float]] = {k: [] for k in direct}
@@ -229,6 +258,16 @@ def run(setting: str, repeats: int) -> dict[str, float]:
         )
         for side in ("tv", "ours")
     }
+    med["direct_no_anchors"] = {
+        f"out_{side}": statistics.median(
+            [
+                a + b
+                for a, b in zip(direct_times[f"lossnoanc_{side}"], direct_times[f"opt_{side}"], strict=True)
+            ]
+        )
+        for side in ("tv", "ours")
+    }
+    med["direct_raw"] = {k: [round(x, 4) for x in v] for k, v in direct_times.items()}
     return med
 
 
@@ -240,26 +279,38 @@ def main() -> None:
     ap.add_argument("--raw", action="store_true", help="also print every repeat's wall times")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"training step, {torch.get_num_threads()} threads, median of {args.repeats} (s); {load_average()}")
-    print(f"{'setting':<22}{'':<16}{'torchvision':>12}{'ours':>10}{'ratio':>9}")
-    verdicts = []
+    lines = [
+        f"training step, {torch.get_num_threads()} threads, median of {args.repeats} (s); {load_average()}",
+        f"{'setting':<22}{'':<26}{'torchvision':>12}{'ours':>10}{'ratio':>9}",
+    ]
+    print("\n".join(lines), flush=True)
+    labels = {
+        "wall": ("step", "net", "out"),
+        "cpu": ("step", "net", "out"),
+        "direct": ("out",),
+        "direct_no_anchors": ("out",),
+    }
+    verdicts, results = [], {}
     for s in args.settings:
         backbone, b, size = SETTINGS[s]
-        med = run(s, args.repeats)
+        med = results[s] = run(s, args.repeats)
         name = f"{backbone} {b}x{size}px"
-        for clock_name, m in med.items():
-            for part in ("step", "net", "out") if clock_name != "direct" else ("out",):
+        for clock_name, parts in labels.items():
+            m = med[clock_name]
+            for part in parts:
                 label = {"step": "step", "net": "network", "out": "outside"}[part] + f" ({clock_name})"
                 tv_t, our_t = m[f"{part}_tv"], m[f"{part}_ours"]
                 ratio = f"{tv_t / our_t:>8.2f}x" if our_t > 0 and tv_t > 0 else f"{'n/a':>9}"
-                print(f"{name:<22}{label:<16}{tv_t:>12.3f}{our_t:>10.3f}{ratio}")
+                lines.append(f"{name:<22}{label:<26}{tv_t:>12.3f}{our_t:>10.3f}{ratio}")
+                print(lines[-1], flush=True)
                 name = ""
         for clock_name in ("wall", "cpu"):
             m = med[clock_name]
-            print(
-                f"{'':<22}{'step, paired (' + clock_name + ')':<26}ours faster in {m['step_wins']}/{args.repeats} repeats, "
-                f"median per-repeat ratio {m['step_paired_ratio']:.3f}x"
+            lines.append(
+                f"{'':<22}{'step, paired (' + clock_name + ')':<26}ours faster in {m['step_wins']}/{args.repeats} "
+                f"repeats, median per-repeat ratio {m['step_paired_ratio']:.3f}x"
             )
+            print(lines[-1])
         if args.raw:
             for k, v in med["wall"]["raw"].items():
                 print(f"{'':<22}{k + ' (wall, per repeat)':<26}{' '.join(f'{x:.3f}' for x in v)}")
@@ -269,7 +320,13 @@ def main() -> None:
             f"outside <= 1/3 {'met' if m['out_ours'] <= m['out_tv'] / 3 else 'NOT met'} (wall), "
             f"{'met' if d['out_ours'] <= d['out_tv'] / 3 else 'NOT met'} (direct)"
         )
-    print(f"targets: {'; '.join(verdicts)}; {load_average()} at the end")
+    lines.append(f"targets: {'; '.join(verdicts)}; {load_average()} at the end")
+    print(lines[-1])
+    write_results(
+        "train_step",
+        "```\n" + "\n".join(lines) + "\n```",
+        {"settings": args.settings, "repeats": args.repeats, "threads": args.threads, "medians": results},
+    )
 
 
 if __name__ == "__main__":
