@@ -110,8 +110,12 @@ def _print_summary(outcome, cfg) -> None:  # noqa: ANN001
         print(f"checkpoint: {outcome.checkpoint_path}")
     if outcome.mlflow_run_id:
         print(f"MLflow run: {outcome.mlflow_run_id} (experiment '{cfg.tracking.experiment or cfg.name}')")
-        uri = outcome.mlflow_uri or ""
+        from ray_retina.tracking import redact
+
+        uri = redact(outcome.mlflow_uri or "")
         print(f"open the UI:  mlflow ui --backend-store-uri {uri} --port 5000   then http://127.0.0.1:5000")
+    if outcome.tracking_summary:
+        print(outcome.tracking_summary)
     print("=" * 60)
 
 
@@ -126,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from ray_retina.config import apply_overrides
 
         cfg = apply_overrides(cfg, {"run.name": args.resume})
-    outcome = train(cfg, verbose=args.verbose)
+    outcome = train(cfg, resume=bool(args.resume), verbose=args.verbose)
     _print_summary(outcome, cfg)
     if outcome.error is not None:
         print(f"training failed: {outcome.error}", file=sys.stderr)
@@ -313,7 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train with Ray Train (default: the CPU demo, configs/smoke.yaml)")
     _add_config_args(p, DEFAULT_TRAIN_CONFIG)
-    p.add_argument("--resume", metavar="RUN", default=None, help="resume the run of this name (same storage)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        default=None,
+        help="resume the run of this name (same storage); without it a run.name that ran before is refused",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="ASHA sweep over the focal parameters with Ray Tune")

@@ -289,8 +289,10 @@ class RunSection(_Section):
     storage_path: str = "runs"
     """Checkpoints and Ray results; must be shared storage (NFS, s3://, gs://) on a multi-node cluster."""
     name: str | None = None
-    """Ray run name; the same name and storage resume the run. None: derived from config name + time."""
-    max_failures: int = Field(0, ge=-1)
+    """Ray run (and MLflow run) name; a name that already ran in this storage is refused unless resumed
+    (``train --resume NAME``). None: config name + time to the millisecond + a random suffix."""
+    max_failures: int = Field(3, ge=-1)
+    """Worker-group restarts from the last checkpoint after a lost worker or node (-1: unlimited)."""
     keep_checkpoints: int = Field(2, ge=1)
     ray_num_cpus: int | None = None
     """num_cpus for a local ray.init when no cluster is running (logical CPUs may exceed the physical)."""

@@ -8,14 +8,19 @@ each call a single ``log_batch`` request instead of one request per metric.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
+import shutil
+import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ray_retina.config import Config, flatten, to_yaml
+from ray_retina.config import Config, ConfigError, flatten, to_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +28,60 @@ logger = logging.getLogger(__name__)
 PARAM_VALUE_MAX = 6000
 PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
+
+
+# Credentials inside a URI: the user-info part of ``scheme://user:password@host`` (any scheme: s3, https,
+# postgresql, ...) and the values of query parameters that carry secrets (pre-signed URLs, tokens).
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s'\"]+)@")
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&](?:password|passwd|pwd|secret|token|access_token|api_key|apikey|key|signature|"
+    r"x-amz-signature|x-amz-credential|x-amz-security-token|sig)=)(?P<value>[^&\s'\"]+)",
+    re.IGNORECASE,
+)
+REDACTED = "***"
+
+
+class TrackingUnavailable(ConfigError):
+    """The tracking server of ``tracking.tracking_uri`` does not answer when a run starts (one line)."""
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it replaced by ``***``: ``s3://KEY:SECRET@bucket/x`` ->
+    ``s3://***@bucket/x``, ``https://user:pass@host`` -> ``https://***@host``, ``?token=abc`` -> ``?token=***``.
+    The one redaction used wherever a config or a URI is logged or printed (MLflow params, tags, the logged
+    ``config.yaml``, the console)."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['key']}{REDACTED}", text)
+
+
+# MLflow's defaults retry a request for minutes (7 retries, backoff factor 2, 120 s timeout); a tracking call
+# of ours gives up after seconds and tries again later (RunLogger keeps what was not sent). A user's own
+# settings of these variables win.
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def bound_http_requests() -> None:
+    """Short timeouts and few retries for MLflow's REST calls in this process (read by MLflow per request)."""
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> str | None:
+    """None when the tracking server of an http(s) URI answers its ``/health`` (or any other URI: a local
+    store needs no server), else one line saying why not."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as err:
+        return f"MLflow tracking server {redact(uri)} is not reachable ({type(err).__name__})"
+    return None
 
 
 def resolve_tracking_uri(cfg: Config | None = None) -> str:
@@ -80,7 +139,7 @@ def get_or_create_experiment(uri: str, name: str) -> str:
 def params_of(cfg: Config) -> dict[str, str]:
     out = {}
     for k, v in flatten(cfg).items():
-        s = str(v)
+        s = redact(str(v))
         out[k] = s if len(s) <= PARAM_VALUE_MAX else s[: PARAM_VALUE_MAX - 3] + "..."
     return out
 
@@ -97,9 +156,11 @@ def create_run(
     from mlflow.entities import Param, RunTag
 
     uri = uri or resolve_tracking_uri(cfg)
+    bound_http_requests()
     client = _client(uri)
     exp_id = get_or_create_experiment(uri, experiment_name(cfg))
     all_tags = {"mlflow.runName": run_name, "ray_retina.config_name": cfg.name, **(tags or {})}
+    all_tags = {k: redact(str(v)) for k, v in all_tags.items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
@@ -107,56 +168,215 @@ def create_run(
     params = [Param(k, v) for k, v in params_of(cfg).items()]
     for i in range(0, len(params), PARAMS_PER_BATCH):
         client.log_batch(run_id, params=params[i : i + PARAMS_PER_BATCH])
-    client.log_text(run_id, to_yaml(cfg), "config.yaml")
+    client.log_text(run_id, redact(to_yaml(cfg)), "config.yaml")
     client.log_batch(run_id, tags=[RunTag("ray_retina.seed", str(cfg.seed))])
     return run_id
 
 
 class RunLogger:
-    """Logs into an existing run by id. Every call is one request (``log_batch``); failures of the tracking
-    server are logged and swallowed so that tracking can never stop a training run."""
+    """Logs into an existing run by id without ever holding up training.
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    Metric points and tags are written to a spool file (``<spool_dir>/mlflow-pending-<run id>.jsonl``, one
+    JSON line each) and handed to a background thread that sends them in ``log_batch`` requests; a point
+    leaves the spool only once MLflow accepted it. So a training step costs one local append whatever the
+    server does; while the server is down the points wait on disk (a killed process loses none) and go out
+    when it answers again, every ``RETRY_S``; a later RunLogger of the same run and spool directory (a
+    restarted worker, the driver at the end of the run) sends what an earlier one left. ``spool_dir``: the
+    run directory when it is local (default: ``<tmp>/ray-retina-tracking``; a URI is replaced by that too).
+
+    HTTP requests are bounded (:func:`bound_http_requests`). Artifacts go out directly, and only while the
+    server answers; otherwise they are copied next to the spool and named in the summary.
+    :meth:`close` (or :meth:`end`) flushes for at most ``flush_s`` seconds and returns a one-line summary."""
+
+    RETRY_S = 2.0
+
+    def __init__(
+        self, uri: str, run_id: str, *, spool_dir: str | os.PathLike[str] | None = None, flush_s: float = 10.0
+    ) -> None:
+        bound_http_requests()
         self.uri = uri
         self.run_id = run_id
+        self.flush_s = flush_s
         self._client = _client(uri)
+        spool = Path(spool_dir) if spool_dir is not None and "://" not in os.fspath(spool_dir) else None
+        spool = spool or Path(tempfile.gettempdir()) / "ray-retina-tracking"
+        spool.mkdir(parents=True, exist_ok=True)
+        self.spool = spool / f"mlflow-pending-{run_id}.jsonl"
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._stop = threading.Event()
+        self._pending: list[dict[str, Any]] = self._read_spool()
+        self._resumed = len(self._pending)
+        self.sent = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.server_up = True
+        self.unsent_artifacts: list[str] = []
+        self._thread = threading.Thread(target=self._run, name=f"mlflow-{run_id[:8]}", daemon=True)
+        self._thread.start()
+        if self._pending:
+            self._wake.set()
+
+    # ------------------------------------------------------------------------------------- the public calls
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v is not None]
-        try:
-            for i in range(0, len(items), METRICS_PER_BATCH):
-                self._client.log_batch(self.run_id, metrics=items[i : i + METRICS_PER_BATCH])
-        except Exception as err:  # noqa: BLE001 - tracking must never kill training
-            logger.warning("MLflow log_batch failed (run %s): %s", self.run_id, err)
+        self._add(
+            [{"m": k, "v": float(v), "t": ts, "s": int(step)} for k, v in metrics.items() if v is not None]
+        )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        try:
-            self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        except Exception as err:  # noqa: BLE001
-            logger.warning("MLflow set tags failed (run %s): %s", self.run_id, err)
+        self._add([{"tag": k, "v": redact(str(v))} for k, v in tags.items()])
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        try:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
-        except Exception as err:  # noqa: BLE001
-            logger.warning("MLflow log_artifact failed (run %s): %s", self.run_id, err)
+        if self.server_up:
+            try:
+                self._client.log_artifact(self.run_id, str(path), artifact_path)
+                return
+            except Exception as err:  # noqa: BLE001 - tracking must never kill training
+                self._down(err)
+        self._keep_artifact(Path(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        try:
-            self._client.log_text(self.run_id, text, artifact_file)
-        except Exception as err:  # noqa: BLE001
-            logger.warning("MLflow log_text failed (run %s): %s", self.run_id, err)
+        if self.server_up:
+            try:
+                self._client.log_text(self.run_id, text, artifact_file)
+                return
+            except Exception as err:  # noqa: BLE001
+                self._down(err)
+        kept = self.spool.parent / f"mlflow-artifacts-{self.run_id}" / artifact_file
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(text)
+        self.unsent_artifacts.append(str(kept))
 
-    def end(self, status: str = "FINISHED") -> None:
-        try:
-            self._client.set_terminated(self.run_id, status=status)
-        except Exception as err:  # noqa: BLE001
-            logger.warning("MLflow set_terminated failed (run %s): %s", self.run_id, err)
+    def end(self, status: str = "FINISHED") -> str:
+        """Flush (bounded), mark the run terminated; the summary line of :meth:`close`."""
+        self._add([{"end": status}])
+        return self.close()
+
+    def close(self) -> str:
+        """Send what is pending for at most ``flush_s`` seconds, stop the thread; returns (and logs) one line:
+        what was sent and what could not be, and where the rest waits."""
+        deadline = time.monotonic() + self.flush_s
+        self._wake.set()
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._pending:
+                    break
+            time.sleep(0.05)
+        self._closing = True
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+        return self.summary(log=True)
+
+    def summary(self, *, log: bool = False) -> str:
+        with self._lock:
+            points = sum(1 for p in self._pending if "m" in p)
+            others = len(self._pending) - points
+        if not points and not others and not self.unsent_artifacts:
+            line = f"MLflow: everything sent to run {self.run_id} ({self.sent} items)"
+            if log:
+                logger.info(line)
+            return line
+        line = (
+            f"MLflow: {points} metric points and {others} tags/status could not be sent to {redact(self.uri)} "
+            f"(last error: {self.last_error}); kept in {self.spool}, sent when this run resumes or is logged again"
+        )
+        if self.unsent_artifacts:
+            line += f"; {len(self.unsent_artifacts)} artifacts kept in {self.spool.parent / f'mlflow-artifacts-{self.run_id}'}"
+        if log:
+            logger.warning(line)
+        return line
+
+    # -------------------------------------------------------------------------------------------- internals
+
+    def _add(self, items: list[dict[str, Any]]) -> None:
+        if not items:
+            return
+        lines = "".join(json.dumps(i) + "\n" for i in items)
+        with self._lock:
+            try:
+                with open(self.spool, "a") as f:
+                    f.write(lines)
+            except OSError as err:  # a full or read-only disk: keep them in memory only
+                logger.warning("MLflow spool %s not writable: %s", self.spool, err)
+            self._pending.extend(items)
+        self._wake.set()
+
+    def _read_spool(self) -> list[dict[str, Any]]:
+        if not self.spool.exists():
+            return []
+        items = []
+        for line in self.spool.read_text().splitlines():
+            try:
+                items.append(json.loads(line))
+            except ValueError:  # the last line of a process killed mid-write
+                continue
+        return items
+
+    def _run(self) -> None:
+        """The sender: wait for work, send everything pending, retry every RETRY_S while the server is down."""
+        while True:
+            self._wake.wait(timeout=self.RETRY_S)
+            self._wake.clear()
+            with self._lock:
+                batch = list(self._pending)
+            if batch:
+                try:
+                    self._send(batch)
+                except Exception as err:  # noqa: BLE001 - kept in the spool, tried again
+                    self._down(err)
+                    self._stop.wait(self.RETRY_S)  # not once per new point while the server is down
+                else:
+                    self.server_up = True
+                    self.sent += len(batch)
+                    with self._lock:
+                        del self._pending[: len(batch)]
+                        self._rewrite_spool()
+            if self._closing:
+                return
+
+    def _send(self, batch: list[dict[str, Any]]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        metrics = [Metric(i["m"], i["v"], i["t"], i["s"]) for i in batch if "m" in i]
+        tags = [RunTag(i["tag"], i["v"]) for i in batch if "tag" in i]
+        for i in range(0, max(len(metrics), 1), METRICS_PER_BATCH):
+            chunk, tag_chunk = metrics[i : i + METRICS_PER_BATCH], tags if i == 0 else []
+            if chunk or tag_chunk:
+                self._client.log_batch(self.run_id, metrics=chunk, tags=tag_chunk)
+        for i in batch:
+            if "end" in i:
+                self._client.set_terminated(self.run_id, status=i["end"])
+
+    def _rewrite_spool(self) -> None:
+        """The spool holds exactly what is pending (called under the lock)."""
+        if not self._pending:
+            self.spool.unlink(missing_ok=True)
+            return
+        tmp = self.spool.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(i) + "\n" for i in self._pending))
+        os.replace(tmp, self.spool)
+
+    def _down(self, err: BaseException) -> None:
+        self.failures += 1
+        self.last_error = redact(str(err).splitlines()[0][:200]) if str(err) else type(err).__name__
+        if self.server_up:
+            logger.warning(
+                "MLflow at %s not answering (%s): training goes on; metrics wait in %s",
+                redact(self.uri),
+                self.last_error,
+                self.spool,
+            )
+        self.server_up = False
+
+    def _keep_artifact(self, path: Path, artifact_path: str | None) -> None:
+        kept = self.spool.parent / f"mlflow-artifacts-{self.run_id}" / (artifact_path or "") / path.name
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, kept)
+        self.unsent_artifacts.append(str(kept))
 
 
 def find_run_by_name(uri: str, experiment: str, run_name: str) -> str | None:

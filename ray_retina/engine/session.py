@@ -6,13 +6,18 @@ training itself.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import secrets
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ray_retina.config import Config, apply_overrides
+from ray_retina.config import Config, ConfigError, apply_overrides
 from ray_retina.uri import absolute
 
 # A custom resource that only Tune trial drivers ask for: a driver just waits on its TorchTrainer, so it
@@ -159,8 +164,6 @@ def local_instance_options(dashboard_port: int) -> dict[str, Any]:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -178,4 +181,68 @@ def quiet_ray_data() -> None:
 
 
 def default_run_name(cfg: Config) -> str:
-    return cfg.run.name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``run.name``, else the config name, the time to the millisecond and 4 random hex digits (two runs
+    started in the same millisecond on two machines still differ)."""
+    if cfg.run.name:
+        return cfg.run.name
+    now = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return f"{cfg.name}-{stamp}-{int(now * 1000) % 1000:03d}-{secrets.token_hex(2)}"
+
+
+class RunNameTaken(ConfigError):
+    """A run name that another run holds (finished, failed or running), or a resume of a name never run."""
+
+
+# Held (flock) by the driver of a run for as long as it trains: a second driver of the same run name, resumed
+# or not, fails to take it. Local and NFS storage; on object stores only the run directory's existence counts.
+DRIVER_LOCK = ".ray-retina-driver.lock"
+
+
+@contextlib.contextmanager
+def claim_run_name(storage: str, run_name: str, *, resume: bool) -> Iterator[None]:
+    """One writer per run name: a new run creates its run directory (refused when it exists: that name ran
+    before), a resume needs it; both hold the driver lock while inside the block. Raises ``RunNameTaken``
+    (one line, before Ray starts)."""
+    from ray_retina.uri import dir_exists, is_uri, join_uri, resolve_uri
+
+    fs, root = resolve_uri(storage)
+    run_dir = join_uri(root, run_name)
+    where = join_uri(storage, run_name)
+    hint = f"resume it with `ray-retina train --resume {run_name}` or choose another run.name"
+    if is_uri(storage):
+        exists = dir_exists(fs, run_dir)
+        if exists and not resume:
+            raise RunNameTaken(f"run.name {run_name!r} already ran in {storage} ({where} exists): {hint}")
+        if not exists and resume:
+            raise RunNameTaken(f"nothing to resume: no run {run_name!r} in {storage}")
+        yield
+        return
+    if resume:
+        if not os.path.isdir(run_dir):
+            raise RunNameTaken(f"nothing to resume: no run {run_name!r} in {storage}")
+    else:
+        os.makedirs(root, exist_ok=True)
+        try:
+            os.mkdir(run_dir)  # atomic: of two drivers racing for one name exactly one creates it
+        except FileExistsError:
+            raise RunNameTaken(
+                f"run.name {run_name!r} already ran in {storage} ({where} exists): {hint}"
+            ) from None
+    with open(os.path.join(run_dir, DRIVER_LOCK), "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise RunNameTaken(
+                f"run {run_name!r} is running now ({holder}): wait for it or choose another run.name"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"driver pid {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -11,9 +11,18 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ray_retina.checkpoint import prepare_resume
+from ray_retina.checkpoint import SAVE_PAUSE_ENV, prepare_resume
 from ray_retina.config import Config
-from ray_retina.engine.session import abs_storage, default_run_name, ensure_data, ensure_ray, resolve_paths
+from ray_retina.engine.session import (
+    RunNameTaken,
+    abs_storage,
+    claim_run_name,
+    default_run_name,
+    ensure_data,
+    ensure_ray,
+    resolve_paths,
+)
+from ray_retina.uri import join_uri
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
@@ -30,17 +39,20 @@ class TrainOutcome:
     mlflow_uri: str | None
     error: BaseException | None
     seconds: float
+    tracking_summary: str | None = None
+    """One line: every metric point reached MLflow, or how many could not and where they wait."""
 
 
 def _worker_env(verbose: bool) -> dict[str, Any] | None:
     """Environment the driver passes on to train workers: Ray Data's progress bars off unless ``verbose``,
-    and the test-only fault-injection hook."""
+    and the test-only fault-injection hooks."""
     from ray_retina.engine.session import QUIET_ENV
     from ray_retina.engine.worker import FAIL_ENV
 
     env = {} if verbose else dict(QUIET_ENV)
-    if os.environ.get(FAIL_ENV):
-        env[FAIL_ENV] = os.environ[FAIL_ENV]
+    for key in (FAIL_ENV, SAVE_PAUSE_ENV):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
     return {"env_vars": env} if env else None
 
 
@@ -134,28 +146,47 @@ def ingest_config(cfg: Config) -> Any:
     return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": options})
 
 
-def train(cfg: Config, *, run_name: str | None = None, verbose: bool = False) -> TrainOutcome:
-    """Run a whole training: data, Ray, MLflow run, TorchTrainer.fit(), final summary in MLflow."""
+def train(
+    cfg: Config, *, run_name: str | None = None, resume: bool = False, verbose: bool = False
+) -> TrainOutcome:
+    """Run a whole training: data, Ray, MLflow run, TorchTrainer.fit(), final summary in MLflow.
+
+    One writer per run name: a name that ran before (its run directory or its MLflow run exists) is refused
+    unless ``resume``, a name that is running now always (``session.claim_run_name``). An http(s) tracking
+    server that does not answer at the start stops the run here, in one line, before Ray starts; one that
+    goes down later never holds up training (``tracking.RunLogger``)."""
     from ray_retina import tracking
 
     t0 = time.perf_counter()
     cfg = resolve_paths(cfg)
-    ensure_data(cfg)
-    # Before Ray and MLflow start: the initial weights exist and fit the model config (else one message
-    # naming the keys to set), a weights name is fetched once, and which classes match is logged.
-    from ray_retina.engine.restore import check_init
-
-    cfg = check_init(cfg)
-    ensure_ray(cfg, verbose=verbose)
     run_name = run_name or default_run_name(cfg)
+    storage = abs_storage(cfg.run.storage_path)
     uri = run_id = None
     if cfg.tracking.enabled:
         uri = tracking.resolve_tracking_uri(cfg)
-        run_id = tracking.find_run_by_name(
-            uri, tracking.experiment_name(cfg), run_name
-        ) or tracking.create_run(cfg, run_name=run_name, uri=uri)
-    trainer = build_trainer(cfg, run_name=run_name, mlflow_uri=uri, mlflow_run_id=run_id, verbose=verbose)
-    result = trainer.fit()
+        if why := tracking.check_reachable(uri):
+            raise tracking.TrackingUnavailable(
+                f"{why}: start it, or train without tracking (--set tracking.enabled=false)"
+            )
+        run_id = tracking.find_run_by_name(uri, tracking.experiment_name(cfg), run_name)
+        if run_id is not None and not resume:
+            raise RunNameTaken(
+                f"run.name {run_name!r} already has MLflow run {run_id} in experiment "
+                f"{tracking.experiment_name(cfg)!r}: resume it with `ray-retina train --resume {run_name}` or "
+                "choose another run.name"
+            )
+    with claim_run_name(storage, run_name, resume=resume):
+        ensure_data(cfg)
+        # Before Ray and MLflow start: the initial weights exist and fit the model config (else one message
+        # naming the keys to set), a weights name is fetched once, and which classes match is logged.
+        from ray_retina.engine.restore import check_init
+
+        cfg = check_init(cfg)
+        ensure_ray(cfg, verbose=verbose)
+        if uri is not None and run_id is None:
+            run_id = tracking.create_run(cfg, run_name=run_name, uri=uri)
+        trainer = build_trainer(cfg, run_name=run_name, mlflow_uri=uri, mlflow_run_id=run_id, verbose=verbose)
+        result = trainer.fit()
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     best = None
     if result.best_checkpoints:
@@ -170,15 +201,13 @@ def train(cfg: Config, *, run_name: str | None = None, verbose: bool = False) ->
         seconds=time.perf_counter() - t0,
     )
     if run_id is not None and uri is not None:
-        log = tracking.RunLogger(uri, run_id)
-        tags = {
-            "ray_retina.ray_run_name": run_name,
-            "ray_retina.storage_path": abs_storage(cfg.run.storage_path),
-        }
+        # The workers' spool is in the run directory: what rank 0 could not send goes out with these.
+        log = tracking.RunLogger(uri, run_id, spool_dir=join_uri(storage, run_name))
+        tags = {"ray_retina.ray_run_name": run_name, "ray_retina.storage_path": storage}
         if ckpt_path:
             tags["ray_retina.final_checkpoint"] = ckpt_path
         if best:
             tags["ray_retina.best_checkpoint"] = best
         log.set_tags(tags)
-        log.end("FAILED" if result.error is not None else "FINISHED")
+        outcome.tracking_summary = log.end("FAILED" if result.error is not None else "FINISHED")
     return outcome

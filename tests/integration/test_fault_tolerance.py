@@ -24,6 +24,7 @@ def test_worker_death_restarts_from_checkpoint_and_resume(
     from ray_retina.checkpoint import cleanup_unregistered_checkpoints
     from ray_retina.config import resolve
     from ray_retina.engine.loop import lr_factor
+    from ray_retina.engine.session import RunNameTaken
     from ray_retina.engine.trainer import train
     from ray_retina.engine.worker import FAIL_ENV
 
@@ -62,7 +63,7 @@ def test_worker_death_restarts_from_checkpoint_and_resume(
     assert lrs == pytest.approx({s: cfg.lr * factor(s - 1) for s in range(1, 13)})
     assert sorted(_history(client, run_id, "val/AP")) == [4, 8, 12]
 
-    # Re-running the same run name with a longer schedule resumes at iteration 12, into the same MLflow run.
+    # Resuming the run name with a longer schedule continues at iteration 12, into the same MLflow run.
     # A checkpoint dir Ray never registered (a crash between upload and registration) is removed first.
     stray = tmp_path / "runs" / "ft" / "checkpoint_9999999"
     stray.mkdir()
@@ -79,7 +80,9 @@ def test_worker_death_restarts_from_checkpoint_and_resume(
             "train.log_period": 1,
         },
     )
-    again = train(longer, run_name="ft")
+    with pytest.raises(RunNameTaken, match="already"):  # the same name again without --resume: refused
+        train(longer, run_name="ft")
+    again = train(longer, run_name="ft", resume=True)
     assert again.error is None and again.metrics["iteration"] == 16
     assert not stray.exists()
     assert again.mlflow_run_id == run_id
