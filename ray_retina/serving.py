@@ -31,6 +31,7 @@ import base64
 import binascii
 import io
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+from PIL import Image, ImageDraw
 
 from ray_retina.config import Config, ConfigError, ServeSection, apply_overrides, config_from_dict
 from ray_retina.data.augment import augment_batch, object_array
@@ -197,6 +199,32 @@ def detect_images(
     return out
 
 
+def _stored_pixels(data: bytes, index: int, max_pixels: int) -> int:
+    """Pixels of an encoded image as its first header chunk states them (``Image.open`` reads no more: the
+    size check comes before anything that may decode, such as a PNG's EXIF lookup, which loads the image);
+    :class:`RequestError` when over ``max_pixels`` or not an image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by our limit
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+    except Image.DecompressionBombError as err:  # over Pillow's own refusal limit: over ours too
+        raise RequestError(
+            f"image {index}: more than serve.max_pixels = {max_pixels} pixels ({err})"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any reason Pillow has: the request is bad
+        raise RequestError(
+            f"image {index} is not an image Pillow can read: {type(err).__name__}: {err}"
+        ) from None
+    if h < 1 or w < 1:
+        raise RequestError(f"image {index} has no pixels ({w} x {h})")
+    if h * w > max_pixels:
+        raise RequestError(
+            f"image {index} has {w} x {h} = {h * w} pixels: more than serve.max_pixels = {max_pixels}"
+        )
+    return h * w
+
+
 def class_thresholds(state: Mapping[str, Any], cat_ids: Sequence[int]) -> dict[str, np.ndarray]:
     """The checkpoint's per-class threshold tables as arrays (K,) in label order: ``state["thresholds"]`` =
     ``{"f1": {"<category id>": score, ...}, "precision": {...}}``; a class missing from a table gets 0 (only
@@ -275,26 +303,24 @@ class Detector:
         return RequestParams(score_thresh, table, per_image, batch_size)
 
     def check(self, images: Sequence[bytes]) -> list[tuple[int, int]]:
-        """(height, width) of each image from its header alone; :class:`RequestError` naming the limit
-        (``serve.max_images``, ``serve.max_pixels``) or the image that is not one. Nothing is decoded."""
+        """(height, width) of each image from its header; :class:`RequestError` naming the limit
+        (``serve.max_images``, ``serve.max_pixels``) or the image that is not one. No image over the pixel
+        limit is decoded."""
         if len(images) > self.limits.max_images:
             raise RequestError(
                 f"{len(images)} images in one request: more than serve.max_images = {self.limits.max_images}"
             )
         sizes = []
         for i, data in enumerate(images):
+            stored = _stored_pixels(data, i, self.limits.max_pixels)
             try:
-                h, w = header_size(data)
-            except Exception as err:  # noqa: BLE001 - any reason Pillow has (incl. its bomb check): a bad request
+                h, w = header_size(data)  # the decoder policy's display size (EXIF orientation applied)
+            except Exception as err:  # noqa: BLE001 - any reason Pillow has: the request is bad
                 raise RequestError(
                     f"image {i} is not an image Pillow can read: {type(err).__name__}: {err}"
                 ) from None
-            if h < 1 or w < 1:
-                raise RequestError(f"image {i} has no pixels ({w} x {h})")
-            if h * w > self.limits.max_pixels:
-                raise RequestError(
-                    f"image {i} has {w} x {h} = {h * w} pixels: more than serve.max_pixels = {self.limits.max_pixels}"
-                )
+            if h * w != stored:
+                raise RequestError(f"image {i}: header sizes disagree ({w} x {h} vs {stored} pixels)")
             sizes.append((h, w))
         return sizes
 
@@ -486,8 +512,6 @@ def config_of(state: Mapping[str, Any]) -> Config:
 
 def example_image(height: int = 96, width: int = 128) -> bytes:
     """A small PNG (a bright rectangle and a dark disc on grey): the model's input example."""
-    from PIL import Image, ImageDraw
-
     im = Image.new("RGB", (width, height), (118, 118, 118))
     draw = ImageDraw.Draw(im)
     draw.rectangle((width // 8, height // 6, width // 2, height // 2), fill=(230, 60, 40))
