@@ -14,6 +14,8 @@ Shards are written in parallel by Ray tasks (``prepare_shards``) or in-process (
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -21,17 +23,19 @@ import logging
 import os
 import sys
 import time
+import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image
 
+from ray_retina.data.decode import TRANSPOSED, ImageHeader, check_image, exif_transpose_boxes
 from ray_retina.data.formats.coco import (
     COCO_REASONS,
     VALIDATION_REASONS,
@@ -39,6 +43,8 @@ from ray_retina.data.formats.coco import (
     build_records,
     check_coco_inputs,
     load_coco,
+    xywh_to_xyxy,
+    xyxy_to_xywh,
 )
 from ray_retina.uri import dir_exists, file_exists, join_uri, resolve_uri, write_bytes_atomic
 
@@ -50,6 +56,14 @@ SHARD_PATTERN = "part-{:05d}.parquet"
 SHARD_META_KEY = b"ray_retina.shard"
 IO_THREADS = 8  # concurrent image reads per shard-writing task
 ROW_GROUP_SIZE = 16  # rows per Parquet row group = images per Ray Data decode task (reader "row_groups")
+LOCK_NAME = ".prepare.lock"  # flock'ed by the prepare writing the folder (local folders)
+OWNER_NAME = ".prepare-owner.json"  # the source and run token of the prepare that last wrote the folder
+MAX_EXAMPLES = 20  # skipped files named in the log per reason (all are counted)
+
+
+class PrepareConflict(RuntimeError):
+    """The output folder belongs to another writer: a running prepare, or another source's shards."""
+
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -151,6 +165,7 @@ def prepare_shards(
     progress: bool | None = None,
     extra_counts: Mapping[str, int] | None = None,
     source: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Prepare Parquet shards + manifest from a COCO json and its image folder; returns the manifest.
 
@@ -166,13 +181,26 @@ def prepare_shards(
         use_ray: write shards in parallel as Ray tasks (Ray is initialised if it is not yet);
             ``False`` writes them one after another in this process.
         num_cpus_per_task: CPUs each writing task asks Ray for (IO-bound: 0.5 packs two per core).
-        verify_images: fully decode every image while preparing (slow) instead of only checking
-            that the file is non-empty and has a readable image header; corrupt bytes that pass the
-            header check are otherwise dropped (and counted) by the training pipeline.
+        verify_images: decode every image while preparing (``decode.check_image(full=True)``); by
+            default only the files whose header and end marker cannot settle it are decoded (a truncated
+            file is always found). Either way a file the decoder policy refuses is counted
+            (``image_unreadable``) and never reaches training; costs per 1,000 images in
+            benchmarks/README.md.
         progress: progress as a bar on a terminal, plain log lines otherwise; ``None`` = on.
         extra_counts: counts by reason made before the COCO dict (a reader's: ``label_line_invalid``,
             ...), added to the manifest's ``validation``, whose keys are the COCO reasons plus these.
         source: the manifest's ``source`` (default: the json and image folder).
+        overwrite: replace the shards of another source in ``out`` (refused otherwise).
+
+    Each image's real size (header, EXIF applied) is compared with the declared one: equal -> kept; the
+    stored size of an EXIF-rotated image -> boxes turned with it (``size_stored_frame``); else skipped
+    (``size_mismatch``); a zero or absent size is skipped before (``size_invalid``). Skipped files are
+    named in the log (up to ``MAX_EXAMPLES`` per reason).
+
+    One writer per folder: a local ``out`` is locked (``LOCK_NAME``, ``flock``) for the whole run, so a
+    second prepare into it fails at once with ``PrepareConflict``; on an object store, where nothing
+    locks, the manifest is written only if ``OWNER_NAME`` still holds this run's token. A folder that
+    holds another source's shards (its manifest or owner file says so) is refused unless ``overwrite``.
 
     Validation is counted by reason (``coco.VALIDATION_REASONS``) into ``manifest["validation"]``
     and printed as a summary; an unknown category id raises ``ValueError`` naming the annotation, a
@@ -200,7 +228,8 @@ def prepare_shards(
         ann_name = os.fspath(annotations)
         check_coco_inputs(ann_name, images)
         coco = load_coco(ann_name)
-    records, counts = build_records(coco)
+    desc = dict(source or {"format": "coco", "annotations": ann_name, "images": images})
+    records, counts = build_records(coco, ann_name or str(desc.get("root") or images))
     counts.update(extra)
     chunks = [records[i : i + rows_per_shard] for i in range(0, len(records), rows_per_shard)]
     plans = [
@@ -215,15 +244,50 @@ def prepare_shards(
 
     out_fs, out_path = resolve_uri(out)
     out_fs.create_dir(out_path, recursive=True)
-    manifest_path = join_uri(out_path, MANIFEST_NAME)
-    if file_exists(out_fs, manifest_path):
-        out_fs.delete_file(manifest_path)  # from here on the set is incomplete until we finish
-    _remove_stale(out_fs, out_path, {p["file"] for p in plans})
+    with writer_lock(out):
+        token = _claim(out_fs, out_path, out, desc, overwrite)
+        manifest_path = join_uri(out_path, MANIFEST_NAME)
+        if file_exists(out_fs, manifest_path):
+            out_fs.delete_file(manifest_path)  # from here on the set is incomplete until we finish
+        _remove_stale(out_fs, out_path, {p["file"] for p in plans})
+        results = _write_all(
+            plans, images, out, verify_images, len(records), show, use_ray, num_cpus_per_task
+        )
+        for r in results:
+            counts.update(r["validation"])
+        _log_examples(results)
+        manifest = _manifest(coco, desc, rows_per_shard, results, counts, extra)
+        if _owner(out_fs, out_path).get("token") != token:
+            raise PrepareConflict(
+                f"another prepare wrote to {out} while this one ran: its shards may be mixed; "
+                "prepare again with --overwrite, one writer at a time"
+            )
+        _write_named(out_fs, manifest_path, json.dumps(manifest, indent=1).encode())
+    resumed = sum(r["resumed"] for r in results)
+    if show:
+        print(
+            f"prepared {out} in {time.time() - t0:.1f} s ({resumed} of {len(results)} shards already done)\n"
+            + validation_summary(manifest),
+            file=sys.stderr,
+        )
+    return manifest
 
-    bar = _Progress(total=len(records), enabled=show)
+
+def _write_all(
+    plans: list[dict[str, Any]],
+    images: str,
+    out: str,
+    verify_images: bool,
+    total: int,
+    show: bool,
+    use_ray: bool,
+    num_cpus_per_task: float,
+) -> list[dict[str, Any]]:
+    """Write every planned shard (Ray tasks or in-process) with a progress bar; results in plan order."""
+    bar = _Progress(total=total, enabled=show)
     results: list[dict[str, Any]] = []
     if use_ray and plans:
-        import ray
+        import ray  # deferred: writing in-process (tests, the demo) needs no Ray
 
         remote = ray.remote(num_cpus=num_cpus_per_task, max_retries=3)(_write_shard)
         pending = {remote.remote(p, images, out, verify_images): p["index"] for p in plans}
@@ -242,14 +306,22 @@ def prepare_shards(
             results.append(res)
             bar.update(res["planned_rows"], skipped=res["resumed"])
     bar.close()
+    return sorted(results, key=lambda r: r["index"])
 
-    results.sort(key=lambda r: r["index"])
-    for r in results:
-        counts.update(r["validation"])
-    manifest = {
+
+def _manifest(
+    coco: Mapping[str, Any],
+    desc: Mapping[str, Any],
+    rows_per_shard: int,
+    results: list[dict[str, Any]],
+    counts: Counter[str],
+    extra: Mapping[str, int],
+) -> dict[str, Any]:
+    """The manifest of a written shard set (module docstring)."""
+    return {
         "format": "ray-retina-shards",
         "schema_version": SCHEMA_VERSION,
-        "source": dict(source or {"format": "coco", "annotations": ann_name, "images": images}),
+        "source": dict(desc),
         "rows_per_shard": rows_per_shard,
         "num_images": sum(r["num_rows"] for r in results),
         "num_annotations": sum(r["num_annotations"] for r in results),
@@ -272,15 +344,125 @@ def prepare_shards(
         "info": coco.get("info", {}),
         "licenses": coco.get("licenses", []),
     }
-    write_bytes_atomic(out_fs, manifest_path, json.dumps(manifest, indent=1).encode())
-    resumed = sum(r["resumed"] for r in results)
-    if show:
-        print(
-            f"prepared {out} in {time.time() - t0:.1f} s ({resumed} of {len(results)} shards already done)\n"
-            + validation_summary(manifest),
-            file=sys.stderr,
+
+
+def _log_examples(results: list[dict[str, Any]]) -> None:
+    """Name the skipped files in the log: up to ``MAX_EXAMPLES`` per reason over all shards."""
+    shown: Counter[str] = Counter()
+    for r in results:
+        for reason, lines in r.get("examples", {}).items():
+            for line in lines:
+                shown[reason] += 1
+                if shown[reason] <= MAX_EXAMPLES:
+                    logger.warning("%s (row skipped): %s", reason, line)
+
+
+# ----------------------------------------------------------------------------------------- one writer
+
+_held: set[str] = set()  # folders this process holds the lock of (prepare_dataset, then prepare_shards)
+
+
+@contextlib.contextmanager
+def writer_lock(out: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``out``'s writer lock: ``PrepareConflict`` at once when another process holds it.
+
+    Local folders only (``flock`` on ``LOCK_NAME``: released by the OS when the holder exits, so a killed
+    prepare leaves no stale lock); on an object store nothing locks (see :func:`prepare_shards`).
+    Re-entrant within a process.
+    """
+    fs, path = resolve_uri(out)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        yield
+        return
+    key = os.path.realpath(path)
+    if key in _held:
+        yield
+        return
+    os.makedirs(path, exist_ok=True)
+    lock_path = os.path.join(path, LOCK_NAME)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise PrepareConflict(
+                f"another prepare is writing {os.fspath(out)} ({holder}); wait for it or give another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        _held.add(key)
+        try:
+            yield
+        finally:
+            _held.discard(key)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _owner(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+    """The folder's owner record (``OWNER_NAME``): ``{"source", "token"}``, or ``{}``."""
+    try:
+        with fs.open_input_stream(join_uri(path, OWNER_NAME)) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _claim(fs: pafs.FileSystem, path: str, out: str, desc: Mapping[str, Any], overwrite: bool) -> str:
+    """Make this run the folder's owner; returns its token.
+
+    ``PrepareConflict`` when the folder holds shards of another source (by its manifest's ``source``, or
+    the owner record an interrupted run left) and not ``overwrite``; with it, those shards are deleted.
+    """
+    previous = None
+    mpath = join_uri(path, MANIFEST_NAME)
+    if file_exists(fs, mpath):
+        try:
+            with fs.open_input_stream(mpath) as f:
+                previous = json.loads(f.read()).get("source")
+        except ValueError:
+            previous = None
+    if previous is None:
+        previous = _owner(fs, path).get("source")
+    shards = [
+        i.path
+        for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        if i.base_name.startswith("part-")
+    ]
+    if previous is not None and shards and not _same_source(previous, desc):
+        if not overwrite:
+            raise PrepareConflict(
+                f"{out} holds the shards of another source ({_describe(previous)}); this one is "
+                f"{_describe(desc)}: give another --out, or --overwrite to replace them"
+            )
+        logger.warning(
+            "--overwrite: deleting the %d shards of %s in %s", len(shards), _describe(previous), out
         )
-    return manifest
+        for p in shards:
+            fs.delete_file(p)
+    token = uuid.uuid4().hex
+    _write_named(fs, join_uri(path, OWNER_NAME), json.dumps({"source": dict(desc), "token": token}).encode())
+    return token
+
+
+def _same_source(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two manifests' ``source`` describe the same input (local paths compared absolute)."""
+
+    def norm(d: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            k: os.path.abspath(v)
+            if isinstance(v, str) and k in ("annotations", "images", "root", "data") and "://" not in v
+            else v
+            for k, v in d.items()
+        }
+
+    return norm(a) == norm(b)
+
+
+def _describe(desc: Mapping[str, Any]) -> str:
+    keys = ("format", "annotations", "images", "root", "split")
+    return ", ".join(f"{k} {desc[k]}" for k in keys if desc.get(k))
 
 
 def prepare_dataset(
@@ -384,25 +566,36 @@ def _write_shard(plan: dict[str, Any], images: str, out: str, verify_images: boo
 
     img_fs, img_root = resolve_uri(images)
 
-    def load(rec: dict[str, Any]) -> bytes | str:
-        """The file's bytes, or the validation reason it is skipped for."""
+    def load(rec: dict[str, Any]) -> tuple[bytes, ImageHeader] | tuple[str, str]:
+        """The file's bytes and header, or (validation reason, log line) when it is skipped."""
+        fpath = join_uri(img_root, rec["file_name"])
         try:
-            with img_fs.open_input_file(join_uri(img_root, rec["file_name"])) as f:
+            with img_fs.open_input_file(fpath) as f:
                 data = f.read()
         except FileNotFoundError:
-            return "image_missing"
-        except OSError:
-            return "image_unreadable"
-        return data if _readable_image(data, verify_images) else "image_unreadable"
+            return "image_missing", f"{fpath}: no such file"
+        except OSError as err:
+            return "image_unreadable", f"{fpath}: {err}"
+        try:
+            return data, check_image(data, full=verify_images)
+        except Exception as err:  # empty, not an image, truncated, corrupt: what training would drop
+            return "image_unreadable", f"{fpath}: {type(err).__name__}: {err}"
 
     counts: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
     rows: list[dict[str, Any]] = []
     # Threads overlap the reads: little gain on a local disk, much on an object store's latency.
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-        for rec, data in zip(records, pool.map(load, records), strict=True):
+        for rec, (data, head) in zip(records, pool.map(load, records), strict=True):
             if isinstance(data, str):
-                counts[data] += 1
+                reason, line = data, head
             else:
+                reason, line, rec = _match_size(rec, head, join_uri(img_root, rec["file_name"]))
+            if reason is not None:
+                counts[reason] += 1
+                if line is not None and len(examples.setdefault(reason, [])) < MAX_EXAMPLES:
+                    examples[reason].append(line)
+            if rec is not None and not isinstance(data, str):
                 rows.append({**rec, "image": data})
 
     table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
@@ -410,6 +603,7 @@ def _write_shard(plan: dict[str, Any], images: str, out: str, verify_images: boo
         "num_rows": table.num_rows,
         "num_annotations": sum(len(r["ann_id"]) for r in rows),
         "validation": dict(counts),
+        "examples": examples,
     }
     meta = {"fingerprint": plan["fingerprint"], "stats": stats}
     table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps(meta, sort_keys=True).encode()})
@@ -422,8 +616,50 @@ def _write_shard(plan: dict[str, Any], images: str, out: str, verify_images: boo
         use_dictionary=[c for c in SHARD_SCHEMA.names if c != "image"],
         write_statistics=[c for c in SHARD_SCHEMA.names if c != "image"],
     )
-    write_bytes_atomic(out_fs, path, buf.getvalue())
+    _write_named(out_fs, path, buf.getvalue())
     return {**result, **stats, "resumed": False}
+
+
+def _match_size(
+    rec: dict[str, Any], head: ImageHeader, path: str
+) -> tuple[str | None, str | None, dict[str, Any] | None]:
+    """Check a record's declared (height, width) against its image; returns (reason, log line, record).
+
+    Equal to the display size (EXIF applied): the record as it is. Equal to the stored size of an image
+    that EXIF turns by 90 degrees (orientations 5-8, not square): the annotation was made on the stored
+    pixels, so its boxes are turned with the image (``exif_transpose_boxes``) and the size becomes the
+    display one (``size_stored_frame``; the record returned is a new one). Anything else: ``size_mismatch``,
+    no record. Flips and 180-degree turns keep the size, so they cannot be told apart: an annotation
+    is taken to be in display orientation then (what COCO, Ultralytics and CVAT write).
+    """
+    declared = (rec["height"], rec["width"])
+    if declared == (head.height, head.width):
+        return None, None, rec
+    if head.orientation in TRANSPOSED and declared == (head.stored_height, head.stored_width):
+        boxes = np.asarray(rec["bbox"], dtype=np.float64).reshape(-1, 4)
+        turned = exif_transpose_boxes(xywh_to_xyxy(boxes), head.orientation, *declared)
+        turned_rec = {
+            **rec,
+            "height": head.height,
+            "width": head.width,
+            "bbox": xyxy_to_xywh(turned).tolist(),
+        }
+        return "size_stored_frame", None, turned_rec
+    line = (
+        f"{path}: annotation says {rec['width']}x{rec['height']}, the image is {head.width}x{head.height}"
+        + (f" (EXIF orientation {head.orientation})" if head.orientation != 1 else "")
+    )
+    return "size_mismatch", line, None
+
+
+def _write_named(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """``write_bytes_atomic``, an OSError of which (no space left, ...) names ``path`` in one line."""
+    try:
+        write_bytes_atomic(fs, path, data)
+    except OSError as err:
+        named = OSError(f"cannot write {path}: {os.strerror(err.errno) if err.errno else err}")
+        named.errno = err.errno
+        raise named from None
 
 
 def _read_shard_meta(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
@@ -433,18 +669,6 @@ def _read_shard_meta(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
         return json.loads(schema.metadata[SHARD_META_KEY])
     except Exception:  # unreadable or foreign file: rewrite it
         return None
-
-
-def _readable_image(data: bytes, verify: bool) -> bool:
-    if not data:
-        return False
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if verify:
-                im.load()
-        return True
-    except Exception:
-        return False
 
 
 # ----------------------------------------------------------------------------------------- reading back

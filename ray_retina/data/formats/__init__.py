@@ -36,7 +36,7 @@ def read_source(
         if classes is not None:
             raise ValueError("classes applies to voc and yolo; a COCO json names its categories")
         check_coco_inputs(annotations, images)
-        source = read_coco_source(load_coco(annotations), os.fspath(images))
+        source = read_coco_source(load_coco(annotations), os.fspath(images), os.fspath(annotations))
         source.description = {
             "format": "coco",
             "annotations": os.fspath(annotations),

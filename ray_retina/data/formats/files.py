@@ -7,9 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import pyarrow.fs as pafs
-from PIL import Image
 
-from ray_retina.data.decode import EXIF_FORMATS, EXIF_ORIENTATION
+from ray_retina.data.decode import read_header
 
 IO_THREADS = 8  # concurrent reads: little gain on a local disk, much on an object store's latency
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".mpo")
@@ -50,14 +49,13 @@ def header_size(fs: pafs.FileSystem, path: str) -> tuple[int, int] | str:
     image (``image_unreadable``): the same reasons, for the same files, as the shard writer counts.
     """
     try:
-        with fs.open_input_file(path) as f, Image.open(f) as im:
-            w, h = im.size
-            orientation = im.getexif().get(EXIF_ORIENTATION, 1) if im.format in EXIF_FORMATS else 1
+        with fs.open_input_file(path) as f:
+            head = read_header(f)
     except FileNotFoundError:
         return "image_missing"
     except Exception:  # empty, truncated header, not an image
         return "image_unreadable"
-    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # 5-8 turn the image by 90 degrees
+    return head.height, head.width
 
 
 def thread_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
