@@ -1,9 +1,15 @@
 """ASHA vs FIFO on the same 8-trial focal search (same space, same seed), and MLflow tracking cost per report.
 
     .venv/bin/python benchmarks/tune_asha.py [--trials 8] [--rounds 8] [--eval-period 20] [--reduction-factor 4] [--out bench_out/tune]
+    .venv/bin/python benchmarks/tune_asha.py --reuse-fifo SWEEP_DIR   # FIFO from a finished sweep, said so
+
+With ``--reuse-fifo`` the table says where the FIFO numbers came from and gives its wall time as the span of
+its reports' timestamps (as it does for both sweeps beside the measured wall time). The table and the
+environment go to ``benchmarks/results/tune_asha-<UTC time>.{md,json}``.
 
 Prints: total training iterations of each sweep and their ratio (target ASHA / FIFO <= 0.4), the best
-val/AP of each (target: ASHA within 0.02 of FIFO), and the time per eval-period report of our tracking
+val/AP of each (the best round of any trial, both sweeps read by the same rule from their trials'
+``result.json``; target: ASHA within 0.02 of FIFO), and the time per eval-period report of our tracking
 (one `log_batch` request) vs Ray's `MLflowLoggerCallback` path (one `log_metric` request per metric after a
 `get_run`), both against the same real `mlflow server` on 127.0.0.1 (medians of repeated reports).
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -23,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _common import write_results  # noqa: E402  (benchmarks/, this script's folder)
 
 REPORT_KEYS = [
     "val/AP",
@@ -175,40 +183,48 @@ def sweep(scheduler: str, args: argparse.Namespace, url: str, out: Path) -> dict
     s = run_sweep(cfg, sweep_name=f"bench-{scheduler}")
     print(f"\n{scheduler.upper()} sweep ({s.path}):\n{s.table}\n", flush=True)
     return {
-        "total_iterations": s.total_iterations,
-        "best_ap": s.best_ap or 0.0,
-        "errors": s.num_errors,
         "seconds": time.perf_counter() - t0,
-        "stopped_early": sum(r.stopped_early for r in s.rows),
+        "errors": s.num_errors,
         "path": str(s.path),
+        "source": "this run",
     }
 
 
+def _trial_results(sweep_dir: Path) -> dict[int, list[dict]]:
+    """Each trial's reports (Tune's ``result.json``, one line per eval round), by its index in the search
+    (the number after the trial id in Tune's trial folder name, ``..._trial_<id>_<index>_...``)."""
+    out = {}
+    for f in sorted(sweep_dir.glob("*trial_*/result.json")):
+        m = re.search(r"trial_[0-9a-f]+_(\d+)", f.parent.name)
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if m and rows:
+            out[int(m.group(1))] = rows
+    return out
+
+
 def ap_curves(sweep_dir: Path) -> dict[int, list[float]]:
-    """val/AP per eval round of each trial, by its index in the search (Tune's trial-name suffix)."""
-    curves = {}
-    for f in sorted(sweep_dir.glob("_trial_*/result.json")):
-        index = int(f.parent.name.split("_")[3])  # _trial_<id>_<00000 index>_<n>_<params>...
-        curves[index] = [json.loads(line)["val/AP"] for line in f.read_text().splitlines() if line.strip()]
-    return curves
+    """val/AP per eval round of each trial, by its index in the search."""
+    return {i: [r["val/AP"] for r in rows] for i, rows in _trial_results(sweep_dir).items()}
 
 
 def from_results(sweep_dir: Path, rounds: int) -> dict[str, float]:
-    """The FIFO numbers of a finished sweep, from Tune's per-trial result.json files."""
-    iters, best, n = 0, 0.0, 0
-    for f in sweep_dir.glob("_trial_*/result.json"):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        if rows:
-            iters += int(rows[-1]["iteration"])
-            best = max(best, max(r["val/AP"] for r in rows[-1:]))
-            n += 1
+    """A finished sweep's numbers from its trials' ``result.json`` files, the one rule for FIFO and ASHA:
+    iterations = the sum of each trial's last reported iteration; best val/AP = the best round of any trial
+    (and, beside it, the best last round, which the sweep summary ranks by); trials stopped early = those
+    with fewer than ``rounds`` reports; wall seconds from the reports' timestamps (first trial start to last
+    report: Ray's start and the data preparation are outside it)."""
+    trials = _trial_results(sweep_dir)
+    if not trials:
+        raise SystemExit(f"{sweep_dir}: no trial result.json files (not a Tune sweep directory?)")
+    starts = [rows[0]["timestamp"] - rows[0].get("time_this_iter_s", 0.0) for rows in trials.values()]
+    ends = [rows[-1]["timestamp"] for rows in trials.values()]
     return {
-        "total_iterations": iters,
-        "best_ap": best,
-        "errors": 0,
-        "seconds": float("nan"),
-        "stopped_early": 0,
-        "trials": n,
+        "total_iterations": sum(int(rows[-1]["iteration"]) for rows in trials.values()),
+        "best_ap": max(max(r["val/AP"] for r in rows) for rows in trials.values()),
+        "best_ap_last_round": max(rows[-1]["val/AP"] for rows in trials.values()),
+        "seconds_from_timestamps": max(ends) - min(starts),
+        "stopped_early": sum(len(rows) < rounds for rows in trials.values()),
+        "trials": len(trials),
         "path": str(sweep_dir),
     }
 
@@ -238,11 +254,6 @@ def main() -> None:
     proc, url = start_mlflow_server(out)
     try:
         track = tracking_overhead(url, args.reports)
-        print(
-            f"tracking per report ({track['metrics_per_report']} metrics): ours {1000 * track['ours_s']:.1f} ms, "
-            f"Ray MLflowLoggerCallback path {1000 * track['ray_callback_s']:.1f} ms, "
-            f"ratio {track['ray_callback_s'] / track['ours_s']:.1f}x"
-        )
         ray.init(
             address="local",
             num_cpus=4,
@@ -250,35 +261,69 @@ def main() -> None:
             dashboard_host="127.0.0.1",
             resources={TRIAL_RESOURCE: 16},
         )
-        fifo = (
-            from_results(Path(args.reuse_fifo), args.rounds)
-            if args.reuse_fifo
-            else sweep("fifo", args, url, out)
-        )
+        if args.reuse_fifo:
+            fifo = {
+                "seconds": None,
+                "errors": None,
+                "path": args.reuse_fifo,
+                "source": f"reused: a finished FIFO sweep's result.json files in {args.reuse_fifo}",
+            }
+        else:
+            fifo = sweep("fifo", args, url, out)
         asha = sweep("asha", args, url, out)
         ray.shutdown()
     finally:
         proc.terminate()
+    # One rule for both sweeps, read from their result.json files (fresh or reused alike).
+    for r in (fifo, asha):
+        r.update(from_results(Path(r["path"]), args.rounds))
     ratio = asha["total_iterations"] / max(1, fifo["total_iterations"])
     # Same trial, same curve: with data.deterministic each ASHA trial must repeat its FIFO twin's val/AP
     # round for round as far as ASHA let it run (else the comparison measures noise, not the scheduler).
     fifo_c, asha_c = ap_curves(Path(fifo["path"])), ap_curves(Path(asha["path"]))
-    print(f"{'trial':<7}{'FIFO val/AP per round':<60}ASHA rounds  same curve")
+    lines = [
+        f"tracking per report ({track['metrics_per_report']} metrics): ours {1000 * track['ours_s']:.1f} ms, "
+        f"Ray MLflowLoggerCallback path {1000 * track['ray_callback_s']:.1f} ms, "
+        f"ratio {track['ray_callback_s'] / track['ours_s']:.1f}x",
+        f"FIFO numbers: {fifo['source']}",
+        f"{'trial':<7}{'FIFO val/AP per round':<60}ASHA rounds  same curve",
+    ]
     same = 0
     for i in sorted(fifo_c):
         a = asha_c.get(i, [])
         ok = len(a) > 0 and all(abs(x - y) < 1e-9 for x, y in zip(a, fifo_c[i], strict=False))
         same += ok
-        print(f"{i:<7}{' '.join(f'{x:.3f}' for x in fifo_c[i]):<60}{len(a):>11}  {'yes' if ok else 'NO'}")
-    print(f"ASHA curves equal to FIFO's: {same}/{len(fifo_c)}")
-    print(f"{'sweep':<6}{'iterations':>12}{'best val/AP':>13}{'stopped early':>15}{'seconds':>10}")
-    for name, r in (("FIFO", fifo), ("ASHA", asha)):
-        print(
-            f"{name:<6}{r['total_iterations']:>12}{r['best_ap']:>13.4f}{r['stopped_early']:>15}{r['seconds']:>10.0f}"
+        lines.append(
+            f"{i:<7}{' '.join(f'{x:.3f}' for x in fifo_c[i]):<60}{len(a):>11}  {'yes' if ok else 'NO'}"
         )
-    print(
-        f"ASHA / FIFO iterations: {ratio:.2f} (target <= 0.4); best AP gap FIFO - ASHA: "
-        f"{fifo['best_ap'] - asha['best_ap']:+.4f} (target <= 0.02)"
+    lines.append(f"ASHA curves equal to FIFO's: {same}/{len(fifo_c)}")
+    lines.append(
+        f"{'sweep':<6}{'iterations':>12}{'best val/AP':>13}{'(last round)':>14}{'stopped early':>15}"
+        f"{'wall s':>9}{'report span s':>15}"
+    )
+    for name, r in (("FIFO", fifo), ("ASHA", asha)):
+        wall = "n/a" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        lines.append(
+            f"{name:<6}{r['total_iterations']:>12}{r['best_ap']:>13.4f}{r['best_ap_last_round']:>14.4f}"
+            f"{r['stopped_early']:>15}{wall:>9}{r['seconds_from_timestamps']:>15.0f}"
+        )
+    lines.append(
+        f"ASHA / FIFO iterations: {ratio:.2f} (target <= 0.4); best AP gap FIFO - ASHA (best round of any "
+        f"trial, both sweeps): {fifo['best_ap'] - asha['best_ap']:+.4f} (target <= 0.02)"
+    )
+    print("\n".join(lines), flush=True)
+    write_results(
+        "tune_asha",
+        "```\n" + "\n".join(lines) + "\n```",
+        {
+            "args": vars(args),
+            "fifo": fifo,
+            "asha": asha,
+            "tracking": track,
+            "ratio": ratio,
+            "fifo_curves": fifo_c,
+            "asha_curves": asha_c,
+        },
     )
     (out / "result.json").write_text(
         json.dumps(
