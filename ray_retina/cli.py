@@ -186,17 +186,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ray_retina.data.shards import read_manifest
     from ray_retina.engine.evaluate import evaluate_checkpoint, format_per_class, format_stats, names_by_id
 
-    per_class: dict[int, dict[str, float]] = {}
-    stats = evaluate_checkpoint(
+    result = evaluate_checkpoint(
         args.checkpoint,
         args.shards,
         device=torch.device(args.device),
         backend=args.backend,
         plots_dir=args.plots,
         max_images=args.max_images,
-        per_class=per_class,
         tta=_tta_arg(args),
     )
+    stats = result.metrics
     print(
         f"COCO box AP on {int(stats['num_images'])} images of {args.shards}"
         + (
@@ -207,12 +206,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     print(format_stats(stats))
     print()
-    if per_class:
-        print(format_per_class(per_class, names_by_id(read_manifest(args.shards)["categories"])))
-    else:
-        print("per-class AP: n/a (the model made no detections)")
+    print(format_per_class(result.per_class, names_by_id(read_manifest(args.shards)["categories"])))
+    print(
+        f"F1: best F1 at IoU 0.5; thr F1: its score threshold; thr P: the lowest reaching precision "
+        f"{result.thresholds['precision_target']:g}"
+    )
     if args.plots:
-        print(f"plots: {args.plots}/pr_curves.png, detections.png, focal_loss_cdf.png")
+        print(
+            f"plots: {args.plots}/pr_curves.png, detections.png, focal_loss_cdf.png, confusion_matrix.png, "
+            "confidence_curves.png, error_gallery.png"
+        )
     return 0
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "ErrorAnalysis",
     "Matching",
     "OperatingPoints",
+    "ValDetections",
     "best_f1_threshold",
     "box_iou_xywh",
     "choose_thresholds",
@@ -47,6 +48,7 @@ __all__ = [
     "match_detections",
     "match_image",
     "precision_target_threshold",
+    "review_val_detections",
 ]
 
 IOU_THRESH = 0.5  # the operating point's match rule: COCO's AP50 (the paper's and Ultralytics' choice)
@@ -338,6 +340,41 @@ def class_curves(matching: Matching, num_points: int = 201) -> dict[int, ClassCu
         for c, n in sorted(matching.num_gt.items())
         if n > 0
     }
+
+
+@dataclass(frozen=True)
+class ValDetections:
+    """The val detections of one eval, matched, with the thresholds chosen on them: what the eval reports
+    (:attr:`points`) and what the error-analysis pictures draw. ``gt`` a COCO dict, ``detections`` COCO
+    results records (original category ids, XYWH in original pixels), ``img_ids`` the evaluated images."""
+
+    gt: Mapping[str, Any]
+    detections: Sequence[Mapping[str, Any]]
+    img_ids: list[int]
+    matching: Matching
+    points: OperatingPoints
+
+    def errors(self) -> ErrorAnalysis:
+        """:func:`error_analysis` at the F1-optimal thresholds."""
+        return error_analysis(self.gt, self.detections, self.points.f1_thresholds(), img_ids=self.img_ids)
+
+    def curves(self, num_points: int = 201) -> dict[int, ClassCurve]:
+        return class_curves(self.matching, num_points)
+
+
+def review_val_detections(
+    gt: Mapping[str, Any],
+    detections: Sequence[Mapping[str, Any]],
+    img_ids: Iterable[int],
+    *,
+    precision_target: float,
+    floor: float,
+) -> ValDetections:
+    """Match ``detections`` on ``img_ids`` to ``gt`` at IoU 0.5 and choose both thresholds per class."""
+    ids = sorted({int(i) for i in img_ids})
+    matching = match_detections(gt, detections, img_ids=ids)
+    points = choose_thresholds(matching, precision_target=precision_target, floor=floor)
+    return ValDetections(gt, detections, ids, matching, points)
 
 
 # ----------------------------------------------------------------------------------------- errors

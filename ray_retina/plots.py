@@ -1,7 +1,8 @@
 """The pictures of a run and of a sweep, as PNG files. matplotlib and numpy only.
 
 Per run (MLflow artifacts): :func:`pr_curves` from the COCO eval, :func:`detection_grid` of val images
-with predicted and true boxes, and the paper's Figure 4 (:func:`figure4`, drawn from curves that
+with predicted and true boxes, the error analysis at the chosen thresholds (:func:`confusion_matrix`,
+:func:`confidence_curves`, :func:`error_gallery`), and the paper's Figure 4 (:func:`figure4`, drawn from curves that
 ``report.focal_loss_cdf_data`` computes). Per sweep: :func:`ap_vs_param_scatter`,
 :func:`parallel_coordinates` and :func:`ap_vs_gamma_with_paper`. Every plotting function writes one PNG
 and returns its path.
@@ -30,11 +31,15 @@ from matplotlib.figure import Figure
 
 __all__ = [
     "FocalLossCDF",
+    "GalleryTile",
     "PRCurves",
     "ap_vs_gamma_with_paper",
     "ap_vs_param_scatter",
     "class_colour",
+    "confidence_curves",
+    "confusion_matrix",
     "detection_grid",
+    "error_gallery",
     "figure4",
     "parallel_coordinates",
     "pr_curve_data",
@@ -258,6 +263,147 @@ def detection_grid(
         ax.set_title(f"{shown} detections", fontsize=8)
     fig.suptitle(f"solid: predictions (score >= {score_thresh:g}), dashed: ground truth", fontsize=10)
     return _save(fig, out_path)
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+
+def confusion_matrix(
+    matrix: np.ndarray, class_names: Sequence[str], out_path: PathLike, *, title: str | None = None
+) -> Path:
+    """A detection confusion matrix: ``matrix`` (K + 1, K + 1) counts, rows the true class (``class_names``
+    order, then background), columns the predicted class (same, then background), as
+    ``operating_point.ErrorAnalysis.matrix``. Cells are shaded by their share of the row (what became of a
+    true class's objects; the background row by its share of all false detections) and show the count."""
+    m = np.asarray(matrix, np.int64)
+    k = len(class_names)
+    if m.shape != (k + 1, k + 1):
+        raise ValueError(f"need a ({k + 1}, {k + 1}) matrix for {k} classes, got {m.shape}")
+    labels = [*class_names, "background"]
+    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    side = max(4.0, 0.6 * (k + 1) + 2.4)
+    fig = Figure(figsize=(side + 1.0, side))
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(k + 1):
+        for j in range(k + 1):
+            if i == k and j == k:
+                continue
+            ax.text(
+                j,
+                i,
+                str(int(m[i, j])),
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if share[i, j] > 0.5 else "black",
+            )
+    ax.set_xticks(range(k + 1), labels, rotation=45, ha="right", fontsize=9)
+    ax.set_yticks(range(k + 1), labels, fontsize=9)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label("share of the row")
+    ax.set_title(title or "Confusion matrix (IoU 0.5, per-class F1 thresholds)", fontsize=10)
+    return _save(fig, out_path)
+
+
+def confidence_curves(
+    confidence: np.ndarray,
+    curves: Mapping[str, Mapping[str, np.ndarray]],
+    thresholds: Mapping[str, float],
+    out_path: PathLike,
+) -> Path:
+    """F1, precision and recall against the confidence threshold, one panel each, one line per class.
+
+    ``confidence`` (P,) in [0, 1]; ``curves[name]`` holds ``f1``, ``precision`` and ``recall`` (P,) of that
+    class (``operating_point.ClassCurve``); ``thresholds[name]`` its chosen (F1-optimal) threshold, marked
+    with a dot on each of its curves."""
+    x = np.asarray(confidence, np.float64)
+    fig = Figure(figsize=(12.5, 3.8))
+    axes = fig.subplots(1, 3, sharey=True)
+    for ax, key in zip(axes, ("f1", "precision", "recall"), strict=True):
+        for n, (name, c) in enumerate(curves.items()):
+            y = np.asarray(c[key], np.float64)
+            colour = class_colour(n)
+            ax.plot(x, y, color=colour, lw=1.6, label=name)
+            t = thresholds.get(name)
+            if t is not None and 0.0 <= t <= 1.0:
+                ax.plot([t], [float(np.interp(t, x, y))], "o", color=colour, ms=6, mec="black", mew=0.6)
+        if not curves:
+            ax.text(0.5, 0.5, "no class with objects", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("confidence threshold")
+        ax.set_title({"f1": "F1", "precision": "precision", "recall": "recall"}[key])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("value at IoU 0.5")
+    if curves:
+        axes[0].legend(loc="lower left", fontsize=8)
+    fig.suptitle("Per-class F1, precision and recall vs confidence (dots: the chosen thresholds)")
+    return _save(fig, out_path)
+
+
+@dataclass(frozen=True)
+class GalleryTile:
+    """One error of the gallery: ``image`` (H, W, 3) uint8 (a crop around the error), ``boxes`` to draw as
+    ``(xyxy in the crop's pixels, label, kind)`` with kind ``"error"`` (the false positive or the missed
+    object: thick red) or ``"context"`` (other objects and detections: thin, the class colour),
+    ``title`` one line under which it is shown."""
+
+    image: np.ndarray
+    boxes: Sequence[tuple[Sequence[float], str, str]]
+    title: str
+
+
+def error_gallery(rows: Mapping[str, Sequence[GalleryTile]], out_path: PathLike, *, cols: int = 4) -> Path:
+    """The worst errors drawn on their val images: one block per entry of ``rows`` (e.g. "false positives",
+    "missed objects"), ``cols`` tiles a row, each tile with its boxes and class names on them."""
+    blocks = [(name, list(tiles)) for name, tiles in rows.items()]
+    nrows = sum(max(1, math.ceil(len(t) / cols)) for _, t in blocks)
+    fig = Figure(figsize=(2.7 * cols, 2.9 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
+    r = 0
+    for name, tiles in blocks:
+        used = max(1, math.ceil(len(tiles) / cols))
+        for i, ax in enumerate(axes[r : r + used].flat):
+            ax.set_axis_off()
+            if i == 0 and not tiles:
+                ax.text(0.0, 0.5, f"{name}: none", fontsize=10, transform=ax.transAxes)
+            if i >= len(tiles):
+                continue
+            _draw_tile(ax, tiles[i], first=f"{name}\n" if i == 0 else "")
+        r += used
+    return _save(fig, out_path)
+
+
+def _draw_tile(ax: Any, tile: GalleryTile, *, first: str) -> None:
+    ax.imshow(np.asarray(tile.image))
+    for box, label, kind in tile.boxes:
+        x0, y0, x1, y1 = (float(v) for v in box)
+        error = kind == "error"
+        colour = (0.9, 0.1, 0.1) if error else (0.1, 0.7, 0.2)
+        ax.add_patch(
+            patches.Rectangle(
+                (x0, y0),
+                x1 - x0,
+                y1 - y0,
+                fill=False,
+                lw=2.4 if error else 1.0,
+                ec=colour,
+                ls="-" if error else (0, (3, 2)),
+            )
+        )
+        ax.text(
+            x0,
+            y0,
+            label,
+            fontsize=7 if error else 6,
+            color="white",
+            va="bottom",
+            bbox={"facecolor": colour, "alpha": 0.85, "pad": 1, "lw": 0},
+            clip_on=True,
+        )
+    ax.set_title(first + tile.title, fontsize=8, loc="left")
 
 
 # ----------------------------------------------------------------------------------------- Figure 4

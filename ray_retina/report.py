@@ -1,4 +1,5 @@
-"""The pictures of a run: per-class PR curves, detections on val images, the paper's Figure 4.
+"""The pictures of a run: per-class PR curves, detections on val images, the error analysis at the chosen
+thresholds (confusion matrix, F1/precision/recall vs confidence, the worst errors), the paper's Figure 4.
 
 Written by rank 0 at the end of a run (logged to MLflow) and by ``ray-retina eval --plots``
 (:func:`write_run_pictures`). This file gathers what the pictures show (runs the model, labels anchors,
@@ -24,23 +25,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
 from ray_retina import plots
+from ray_retina.data.decode import decode_image
 from ray_retina.losses import sigmoid_focal_loss
+from ray_retina.operating_point import ErrorAnalysis, ValDetections
+from ray_retina.uri import resolve_uri
 
 __all__ = [
     "FIGURE4_GAMMAS",
     "figure4_from_model",
     "focal_loss_cdf",
     "focal_loss_cdf_data",
+    "write_error_pictures",
     "write_run_pictures",
 ]
 
 FIGURE4_GAMMAS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # the paper's Figure 4 shows 0, .5, 1, 2
 GRID_IMAGES = 16  # val images in the detection grid
 FIGURE4_IMAGES = 16  # val images whose anchors feed Figure 4
+GALLERY_ERRORS = 8  # worst false positives, and as many missed objects, in the error gallery
+CROP_CONTEXT = 1.0  # a gallery crop reaches this many box sides beyond the error box (at least 32 px)
 
 PathLike = str | os.PathLike[str]
 
@@ -223,10 +233,12 @@ def write_run_pictures(
     out_dir: PathLike,
     *,
     with_truth: bool = True,
+    val: ValDetections | None = None,
 ) -> list[Path]:
     """PR curves (from the run's COCO eval), a grid of val images with predicted (and, ``with_truth``, true)
-    boxes, and Figure 4 for the model, as PNGs in ``out_dir``; returns their paths. ``plan``: val shard
-    files or ``(file, rows)`` pairs (``datasets.eval_plan``)."""
+    boxes, Figure 4 for the model and, given the eval's matched detections ``val`` (and ``with_truth``),
+    the error analysis (:func:`write_error_pictures`), as PNGs in ``out_dir``; returns their paths.
+    ``plan``: val shard files or ``(file, rows)`` pairs (``datasets.eval_plan``)."""
     from ray_retina.data.datasets import iter_eval_batches
     from ray_retina.model import build_criterion
 
@@ -272,4 +284,129 @@ def write_run_pictures(
             )
         )
     model.train(was_training)
+    if with_truth and val is not None:
+        written.extend(write_error_pictures(val, plan, out))
     return written
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+
+def write_error_pictures(val: ValDetections, plan: Sequence[Any], out_dir: PathLike) -> list[Path]:
+    """The error analysis of one eval at its F1-optimal thresholds, as PNGs in ``out_dir``:
+    ``confusion_matrix.png`` (classes + background, IoU 0.5), ``confidence_curves.png`` (F1, precision
+    and recall vs confidence per class, the chosen thresholds marked) and ``error_gallery.png`` (the
+    highest-scoring false positives and the largest missed objects, cropped from the val images of
+    ``plan``, class names on the boxes)."""
+    out = Path(out_dir)
+    names = {int(c["id"]): str(c.get("name", c["id"])) for c in val.gt["categories"]}
+    errors = val.errors()
+    written = [
+        plots.confusion_matrix(
+            errors.matrix, [names[c] for c in errors.cat_ids], out / "confusion_matrix.png"
+        )
+    ]
+    curves = val.curves()
+    written.append(
+        plots.confidence_curves(
+            next(iter(curves.values())).confidence if curves else np.linspace(0, 1, 2),
+            {names[c]: {"f1": v.f1, "precision": v.precision, "recall": v.recall} for c, v in curves.items()},
+            {names[c]: val.points.classes[c].threshold for c in curves},
+            out / "confidence_curves.png",
+        )
+    )
+    written.append(plots.error_gallery(_gallery(val, errors, plan, names), out / "error_gallery.png"))
+    return written
+
+
+def _gallery(
+    val: ValDetections, errors: ErrorAnalysis, plan: Sequence[Any], names: Mapping[int, str]
+) -> dict[str, list[plots.GalleryTile]]:
+    """The tiles of the error gallery: the :data:`GALLERY_ERRORS` highest-scoring false positives and
+    largest missed objects, each cropped around its box with the image's other objects for context."""
+    dets = val.detections
+    fps = sorted(errors.false_positives, key=lambda f: -float(dets[f.detection]["score"]))[:GALLERY_ERRORS]
+    misses = sorted(errors.misses, key=lambda m: -_xywh_area(m.annotation["bbox"]))[:GALLERY_ERRORS]
+    wanted = {int(dets[f.detection]["image_id"]) for f in fps} | {
+        int(m.annotation["image_id"]) for m in misses
+    }
+    images = _val_images(plan, wanted)
+    objects: dict[int, list[Mapping[str, Any]]] = {}
+    for a in val.gt.get("annotations", []):
+        objects.setdefault(int(a["image_id"]), []).append(a)
+    rows: dict[str, list[plots.GalleryTile]] = {"false positives": [], "missed objects": []}
+    for f in fps:
+        d = dets[f.detection]
+        name, score = names.get(int(d["category_id"]), str(d["category_id"])), float(d["score"])
+        on = "background" if f.true_category is None else f"a {names.get(f.true_category, f.true_category)}"
+        tile = _tile(images, objects, d["image_id"], d["bbox"], f"{name} {score:.2f}", names)
+        if tile is not None:
+            rows["false positives"].append(plots.GalleryTile(tile[0], tile[1], f"{name} {score:.2f} on {on}"))
+    for m in misses:
+        a = m.annotation
+        name = names.get(int(a["category_id"]), str(a["category_id"]))
+        how = (
+            "not detected" if m.predicted_category is None else f"taken for {names.get(m.predicted_category)}"
+        )
+        tile = _tile(images, objects, a["image_id"], a["bbox"], f"missed {name}", names, skip=a)
+        if tile is not None:
+            rows["missed objects"].append(plots.GalleryTile(tile[0], tile[1], f"{name}: {how}"))
+    return rows
+
+
+def _xywh_area(bbox: Sequence[float]) -> float:
+    return float(bbox[2]) * float(bbox[3])
+
+
+def _tile(
+    images: Mapping[int, np.ndarray],
+    objects: Mapping[int, Sequence[Mapping[str, Any]]],
+    image_id: Any,
+    bbox: Sequence[float],
+    label: str,
+    names: Mapping[int, str],
+    skip: Mapping[str, Any] | None = None,
+) -> tuple[np.ndarray, list[tuple[list[float], str, str]]] | None:
+    """A crop of image ``image_id`` around ``bbox`` (XYWH, original pixels) with the error box (``label``)
+    and the image's other objects inside the crop, in crop pixels; None when the image did not load."""
+    img = images.get(int(image_id))
+    if img is None:
+        return None
+    x, y, w, h = (float(v) for v in bbox)
+    pad = max(32.0, CROP_CONTEXT * max(w, h))
+    x0, y0 = int(max(0, x - pad)), int(max(0, y - pad))
+    x1, y1 = int(min(img.shape[1], x + w + pad)), int(min(img.shape[0], y + h + pad))
+    boxes: list[tuple[list[float], str, str]] = []
+    for a in objects.get(int(image_id), []):
+        if a is skip:
+            continue
+        ax, ay, aw, ah = (float(v) for v in a["bbox"])
+        if ax < x1 and ay < y1 and ax + aw > x0 and ay + ah > y0:
+            name = names.get(int(a["category_id"]), str(a["category_id"]))
+            boxes.append(([ax - x0, ay - y0, ax + aw - x0, ay + ah - y0], name, "context"))
+    boxes.append(([x - x0, y - y0, x + w - x0, y + h - y0], label, "error"))
+    return img[y0:y1, x0:x1], boxes
+
+
+def _val_images(plan: Sequence[Any], image_ids: set[int]) -> dict[int, np.ndarray]:
+    """The decoded val images (display orientation, original pixels) of ``image_ids``, read from the shard
+    files of ``plan`` with the one decoder policy; images that do not decode are left out."""
+    found: dict[int, np.ndarray] = {}
+    if not image_ids:
+        return found
+    for entry in plan:
+        uri = entry if isinstance(entry, (str, os.PathLike)) else entry[0]
+        fs, path = resolve_uri(uri)
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f, columns=["image_id", "image"])
+        table = table.filter(
+            pc.is_in(table["image_id"], value_set=pa.array(sorted(image_ids), table["image_id"].type))
+        )
+        for image_id, data in zip(table["image_id"].to_pylist(), table["image"].to_pylist(), strict=True):
+            try:
+                found[int(image_id)] = decode_image(data)
+            except Exception:  # noqa: BLE001 - the eval counted it as skipped: no tile, no failure
+                continue
+        if len(found) == len(image_ids):
+            break
+    return found

@@ -4,6 +4,10 @@ semantics), for training-time eval on every rank (:func:`evaluate_distributed`) 
 post-processor maps boxes back to original pixels (``PostProcessor(..., target_sizes=...)``), so the
 ``val/AP`` a run reports and ``ray-retina eval`` of its checkpoint agree to the last digit (tested).
 
+Each eval also chooses per-class operating thresholds on its val detections (``operating_point``: the
+F1-optimal score threshold and the lowest reaching ``eval.precision_target``, at IoU 0.5), reported as
+``val/F1/<class>`` and ``val/threshold/<class>`` and returned in :class:`EvalResult` for the checkpoint.
+
 Two interchangeable backends: ``faster_coco_eval`` (C++; the default, since COCO eval runs at every eval
 period) and the reference ``pycocotools``. Both return the same 12 stats on the same input (tested).
 Detections come in the COCO results format: ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``
@@ -18,6 +22,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ray_retina.engine.tta import detect_tta
+from ray_retina.operating_point import ValDetections, review_val_detections
 
 if TYPE_CHECKING:
     from ray_retina.config import Config, TTASection
@@ -165,26 +171,73 @@ def per_class_ap(coco_eval: Any, names: Mapping[int, str] | None = None) -> dict
     return out
 
 
+# Per-class entries -> metric key prefixes: AP and AP50 from the COCOeval, F1 and the F1-optimal threshold
+# from the operating point (``operating_point``), all at ``val/<prefix>/<class name>``.
+PER_CLASS_KEYS: tuple[tuple[str, str], ...] = (
+    ("AP", "AP"),
+    ("AP50", "AP50"),
+    ("F1", "F1"),
+    ("threshold", "threshold"),
+)
+
+
+def per_class_results(coco_eval: Any, val: ValDetections) -> dict[int, dict[str, float]]:
+    """Per category id (every category of the ground truth): ``AP`` and ``AP50`` (:func:`per_class_ap`;
+    absent when the model made no detection), ``F1`` (-1 without objects in val), ``threshold`` (F1-optimal)
+    and ``precision_threshold`` (the lowest reaching the precision target)."""
+    ap = per_class_ap(coco_eval)
+    out: dict[int, dict[str, float]] = {}
+    for cat, op in val.points.classes.items():
+        out[cat] = {
+            **ap.get(cat, {}),
+            "F1": op.f1,
+            "threshold": op.threshold,
+            "precision_threshold": op.precision_threshold,
+        }
+    return out
+
+
 def per_class_metrics(
     per_class: Mapping[int, Mapping[str, float]], names: Mapping[int, str]
 ) -> dict[str, float]:
-    """``val/AP/<class name>`` and ``val/AP50/<class name>`` (MLflow-safe names) of :func:`per_class_ap`."""
+    """``val/AP/<class name>``, ``val/AP50/<class name>``, ``val/F1/<class name>`` and
+    ``val/threshold/<class name>`` (MLflow-safe names) of the entries each class has."""
     out: dict[str, float] = {}
     for cat, v in per_class.items():
         name = metric_safe(names.get(cat, str(cat)))
-        out[f"val/AP/{name}"] = v["AP"]
-        out[f"val/AP50/{name}"] = v["AP50"]
+        out.update({f"val/{prefix}/{name}": float(v[key]) for key, prefix in PER_CLASS_KEYS if key in v})
     return out
 
 
 def format_per_class(per_class: Mapping[int, Mapping[str, float]], names: Mapping[int, str]) -> str:
-    """The per-class table people read: class, AP and AP50 in percent."""
+    """The per-class table people read: class, AP, AP50 and best F1 in percent, then the F1-optimal score
+    threshold and the one reaching the precision target (n/a where a class has no value)."""
     width = max([5] + [len(names.get(c, str(c))) for c in per_class])
-    lines = [f"{'class':<{width}}  {'AP':>6}  {'AP50':>6}"]
+    lines = [f"{'class':<{width}}  {'AP':>6}  {'AP50':>6}  {'F1':>6}  {'thr F1':>6}  {'thr P':>6}"]
     for cat, v in per_class.items():
-        cells = [f"{100 * v[k]:6.2f}" if v[k] >= 0 else f"{'n/a':>6}" for k in ("AP", "AP50")]
-        lines.append(f"{names.get(cat, str(cat)):<{width}}  {cells[0]}  {cells[1]}")
+        cells = [f"{100 * v[k]:6.2f}" if v.get(k, -1) >= 0 else f"{'n/a':>6}" for k in ("AP", "AP50", "F1")]
+        cells += [f"{v[k]:6.3f}" if k in v else f"{'n/a':>6}" for k in ("threshold", "precision_threshold")]
+        lines.append(f"{names.get(cat, str(cat)):<{width}}  " + "  ".join(cells))
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What one evaluation computed.
+
+    ``metrics``: flat numbers (``evaluate_distributed``: ``val/...`` keys on every rank;
+    ``evaluate_checkpoint``: the 12 ``STAT_NAMES`` plus ``num_images`` and ``skipped_images``).
+    ``per_class``: :func:`per_class_results`. ``thresholds``: the checkpoint's ``"thresholds"`` entry
+    (``OperatingPoints.checkpoint_entry``: ``{"f1": {"<category_id>": float}, "precision": {...},
+    "precision_target": float}``). ``coco_eval`` (the COCOeval after ``accumulate``, None without
+    detections) and ``val`` (the matched detections, for the pictures) are set where COCO AP was computed
+    (rank 0) and None elsewhere."""
+
+    metrics: dict[str, float]
+    per_class: dict[int, dict[str, float]]
+    thresholds: dict[str, Any]
+    coco_eval: Any = None
+    val: ValDetections | None = None
 
 
 # ----------------------------------------------------------------------------------------- detection
@@ -318,6 +371,33 @@ def names_by_id(categories: Sequence[Mapping[str, Any]]) -> dict[int, str]:
     return {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
 
 
+def score_detections(
+    gt: dict[str, Any],
+    detections: list[dict[str, Any]],
+    img_ids: Iterable[int],
+    cfg: Config,
+    *,
+    backend: Backend | None = None,
+) -> tuple[dict[str, float], EvalResult]:
+    """COCO AP and the operating points of ``detections`` on ``img_ids``: the 12 stats (``STAT_NAMES``
+    keys) and an :class:`EvalResult` without ``metrics`` yet (per class, thresholds, COCOeval, matches).
+    ``backend`` defaults to the config's ``train.eval_backend``; the precision target is
+    ``eval.precision_target``, the floor of the thresholds ``postprocess.score_thresh``."""
+    ids = sorted({int(i) for i in img_ids})
+    stats, ev = coco_evaluate(
+        gt, detections, backend=backend or cfg.train.eval_backend, img_ids=ids, return_eval=True
+    )
+    val = review_val_detections(
+        gt,
+        detections,
+        ids,
+        precision_target=cfg.eval.precision_target,
+        floor=cfg.postprocess.score_thresh,
+    )
+    result = EvalResult({}, per_class_results(ev, val), val.points.checkpoint_entry(), ev, val)
+    return stats, result
+
+
 def evaluate_distributed(
     engine: Any,
     cfg: Config,
@@ -325,14 +405,16 @@ def evaluate_distributed(
     gt: dict[str, Any] | None,
     rank: int,
     world: int,
-    keep_eval: list[Any] | None = None,
-) -> dict[str, float]:
-    """Each rank detects (``engine.predict_all``, an ``engine.loop.Engine``) on its share of the val plan (``datasets.eval_plan``); rank 0 computes COCO AP
-    on the union. Returns on every rank (broadcast) the 12 stats keyed ``val/AP`` ... ``val/ARl``, the
-    per-class ``val/AP/<name>`` and ``val/AP50/<name>``, ``val/num_images`` (images in the AP) and
-    ``val/skipped_images`` (val images that did not decode: kept in the AP with no detections, so they
-    count against it, never silently out of the denominator). On rank 0 the COCOeval object is appended
-    to `keep_eval` when given (for the PR-curve pictures)."""
+) -> EvalResult:
+    """Each rank detects (``engine.predict_all``, an ``engine.loop.Engine``) on its share of the val plan
+    (``datasets.eval_plan``); rank 0 computes COCO AP and the per-class operating points on the union.
+
+    Returns on every rank (broadcast) the metrics: the 12 stats keyed ``val/AP`` ... ``val/ARl``, per class
+    ``val/AP/<name>``, ``val/AP50/<name>``, ``val/F1/<name>`` and ``val/threshold/<name>``,
+    ``val/num_images`` (images in the AP), ``val/skipped_images`` (val images that did not decode: kept in
+    the AP with no detections, so they count against it, never silently out of the denominator) and
+    ``val/num_detections``; and the per-class results and thresholds (the checkpoint's ``"thresholds"``).
+    The COCOeval and the matched detections (for the pictures) on rank 0 only."""
     from ray_retina.data.datasets import iter_eval_batches
 
     mine = list(plan[rank::world])
@@ -345,19 +427,18 @@ def evaluate_distributed(
     all_dets = [d for p in parts for d in p[0]]
     all_ids = [i for p in parts for i in (*p[1], *p[2])]
     all_skipped = [i for p in parts for i in p[2]]
-    stats: dict[str, float] = {}
+    local = EvalResult({}, {}, {})
     if rank == 0:
         assert gt is not None
-        ids = sorted(set(all_ids))
-        raw, ev = coco_evaluate(gt, all_dets, backend=cfg.train.eval_backend, img_ids=ids, return_eval=True)
-        if keep_eval is not None:
-            keep_eval.append(ev)
+        raw, local = score_detections(gt, all_dets, all_ids, cfg)
         stats = {f"val/{k}": v for k, v in raw.items()}
-        stats.update(per_class_metrics(per_class_ap(ev), names_by_id(gt["categories"])))
-        stats["val/num_images"] = float(len(ids))
+        stats.update(per_class_metrics(local.per_class, names_by_id(gt["categories"])))
+        stats["val/num_images"] = float(len(set(all_ids)))
         stats["val/skipped_images"] = float(len(set(all_skipped)))
         stats["val/num_detections"] = float(len(all_dets))
-    return broadcast(stats)
+        local = EvalResult(stats, local.per_class, local.thresholds, local.coco_eval, local.val)
+    metrics, per_class, thresholds = broadcast((local.metrics, local.per_class, local.thresholds))
+    return EvalResult(metrics, per_class, thresholds, local.coco_eval, local.val)
 
 
 # ----------------------------------------------------------------------------------------- offline
@@ -372,21 +453,21 @@ def evaluate_checkpoint(
     plots_dir: str | os.PathLike[str] | None = None,
     batch_size: int | None = None,
     max_images: int | None = None,
-    per_class: dict[int, dict[str, float]] | None = None,
     tta: TTASection | None = None,
-) -> dict[str, float]:
-    """COCO box AP of a checkpoint on a val shard set: the 12 stats keyed as ``STAT_NAMES`` (AP, AP50, AP75,
-    APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl), each in [0, 1], or -1 where COCO has no data (e.g. no
-    small objects), plus ``num_images`` and ``skipped_images``.
+) -> EvalResult:
+    """COCO box AP and operating points of a checkpoint on a val shard set. ``metrics``: the 12 stats keyed
+    as ``STAT_NAMES`` (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl), each in [0, 1], or
+    -1 where COCO has no data (e.g. no small objects), plus ``num_images`` and ``skipped_images``;
+    ``per_class``, ``thresholds``, ``coco_eval`` and ``val`` as :class:`EvalResult` says.
 
     Runs in this process (no Ray), through the same :func:`detect` and COCO eval as training: the same
     test-time preprocessing, autocast, post-process and back-mapping. ``checkpoint``: a file, a checkpoint
     directory, or a run directory (its best checkpoint by val/AP). ``batch_size`` defaults to the
     config's ``data.batch_size`` (as in training eval: a different batch pads differently and can move AP
     in the last digit); ``backend`` to the config's ``train.eval_backend``; ``max_images`` evaluates the
-    first N images only. ``per_class``, when given, is filled with :func:`per_class_ap`. ``tta``: the
-    test-time augmentation (None: the checkpoint config's ``eval.tta``). With
-    ``plots_dir`` it also writes the run's pictures (``report.write_run_pictures``).
+    first N images only. ``tta``: the test-time augmentation (None: the checkpoint config's ``eval.tta``).
+    With ``plots_dir`` it also writes the run's pictures (``report.write_run_pictures``), the error
+    analysis at the F1-optimal thresholds included.
     """
     from ray_retina.checkpoint import load_checkpoint_state
     from ray_retina.data.datasets import eval_plan, iter_eval_batches
@@ -435,14 +516,10 @@ def evaluate_checkpoint(
     if not img_ids:
         raise ValueError(f"{os.fspath(shards)}: no val image could be read")
     ids = sorted(set(img_ids) | set(skipped))
-    stats, coco_eval = coco_evaluate(
-        gt, dets, backend=backend or cfg.train.eval_backend, img_ids=ids, return_eval=True
-    )
-    stats = {k: float(stats[k]) for k in STAT_NAMES}
+    raw, result = score_detections(gt, dets, ids, cfg, backend=backend)
+    stats = {k: float(raw[k]) for k in STAT_NAMES}
     stats["num_images"] = float(len(ids))
     stats["skipped_images"] = float(len(set(skipped)))
-    if per_class is not None:
-        per_class.update(per_class_ap(coco_eval))
     if plots_dir is not None:
         from ray_retina.report import write_run_pictures
 
@@ -453,9 +530,10 @@ def evaluate_checkpoint(
             cat_ids,
             manifest["categories"],
             plan,
-            coco_eval,
+            result.coco_eval,
             Path(plots_dir),
             with_truth=same_labels,
+            val=result.val,
         )
         logger.info("wrote %s", ", ".join(str(p) for p in written))
-    return stats
+    return EvalResult(stats, result.per_class, result.thresholds, result.coco_eval, result.val)

@@ -204,14 +204,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if it % period == 0 or it >= max_iters:
                 elapsed = time.perf_counter() - window_start
                 final = engine.iteration >= max_iters
-                coco_eval: list[Any] = []
-                metrics = evaluate_distributed(
-                    engine, cfg, loop_config["val_plan"], gt, rank, world, coco_eval
-                )
+                result = evaluate_distributed(engine, cfg, loop_config["val_plan"], gt, rank, world)
+                metrics = dict(result.metrics)
                 if rank == 0:
                     progress.eval_table(it, metrics)
                 if final and tracker is not None:
-                    _log_pictures(engine, cfg, loop_config, gt, coco_eval[0] if coco_eval else None, tracker)
+                    _log_pictures(engine, cfg, loop_config, gt, result, tracker)
                 n = max(window["n"], 1.0)
                 metrics.update(
                     {
@@ -229,7 +227,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         "epoch": float(engine.epoch),
                     }
                 )
-                last_ckpt = _report(engine, metrics, rank, tracker, loop_config.get("run_dir"))
+                last_ckpt = _report(
+                    engine, metrics, rank, tracker, loop_config.get("run_dir"), thresholds=result.thresholds
+                )
                 window = dict.fromkeys(window, 0.0)
                 window_start = time.perf_counter()
             if engine.iteration >= max_iters:
@@ -245,7 +245,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _log_pictures(
-    engine: Engine, cfg: Config, loop_config: dict[str, Any], gt: Any, coco_eval: Any, tracker: Any
+    engine: Engine, cfg: Config, loop_config: dict[str, Any], gt: Any, result: Any, tracker: Any
 ) -> None:
     """Rank 0, last eval round: PR curves, detections on val images and Figure 4 as MLflow artifacts."""
     from ray_retina.engine.loop import unwrap
@@ -260,8 +260,9 @@ def _log_pictures(
                 loop_config["cat_ids"],
                 gt["categories"],
                 loop_config["val_plan"],
-                coco_eval,
+                result.coco_eval,
                 tmp,
+                val=result.val,
             )
             for p in paths:
                 tracker.log_artifact(p, "plots")
@@ -270,7 +271,13 @@ def _log_pictures(
 
 
 def _report(
-    engine: Engine, metrics: dict[str, float], rank: int, tracker: Any, run_dir: str | None
+    engine: Engine,
+    metrics: dict[str, float],
+    rank: int,
+    tracker: Any,
+    run_dir: str | None,
+    *,
+    thresholds: dict[str, Any] | None = None,
 ) -> str | None:
     """Report metrics + rank 0's checkpoint (with every rank's random state); returns where it lands."""
     import ray.train
@@ -281,7 +288,10 @@ def _report(
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            save_checkpoint(engine.state_dict(rng_per_rank=rngs), tmp)
+            state = engine.state_dict(rng_per_rank=rngs)
+            if thresholds is not None:
+                state["thresholds"] = thresholds
+            save_checkpoint(state, tmp)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         name = checkpoint_dir_name(engine.iteration)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)

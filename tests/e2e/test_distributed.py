@@ -93,7 +93,8 @@ def _eval_probe(config: dict) -> None:
         cfg, model, build_criterion(cfg, 3), build_postprocessor(cfg), torch.device("cpu"), config["cat_ids"]
     )
     gt = coco_gt_from_shards(cfg.data.val_shards) if rank == 0 else None
-    stats = evaluate_distributed(engine, cfg, config["val_plan"], gt, rank, world)
+    result = evaluate_distributed(engine, cfg, config["val_plan"], gt, rank, world)
+    stats = {**result.metrics, "thresholds": result.thresholds}
     (Path(config["out"]) / f"stats_{world}_{rank}.json").write_text(json.dumps(stats))
     ray.train.report({})
 
@@ -157,5 +158,5 @@ def test_distributed_eval_equals_single_worker(two_node_cluster, tmp_path):
     assert json.loads((tmp_path / "stats_2_1.json").read_text()) == two  # every rank gets rank 0's stats
     assert one["val/num_images"] == two["val/num_images"] == 8
     assert one["val/num_detections"] == two["val/num_detections"] > 0
-    for k in ("val/AP", "val/AP50", "val/AP75", "val/AR100"):
+    for k in ("val/AP", "val/AP50", "val/AP75", "val/AR100", "thresholds"):
         assert one[k] == two[k], k

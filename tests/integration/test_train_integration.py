@@ -41,11 +41,22 @@ def test_train_two_workers_end_to_end(ray_session, tiny_data, tmp_path, mlflow_u
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert plots == {"plots/pr_curves.png", "plots/detections.png", "plots/focal_loss_cdf.png"}
+    assert plots == {
+        f"plots/{name}.png"
+        for name in (
+            "pr_curves",
+            "detections",
+            "focal_loss_cdf",
+            "confusion_matrix",
+            "confidence_curves",
+            "error_gallery",
+        )
+    }
 
     # Per-class AP from the same COCOeval, one metric per class name.
     for name in ("rectangle", "ellipse", "triangle"):
         assert f"val/AP/{name}" in run.data.metrics and f"val/AP50/{name}" in run.data.metrics
+        assert f"val/F1/{name}" in run.data.metrics and f"val/threshold/{name}" in run.data.metrics
     # lr resolved in the worker for the world size that ran, logged as tags
     assert run.data.tags["resolved.world_size"] == "2" and float(run.data.tags["resolved.optim.lr"]) == 0.002
 
@@ -57,12 +68,19 @@ def test_train_two_workers_end_to_end(ray_session, tiny_data, tmp_path, mlflow_u
 
     # One detection path: `ray-retina eval` of the final checkpoint gives the val/AP the run reported, to the
     # last digit (same back-mapping, autocast, batching and COCO eval backend).
+    from ray_retina.data.shards import read_manifest
     from ray_retina.engine.evaluate import STAT_NAMES, evaluate_checkpoint
 
-    stats = evaluate_checkpoint(out.checkpoint_path, cfg.data.val_shards)
+    result = evaluate_checkpoint(out.checkpoint_path, cfg.data.val_shards)
+    stats = result.metrics
     for k in STAT_NAMES:
         assert stats[k] == out.metrics[f"val/{k}"], k
     assert stats["num_images"] == out.metrics["val/num_images"] == 8
+    # The checkpoint carries the per-class thresholds of its eval: the same as eval of it finds.
+    assert state["thresholds"] == result.thresholds
+    assert set(state["thresholds"]["f1"]) == {
+        str(c["id"]) for c in read_manifest(cfg.data.val_shards)["categories"]
+    }
 
 
 def test_tune_two_trials(ray_session, tiny_data, tmp_path, mlflow_uri, capsys):

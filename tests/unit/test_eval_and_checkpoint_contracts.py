@@ -170,7 +170,7 @@ def test_undecodable_val_image_stays_in_the_ap_denominator(val_set, tmp_path):
         cfg, model, build_criterion(cfg, 3), build_postprocessor(cfg), torch.device("cpu"), [3, 17, 42]
     )
     torch.save(eng.state_dict(), tmp_path / "checkpoint.pt")
-    stats = evaluate_checkpoint(tmp_path / "checkpoint.pt", val_set)
+    stats = evaluate_checkpoint(tmp_path / "checkpoint.pt", val_set).metrics
     assert stats["num_images"] == 5 and stats["skipped_images"] == 1
     assert set(STAT_NAMES) <= set(stats)
 

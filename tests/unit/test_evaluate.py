@@ -138,3 +138,37 @@ def test_unknown_backend_and_table():
         coco_evaluate(_gt(), _noisy_dets(_gt()), backend="nope")  # type: ignore[arg-type]
     table = format_stats({k: 0.5 for k in STAT_NAMES})
     assert "AP@[.50:.95]" in table and "50.00" in table
+
+
+def test_score_detections_reports_operating_points():
+    """One eval gives AP and the operating points of the same detections: per-class entries, the metric keys
+    every eval logs, the checkpoint's thresholds entry and the CLI's table."""
+    from ray_retina.config import Config, apply_overrides
+    from ray_retina.engine.evaluate import format_per_class, per_class_metrics, score_detections
+    from ray_retina.operating_point import choose_thresholds, match_detections
+
+    gt, dets = _gt(), _noisy_dets(_gt())
+    cfg = apply_overrides(Config(), {"eval.precision_target": 0.8})
+    stats, result = score_detections(gt, dets, [i["id"] for i in gt["images"]], cfg)
+    assert stats == coco_evaluate(gt, dets)
+    ops = choose_thresholds(
+        match_detections(gt, dets), precision_target=0.8, floor=cfg.postprocess.score_thresh
+    )
+    assert result.thresholds == ops.checkpoint_entry() and result.thresholds["precision_target"] == 0.8
+    assert set(result.per_class) == {3, 17, 42}
+    for cat, v in result.per_class.items():
+        assert v["F1"] == ops.classes[cat].f1 and v["threshold"] == ops.classes[cat].threshold
+        assert 0.0 < v["F1"] < 1.0 and 0.0 < v["AP50"] <= 1.0
+    names = {3: "a", 17: "b/x", 42: "c"}
+    metrics = per_class_metrics(result.per_class, names)
+    assert metrics["val/F1/b_x"] == result.per_class[17]["F1"]
+    assert metrics["val/threshold/a"] == result.per_class[3]["threshold"]
+    table = format_per_class(result.per_class, names).splitlines()
+    assert table[0].split() == ["class", "AP", "AP50", "F1", "thr", "F1", "thr", "P"]
+    assert table[1].split()[4] == f"{result.per_class[3]['threshold']:.3f}"
+    # No detection at all: no AP entries, F1 0 and nothing kept for every class with objects.
+    _, empty = score_detections(gt, [], [i["id"] for i in gt["images"]], cfg)
+    assert all(
+        v == {"F1": 0.0, "threshold": 1.0, "precision_threshold": 1.0} for v in empty.per_class.values()
+    )
+    assert "n/a" in format_per_class(empty.per_class, names)

@@ -203,6 +203,82 @@ def test_figure4_from_model(tmp_path):
         report.figure4_from_model(model, criterion, [], 2.0, 0.25, tmp_path / "x.png")
 
 
+# ----------------------------------------------------------------------------------------- error analysis
+
+
+def _not_blank(path) -> bool:
+    """A PNG with more than one colour in it (something was drawn)."""
+    from matplotlib.image import imread
+
+    pixels = imread(path)
+    return _is_png(path) and float(pixels[..., :3].std()) > 0.01
+
+
+def test_confusion_matrix_and_confidence_curves_png(tmp_path):
+    m = np.array([[5, 1, 2], [0, 3, 1], [4, 2, 0]])
+    assert _not_blank(plots.confusion_matrix(m, ["cat", "dog"], tmp_path / "cm.png"))
+    with pytest.raises(ValueError, match=r"\(3, 3\) matrix for 2 classes"):
+        plots.confusion_matrix(m[:2], ["cat", "dog"], tmp_path / "bad.png")
+    x = np.linspace(0, 1, 11)
+    curves = {"cat": {"f1": x * (1 - x), "precision": x, "recall": 1 - x}}
+    assert _not_blank(plots.confidence_curves(x, curves, {"cat": 0.5}, tmp_path / "conf.png"))
+    assert _not_blank(plots.confidence_curves(x, {}, {}, tmp_path / "empty.png"))
+
+
+def test_error_pictures_on_val_images(synth_val, tmp_path):
+    """Perfect detections of every object but the first two; the first missed, the second found only by a
+    detection of another class, and a confident box on background: the matrix says so, and the gallery
+    draws those errors on the val images, cropped around them, largest miss and highest score first."""
+    from ray_retina.data.datasets import eval_plan
+    from ray_retina.data.shards import coco_gt_from_shards
+    from ray_retina.operating_point import review_val_detections
+
+    _, shards = synth_val
+    gt = coco_gt_from_shards(shards)
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    anns = [a for a in gt["annotations"] if not a["iscrowd"]]
+    dets = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        for a in anns[2:]
+    ]
+    # Classes with a true positive keep everything above 0.9 at their F1 threshold (one extra false
+    # positive costs less than the objects it would drop).
+    found = sorted({a["category_id"] for a in anns[2:]})
+    other = next(c for c in found if c != anns[1]["category_id"])
+    confused = {"image_id": anns[1]["image_id"], "category_id": other, "bbox": anns[1]["bbox"], "score": 0.97}
+    background = {
+        "image_id": anns[0]["image_id"],
+        "category_id": found[0],
+        "bbox": [0, 0, 6, 6],
+        "score": 0.95,
+    }
+    dets += [confused, background]
+    val = review_val_detections(gt, dets, [i["id"] for i in gt["images"]], precision_target=0.5, floor=0.05)
+    errors = val.errors()
+    cats, k = errors.cat_ids, len(errors.cat_ids)
+    assert np.trace(errors.matrix) == len(anns) - 2
+    assert errors.matrix[:k, k].sum() == 1  # the first object: nobody found it
+    assert errors.matrix[cats.index(anns[1]["category_id"]), cats.index(other)] == 1
+    assert errors.matrix[k].sum() == 1  # the box on background
+    rows = report._gallery(val, errors, eval_plan(shards), names)
+    fps, misses = rows["false positives"], rows["missed objects"]
+    assert [t.title for t in fps] == [
+        f"{names[other]} 0.97 on a {names[anns[1]['category_id']]}",
+        f"{names[found[0]]} 0.95 on background",
+    ]
+    assert all(t.image.ndim == 3 and min(t.image.shape[:2]) >= 6 for t in fps + misses)
+    assert sorted(t.title for t in misses) == sorted(
+        [
+            f"{names[anns[0]['category_id']]}: not detected",
+            f"{names[anns[1]['category_id']]}: taken for {names[other]}",
+        ]
+    )
+    assert [b[2] for b in fps[1].boxes].count("error") == 1
+    written = report.write_error_pictures(val, eval_plan(shards), tmp_path)
+    assert [p.name for p in written] == ["confusion_matrix.png", "confidence_curves.png", "error_gallery.png"]
+    assert all(_not_blank(p) for p in written)
+
+
 def _sweep_rows():
     rng = np.random.default_rng(0)
     rows = []

@@ -30,15 +30,23 @@ def test_load_checkpoint_forms(untrained_checkpoint, tmp_path):
 def test_evaluate_checkpoint(untrained_checkpoint, synth_val, tmp_path):
     run, _, _ = untrained_checkpoint
     _, shards = synth_val
-    stats = evaluate_checkpoint(run, shards, device=torch.device("cpu"), plots_dir=tmp_path / "plots")
+    result = evaluate_checkpoint(run, shards, device=torch.device("cpu"), plots_dir=tmp_path / "plots")
+    stats = result.metrics
     assert list(stats) == [*STAT_NAMES, "num_images", "skipped_images"]
     assert all(v == -1 or 0.0 <= v <= 1.0 for k, v in stats.items() if k in STAT_NAMES), stats
     assert stats["skipped_images"] == 0 and stats["num_images"] > 0
-    for name in ("pr_curves.png", "detections.png", "focal_loss_cdf.png"):
+    for name in (
+        "pr_curves.png",
+        "detections.png",
+        "focal_loss_cdf.png",
+        "confusion_matrix.png",
+        "confidence_curves.png",
+        "error_gallery.png",
+    ):
         data = (tmp_path / "plots" / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 2000, name
     # The CLI's call (str paths, no plots); the first images only.
-    few = evaluate_checkpoint(str(run), str(shards), device=torch.device("cpu"), max_images=2)
+    few = evaluate_checkpoint(str(run), str(shards), device=torch.device("cpu"), max_images=2).metrics
     assert list(few) == [*STAT_NAMES, "num_images", "skipped_images"] and few["num_images"] == 2
 
 
