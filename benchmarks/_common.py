@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.metadata
+import io
 import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 def median_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> tuple[float, list[float]]:
@@ -173,3 +176,33 @@ def write_results(
     (out_dir / f"{stem}.md").write_text(header + table.rstrip() + "\n")
     print(f"results: {json_path} (+ .md)", flush=True)
     return json_path
+
+
+class _Tee(io.TextIOBase):
+    """Writes to the real stdout and keeps a copy."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out, self.copy = out, io.StringIO()
+
+    def write(self, s: str) -> int:
+        self.copy.write(s)
+        return self.out.write(s)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+@contextlib.contextmanager
+def recorded_run(name: str) -> Iterator[dict[str, Any]]:
+    """Run a benchmark's ``main()`` inside: what it prints (its table) is also written, with the command line
+    and the environment, by :func:`write_results` when it returns without an exception. The yielded dict takes
+    numbers the script wants kept in the JSON as well (``rec["key"] = ...``)."""
+    tee, data = _Tee(sys.stdout), {"argv": sys.argv[1:]}
+    old, sys.stdout = sys.stdout, tee
+    try:
+        yield data
+    finally:
+        sys.stdout = old
+    write_results(
+        name, "```\n" + tee.copy.getvalue().rstrip() + "\n```", {**data, "stdout": tee.copy.getvalue()}
+    )

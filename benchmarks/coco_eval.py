@@ -20,6 +20,7 @@ import statistics
 import time
 
 import numpy as np
+from _common import recorded_run
 
 from ray_retina.engine.evaluate import STAT_NAMES, coco_evaluate
 
@@ -150,4 +151,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded_run("coco_eval"):  # the table and the environment to benchmarks/results/
+        main()

@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import recorded_run
+
 
 def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -547,4 +549,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded_run("data_pipeline"):  # the table and the environment to benchmarks/results/
+        main()

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _common import recorded_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -531,4 +532,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded_run("ddp_overhead"):  # the table and the environment to benchmarks/results/
+        main()

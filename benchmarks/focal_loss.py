@@ -15,7 +15,7 @@ import argparse
 
 import torch
 import torchvision
-from _common import interleaved_medians, load_average, peak_extra_rss
+from _common import interleaved_medians, load_average, peak_extra_rss, recorded_run
 
 from ray_retina.losses import focal_loss_from_labels
 
@@ -82,4 +82,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded_run("focal_loss"):  # the table and the environment to benchmarks/results/
+        main()

@@ -13,7 +13,7 @@ import argparse
 from types import SimpleNamespace
 
 import torch
-from _common import interleaved_medians, load_average
+from _common import interleaved_medians, load_average, recorded_run
 from torchvision.models.detection import RetinaNet as TVRetinaNet
 from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
 
@@ -87,4 +87,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded_run("postprocess"):  # the table and the environment to benchmarks/results/
+        main()
