@@ -659,7 +659,9 @@ def deterministic_check(report: Report, s: Settings, device: torch.device) -> No
     the same weights and batch give bit-identical losses and gradients with it on (and how far apart they are
     with it off); (2) our step's images/s with it on against PyTorch's defaults and against
     ``cudnn.benchmark``, interleaved, medians, at both batch sizes. An op with no deterministic kernel makes
-    the strict mode raise: the row names it and the rest runs with ``warn_only``."""
+    the strict mode raise: the row names it and the rest runs with ``warn_only``. The timed "deterministic"
+    variant is what ``train.deterministic`` sets (``ray_retina.engine.determinism.set_deterministic``:
+    ``warn_only``, cuDNN deterministic, autotuner off, the cuBLAS workspace this script sets at start)."""
     cfg = apply_overrides(Config(), {"model.backbone": s.backbone, **s.model_overrides})
     torch.manual_seed(0)
     model = build_model(cfg, NUM_CLASSES).to(device).train()
@@ -709,7 +711,10 @@ def deterministic_check(report: Report, s: Settings, device: torch.device) -> No
     opt = sgd(model)
     variants = {
         "default": {"on": False},
-        "deterministic": {"on": True, "warn_only": warn_only},
+        "deterministic": {
+            "on": True,
+            "warn_only": True,
+        },  # what train.deterministic sets (engine/determinism.py)
         "cudnn_benchmark": {"on": False, "benchmark": True},
     }
     rates: dict[int, dict[str, float]] = {}
@@ -1080,7 +1085,8 @@ def data_per_core(report: Report, s: Settings, tmp: Path) -> dict[str, float]:
     process, over synthetic COCO-format JPEGs: images per CPU-second of this process = images/s per core."""
     import numpy as np
 
-    from ray_retina.data import augment_batch, make_synthetic_coco
+    from ray_retina.data.augment import augment_batch
+    from ray_retina.data.synthetic import make_synthetic_coco
 
     lo, hi = s.data_source
     paths = make_synthetic_coco(
