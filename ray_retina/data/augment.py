@@ -27,6 +27,7 @@ import math
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -136,6 +137,8 @@ def augment_batch(
     if train and epoch is None and seed is not None:
         epoch = _ray_data_epoch()
 
+    # Per row: draws -> layout -> render (decode, crop, resize, colour) -> labels and boxes; each step is
+    # a function below with its own test. The loop itself only gathers the columns, so it stays one piece.
     out: dict[str, list[Any]] = {k: [] for k in AUGMENTED_COLUMNS}
     flips: list[bool] = []  # applied when the images are packed
     canvases: list[tuple[int, int, int, int, np.ndarray] | None] = []  # zoom-out: placed when packed
@@ -143,95 +146,48 @@ def augment_batch(
     for i in range(len(batch["image_id"])):
         image_id = int(batch["image_id"][i])
         h, w = int(batch["height"][i]), int(batch["width"][i])
-        if train:
-            rng = np.random.default_rng(
-                None if seed is None else [image_id & 0xFFFFFFFFFFFF, int(epoch or 0), seed & 0xFFFFFFFF]
+        if h <= 0 or w <= 0:  # prepare refuses these (size_invalid); shards from elsewhere may not
+            raise ValueError(
+                f"image {image_id}: height {h} x width {w} is not an image size; prepare the shards again "
+                "(`ray-retina prepare` skips and counts such records as size_invalid)"
             )
-            size = int(rng.integers(lo, hi + 1))
-            flip = bool(rng.random() < hflip_prob)
-        else:
-            size, flip = lo, False
-
         boxes = xywh_to_xyxy(_as_array(batch["bbox"][i], np.float32).reshape(-1, 4))
         crowd = _as_array(batch["iscrowd"][i], np.int64).reshape(-1).astype(bool)
-
-        window = zoom = colour = None
-        if crop and rng.random() < crop["prob"]:
-            window = _draw_crop(rng, h, w, boxes, crowd, float(crop["min_scale"]), float(crop["min_visible"]))
-        if zoom_out and rng.random() < zoom_out["prob"]:
-            zoom = _draw_zoom(rng, float(zoom_out["max_ratio"]))
-        if photometric and rng.random() < photometric["prob"]:
-            colour = _draw_photometric(rng, photometric)
-
-        # The region of the original that is shown (the crop window, else the whole image), its output size
-        # (new_h, new_w), and the canvas around it (zoom-out) of (canvas_h, canvas_w) at (top, left).
-        x0, y0, rw, rh = (
-            (0, 0, w, h) if window is None else (*window[:2], window[2] - window[0], window[3] - window[1])
-        )
-        if zoom is None:
-            scale = min(size / min(rh, rw), max_size / max(rh, rw))
-            new_h, new_w = max(1, int(rh * scale + 0.5)), max(1, int(rw * scale + 0.5))
-            canvas_h, canvas_w, top, left = new_h, new_w, 0, 0
+        if train:
+            draws = draw_augment(
+                image_rng(seed, image_id, epoch),
+                lo,
+                hi,
+                hflip_prob,
+                h,
+                w,
+                boxes,
+                crowd,
+                crop,
+                zoom_out,
+                photometric,
+            )
         else:
-            ratio, fx, fy = zoom
-            scale = min(size / (ratio * min(rh, rw)), max_size / (ratio * max(rh, rw)))
-            canvas_h, canvas_w = max(1, int(ratio * rh * scale + 0.5)), max(1, int(ratio * rw * scale + 0.5))
-            new_h = min(canvas_h, max(1, int(rh * scale + 0.5)))
-            new_w = min(canvas_w, max(1, int(rw * scale + 0.5)))
-            top = min(canvas_h - new_h, int(fy * (canvas_h - new_h + 1)))
-            left = min(canvas_w - new_w, int(fx * (canvas_w - new_w + 1)))
-
+            draws = Draws(size=lo)
+        layout = plan_layout(h, w, draws.size, max_size, draws.window, draws.zoom)
         try:
-            # the full image must decode at least this large for the region to come out at (new_h, new_w)
-            need = (min(h, -(-new_h * h // rh)), min(w, -(-new_w * w // rw)))
-            pixels = decode_image(_as_bytes(batch["image"][i]), min_size=need)
+            im = render(_as_bytes(batch["image"][i]), h, w, layout, draws.window, draws.colour)
         except Exception as e:  # corrupt, truncated, empty, unsupported: drop the row, keep training
             skipped.append(image_id)
             warn_skip(image_id, e)
             continue
-        im = Image.fromarray(pixels)
-        # the window in decoded pixels (maybe DCT-reduced): resized straight from the decoded image
-        fh, fw = pixels.shape[0] / h, pixels.shape[1] / w
-        box = None if window is None else (x0 * fw, y0 * fh, (x0 + rw) * fw, (y0 + rh) * fh)
-        if colour is not None and (fh, fw) == (1, 1) and rh * rw < new_h * new_w:
-            # Upscaling: the colour matrix on the shown region before the resize touches fewer pixels
-            # (COCO's 640 x 480 at S = 800: 2.8x fewer); it is affine, so it commutes with the bilinear
-            # resize up to rounding and clipping.
-            if window is not None:
-                im, box = im.crop(window), None
-            im, colour = _photometric_pil(im, *colour), None
-        if box is not None:
-            im = im.resize((new_w, new_h), Image.BILINEAR, box=box)
-        elif im.size != (new_w, new_h):
-            im = im.resize((new_w, new_h), Image.BILINEAR)
-        if colour is not None:
-            im = _photometric_pil(im, *colour)
-
-        cats = _as_array(batch["category_id"][i], np.int64).reshape(-1)
-        try:
-            labels = np.array([cat_to_label[int(c)] for c in cats], dtype=np.int64)
-        except KeyError as e:
-            raise ValueError(
-                f"image {image_id}: category id {e.args[0]} not in cat_ids {sorted(cat_to_label)}"
-            ) from None
-        if window is not None:
-            boxes, keep = crop_boxes(boxes, window, float(crop["min_visible"]))
-            boxes -= np.array([x0, y0, x0, y0], dtype=np.float32)
+        labels = map_labels(_as_array(batch["category_id"][i], np.int64).reshape(-1), cat_to_label, image_id)
+        if draws.window is not None:
+            boxes, keep = crop_boxes(boxes, draws.window, float(crop["min_visible"]))
             labels, crowd = labels[keep], crowd[keep]
-        boxes *= np.array([new_w / rw, new_h / rh, new_w / rw, new_h / rh], dtype=np.float32)
-        if zoom is not None:
-            boxes += np.array([left, top, left, top], dtype=np.float32)
-        if flip:
-            boxes = np.stack(
-                [canvas_w - boxes[:, 2], boxes[:, 1], canvas_w - boxes[:, 0], boxes[:, 3]], axis=1
-            )
+        boxes = move_boxes(boxes, layout, draws.flip)
 
         out["image"].append(np.asarray(im))
-        flips.append(flip)
-        canvases.append(None if zoom is None else (canvas_h, canvas_w, top, left, fill))
-        out["image_size"].append(np.array([canvas_h, canvas_w], dtype=np.int64))
+        flips.append(draws.flip)
+        canvases.append(None if draws.zoom is None else (*layout.canvas, layout.top, layout.left, fill))
+        out["image_size"].append(np.array(layout.canvas, dtype=np.int64))
         out["orig_size"].append(np.array([h, w], dtype=np.int64))
-        out["scale"].append(np.float32(scale))
+        out["scale"].append(np.float32(layout.scale))
         out["image_id"].append(image_id)
         out["gt_boxes"].append(boxes.astype(np.float32, copy=False))
         out["gt_labels"].append(labels)
@@ -250,6 +206,174 @@ def augment_batch(
         "gt_labels": object_array(out["gt_labels"]),
         "gt_crowd": object_array(out["gt_crowd"]),
     }
+
+
+# ----------------------------------------------------------------------------- the steps of one image
+
+
+@dataclass(frozen=True)
+class Draws:
+    """What the random draws decided for one image (evaluation: ``Draws(size=S)``, nothing else).
+
+    ``size``: S, the shorter side asked for; ``flip``: horizontal flip; ``window``: crop (x0, y0, x1, y1) in
+    whole original pixels or None; ``zoom``: (ratio, fx, fy) of :func:`_draw_zoom` or None; ``colour``:
+    (brightness, contrast, saturation, hue) of :func:`_draw_photometric` or None.
+    """
+
+    size: int
+    flip: bool = False
+    window: tuple[int, int, int, int] | None = None
+    zoom: tuple[float, float, float] | None = None
+    colour: tuple[float, float, float, float] | None = None
+
+
+def image_rng(seed: int | None, image_id: int, epoch: int | None) -> np.random.Generator:
+    """The generator of one image's draws: a function of ``(seed, image_id, epoch)`` only (fresh entropy
+    when ``seed`` is None), so the draws do not depend on how Ray batches or orders rows."""
+    return np.random.default_rng(
+        None if seed is None else [image_id & 0xFFFFFFFFFFFF, int(epoch or 0), seed & 0xFFFFFFFF]
+    )
+
+
+def draw_augment(
+    rng: np.random.Generator,
+    lo: int,
+    hi: int,
+    hflip_prob: float,
+    h: int,
+    w: int,
+    boxes: np.ndarray,
+    crowd: np.ndarray,
+    crop: Mapping[str, Any] | None,
+    zoom_out: Mapping[str, Any] | None,
+    photometric: Mapping[str, Any] | None,
+) -> Draws:
+    """A training image's draws, in this order: S uniform in the integers [lo, hi], the flip, then each
+    enabled op's ``prob`` draw and parameters (crop, zoom-out, photometric; :func:`augment_batch`).
+    An op that is off (None) draws nothing, so turning it off leaves the other draws as they were."""
+    size = int(rng.integers(lo, hi + 1))
+    flip = bool(rng.random() < hflip_prob)
+    window = zoom = colour = None
+    if crop and rng.random() < crop["prob"]:
+        window = _draw_crop(rng, h, w, boxes, crowd, float(crop["min_scale"]), float(crop["min_visible"]))
+    if zoom_out and rng.random() < zoom_out["prob"]:
+        zoom = _draw_zoom(rng, float(zoom_out["max_ratio"]))
+    if photometric and rng.random() < photometric["prob"]:
+        colour = _draw_photometric(rng, photometric)
+    return Draws(size, flip, window, zoom, colour)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the shown region of an image goes in the output, all in whole pixels.
+
+    ``region`` (x0, y0, rw, rh): the part of the original shown (the crop window, else the whole image);
+    ``scale``: the nominal factor S / shorter side (capped by ``max_size``); ``new`` (new_h, new_w): the
+    region's output size; ``canvas`` (canvas_h, canvas_w): the output image (= ``new`` without zoom-out);
+    ``top``, ``left``: the region's offset on the canvas; ``zoomed``: whether there is a canvas (zoom-out).
+    """
+
+    region: tuple[int, int, int, int]
+    scale: float
+    new: tuple[int, int]
+    canvas: tuple[int, int]
+    top: int = 0
+    left: int = 0
+    zoomed: bool = False
+
+
+def plan_layout(
+    h: int,
+    w: int,
+    size: int,
+    max_size: int,
+    window: tuple[int, int, int, int] | None = None,
+    zoom: tuple[float, float, float] | None = None,
+) -> Layout:
+    """The :class:`Layout` of an (h, w) image resized to shorter side ``size`` (longer <= ``max_size``),
+    of its crop ``window`` when given, placed on a zoom-out canvas when ``zoom`` = (ratio, fx, fy) is."""
+    x0, y0, rw, rh = (
+        (0, 0, w, h) if window is None else (*window[:2], window[2] - window[0], window[3] - window[1])
+    )
+    if zoom is None:
+        scale = min(size / min(rh, rw), max_size / max(rh, rw))
+        new_h, new_w = max(1, int(rh * scale + 0.5)), max(1, int(rw * scale + 0.5))
+        return Layout((x0, y0, rw, rh), scale, (new_h, new_w), (new_h, new_w))
+    ratio, fx, fy = zoom
+    scale = min(size / (ratio * min(rh, rw)), max_size / (ratio * max(rh, rw)))
+    canvas_h, canvas_w = max(1, int(ratio * rh * scale + 0.5)), max(1, int(ratio * rw * scale + 0.5))
+    new_h = min(canvas_h, max(1, int(rh * scale + 0.5)))
+    new_w = min(canvas_w, max(1, int(rw * scale + 0.5)))
+    top = min(canvas_h - new_h, int(fy * (canvas_h - new_h + 1)))
+    left = min(canvas_w - new_w, int(fx * (canvas_w - new_w + 1)))
+    return Layout((x0, y0, rw, rh), scale, (new_h, new_w), (canvas_h, canvas_w), top, left, zoomed=True)
+
+
+def render(
+    data: bytes,
+    h: int,
+    w: int,
+    layout: Layout,
+    window: tuple[int, int, int, int] | None = None,
+    colour: tuple[float, float, float, float] | None = None,
+) -> Image.Image:
+    """Decode an (h, w) image and make its shown region at ``layout.new`` pixels, colour-jittered by
+    ``colour`` when given (not flipped, not on the canvas: :func:`_pack_images` does both).
+
+    Decoded at a reduced JPEG scale when the region still comes out at its size; resized once, straight
+    from the decoded pixels. Raises what :func:`~ray_retina.data.decode.decode_image` raises.
+    """
+    x0, y0, rw, rh = layout.region
+    new_h, new_w = layout.new
+    # the full image must decode at least this large for the region to come out at (new_h, new_w)
+    need = (min(h, -(-new_h * h // rh)), min(w, -(-new_w * w // rw)))
+    pixels = decode_image(data, min_size=need)
+    im = Image.fromarray(pixels)
+    # the window in decoded pixels (maybe DCT-reduced): resized straight from the decoded image
+    fh, fw = pixels.shape[0] / h, pixels.shape[1] / w
+    box = None if window is None else (x0 * fw, y0 * fh, (x0 + rw) * fw, (y0 + rh) * fh)
+    if colour is not None and (fh, fw) == (1, 1) and rh * rw < new_h * new_w:
+        # Upscaling: the colour matrix on the shown region before the resize touches fewer pixels
+        # (COCO's 640 x 480 at S = 800: 2.8x fewer); it is affine, so it commutes with the bilinear
+        # resize up to rounding and clipping.
+        if window is not None:
+            im, box = im.crop(window), None
+        im, colour = _photometric_pil(im, *colour), None
+    if box is not None:
+        im = im.resize((new_w, new_h), Image.BILINEAR, box=box)
+    elif im.size != (new_w, new_h):
+        im = im.resize((new_w, new_h), Image.BILINEAR)
+    if colour is not None:
+        im = _photometric_pil(im, *colour)
+    return im
+
+
+def map_labels(cats: np.ndarray, cat_to_label: Mapping[int, int], image_id: int) -> np.ndarray:
+    """Original category ids (n,) -> contiguous labels (n,) int64; ``ValueError`` naming the image for an id
+    outside ``cat_to_label``."""
+    try:
+        return np.array([cat_to_label[int(c)] for c in cats], dtype=np.int64)
+    except KeyError as e:
+        raise ValueError(
+            f"image {image_id}: category id {e.args[0]} not in cat_ids {sorted(cat_to_label)}"
+        ) from None
+
+
+def move_boxes(boxes: np.ndarray, layout: Layout, flip: bool) -> np.ndarray:
+    """XYXY boxes (n, 4) float32 in original pixels (already clipped to the crop window) -> output pixels:
+    shifted to the region, scaled by its exact per-axis factors, offset on the zoom-out canvas, mirrored
+    on the canvas when ``flip``. A new array; float32."""
+    x0, y0, rw, rh = layout.region
+    new_h, new_w = layout.new
+    if (x0, y0) != (0, 0):
+        boxes = boxes - np.array([x0, y0, x0, y0], dtype=np.float32)
+    boxes = boxes * np.array([new_w / rw, new_h / rh, new_w / rw, new_h / rh], dtype=np.float32)
+    if layout.zoomed:
+        boxes += np.array([layout.left, layout.top, layout.left, layout.top], dtype=np.float32)
+    if flip:
+        canvas_w = layout.canvas[1]
+        boxes = np.stack([canvas_w - boxes[:, 2], boxes[:, 1], canvas_w - boxes[:, 0], boxes[:, 3]], axis=1)
+    return boxes
 
 
 class _BufferPool:

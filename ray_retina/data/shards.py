@@ -297,7 +297,12 @@ def _write_all(
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 pending.pop(ref)
-                res = ray.get(ref)
+                try:
+                    res = ray.get(ref)
+                except ray.exceptions.RayTaskError as err:  # our one-line errors, not a task traceback
+                    if isinstance(err.cause, (OSError, ValueError)):
+                        raise err.cause from None
+                    raise
                 results.append(res)
                 bar.update(res["planned_rows"], skipped=res["resumed"])
     else:
@@ -477,63 +482,122 @@ def prepare_dataset(
     val_fraction: float | None = None,
     seed: int = 0,
     splits: Sequence[str] | None = None,
+    split_overlap: str = "error",
     **kwargs: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Prepare a COCO json, a Pascal VOC tree or a YOLO tree; returns ``{shard folder: manifest}``.
+    """Prepare a COCO json, a Pascal VOC or a YOLO tree; returns ``{shard folder: manifest}``.
 
     One shard set in ``out`` when the source has no splits and ``val_fraction`` is ``None``; else one
     per split in ``out/<split>``: the source's own (VOC ``ImageSets/Main``, YOLO ``images/train``...),
     or ``train`` and ``val`` by :func:`~ray_retina.data.formats.split.split_keys` (``val_fraction``,
     ``seed``), disjoint and together the whole source. ``splits`` writes only those. Format-specific
     counts (``label_line_invalid``, ...) go into the manifest of the split their image belongs to.
-    ``kwargs`` go to :func:`prepare_shards` (``rows_per_shard``, ``use_ray``, ...).
+    An image in two of the source's splits is a ``ValueError`` naming the images (a train/val leak),
+    or with ``split_overlap="first"`` it is kept in the first split (train, val, test order) only and
+    counted (``split_overlap``) in the others. ``out`` is locked for the whole run (:func:`writer_lock`).
+    ``kwargs`` go to :func:`prepare_shards` (``rows_per_shard``, ``use_ray``, ``overwrite``, ...).
     """
-    from ray_retina.data.formats import read_source
+    from ray_retina.data.formats import read_source  # deferred: the readers are not needed for a COCO json
     from ray_retina.data.formats.split import split_keys
 
+    if split_overlap not in SPLIT_OVERLAP:
+        raise ValueError(f"split_overlap must be one of {SPLIT_OVERLAP}, got {split_overlap!r}")
     out = os.fspath(out)
-    if format == "coco" and val_fraction is None:
-        if splits or classes:
+    with writer_lock(out):
+        if format == "coco" and val_fraction is None:
+            if splits or classes:
+                raise ValueError(
+                    "a COCO json has no splits or class list to choose: give --val-fraction to split it"
+                )
+            if annotations is None or images is None:
+                raise ValueError(
+                    "format coco needs --annotations (a COCO json) and --images (its image folder)"
+                )
+            return {out: prepare_shards(annotations, images, out, **kwargs)}
+        source = read_source(
+            format, annotations=annotations, images=images, root=root, data=data, classes=classes
+        )
+        if source.splits is not None and val_fraction is not None:
             raise ValueError(
-                "a COCO json has no splits or class list to choose: give --val-fraction to split it"
+                f"{source.description.get('root')} has its own splits ({', '.join(source.splits)}): "
+                "drop --val-fraction"
             )
-        if annotations is None or images is None:
-            raise ValueError("format coco needs --annotations (a COCO json) and --images (its image folder)")
-        return {out: prepare_shards(annotations, images, out, **kwargs)}
-    source = read_source(
-        format, annotations=annotations, images=images, root=root, data=data, classes=classes
-    )
-    if source.splits is not None and val_fraction is not None:
+        parts = source.splits
+        how: dict[str, Any] = {"split_by": "source"}
+        overlap: Counter[str] = Counter()
+        if parts is not None:
+            parts, overlap = _disjoint(parts, keep_first=split_overlap == "first", root=source.description)
+        if parts is None and val_fraction is not None:
+            parts, how = (
+                split_keys(source.keys, val_fraction, seed),
+                {"val_fraction": val_fraction, "seed": seed},
+            )
+        if parts is None:
+            if splits:
+                raise ValueError(
+                    f"{source.description.get('root')} has no splits: give --val-fraction to make them"
+                )
+            coco, counts = source.to_coco()
+            return {
+                out: prepare_shards(
+                    coco, source.images, out, extra_counts=counts, source=source.description, **kwargs
+                )
+            }
+        chosen = list(splits) if splits else list(parts)
+        if unknown := [s for s in chosen if s not in parts]:
+            raise ValueError(f"no split {unknown} in the source; it has {list(parts)}")
+        manifests = {}
+        for i, name in enumerate(chosen):
+            coco, counts = source.to_coco(parts[name], with_unattached=i == 0)
+            if name in overlap:
+                counts["split_overlap"] += overlap[name]
+            dest = join_uri(out, name)
+            desc = {**source.description, "split": name, **how}
+            manifests[dest] = prepare_shards(
+                coco, source.images, dest, extra_counts=counts, source=desc, **kwargs
+            )
+        return manifests
+
+
+SPLIT_OVERLAP = ("error", "first")  # an image in two source splits: refuse, or keep it in the first only
+
+
+def _disjoint(
+    parts: dict[str, list[str]], *, keep_first: bool, root: Mapping[str, Any]
+) -> tuple[dict[str, list[str]], Counter[str]]:
+    """The source's splits with no image in two of them; the number removed from each split.
+
+    ``ValueError`` naming the images (up to 10) and their splits unless ``keep_first``: then each stays in
+    the first split that lists it (the order of ``parts``: train, val, test) and is removed from the rest.
+    """
+    first: dict[str, str] = {}
+    twice: dict[str, list[str]] = {}
+    for split, keys in parts.items():
+        for k in dict.fromkeys(keys):
+            if k in first:
+                twice.setdefault(k, [first[k]]).append(split)
+            else:
+                first[k] = split
+    if not twice:
+        return parts, Counter()
+    if not keep_first:
+        shown = ", ".join(f"{k} ({' and '.join(s)})" for k, s in list(twice.items())[:10])
         raise ValueError(
-            f"{source.description.get('root')} has its own splits ({', '.join(source.splits)}): drop --val-fraction"
+            f"{len(twice)} images of {root.get('root')} are in more than one split (a train/val leak): "
+            f"{shown}{', ...' if len(twice) > 10 else ''}; fix the split lists, or give --split-overlap first "
+            "to keep each in its first split only"
         )
-    parts = source.splits
-    how: dict[str, Any] = {"split_by": "source"}
-    if parts is None and val_fraction is not None:
-        parts, how = split_keys(source.keys, val_fraction, seed), {"val_fraction": val_fraction, "seed": seed}
-    if parts is None:
-        if splits:
-            raise ValueError(
-                f"{source.description.get('root')} has no splits: give --val-fraction to make them"
-            )
-        coco, counts = source.to_coco()
-        return {
-            out: prepare_shards(
-                coco, source.images, out, extra_counts=counts, source=source.description, **kwargs
-            )
-        }
-    chosen = list(splits) if splits else list(parts)
-    if unknown := [s for s in chosen if s not in parts]:
-        raise ValueError(f"no split {unknown} in the source; it has {list(parts)}")
-    manifests = {}
-    for i, name in enumerate(chosen):
-        coco, counts = source.to_coco(parts[name], with_unattached=i == 0)
-        dest = join_uri(out, name)
-        desc = {**source.description, "split": name, **how}
-        manifests[dest] = prepare_shards(
-            coco, source.images, dest, extra_counts=counts, source=desc, **kwargs
-        )
-    return manifests
+    removed: Counter[str] = Counter()
+    out: dict[str, list[str]] = {}
+    for split, keys in parts.items():
+        out[split] = [k for k in keys if first[k] == split]
+        removed[split] = len(keys) - len(out[split])
+    logger.warning(
+        "%d images are in more than one split; kept in the first only (split_overlap), e.g. %s",
+        len(twice),
+        next(iter(twice)),
+    )
+    return out, removed
 
 
 def _fingerprint(chunk: Sequence[ImageRecord]) -> str:

@@ -23,7 +23,7 @@ from ray_retina.data.formats.coco import COCO_REASONS
 from ray_retina.data.formats.split import split_keys
 from ray_retina.data.formats.voc import read_voc, voc_box
 from ray_retina.data.formats.yolo import label_path, read_yolo
-from ray_retina.data.shards import prepare_dataset, read_manifest, read_shards_table
+from ray_retina.data.shards import LOCK_NAME, prepare_dataset, read_manifest, read_shards_table
 
 CLASSES = ["cat", "dog"]  # ids 1, 2 (note: not what sorting the VOC names would give once "bird" is in)
 
@@ -207,6 +207,7 @@ def test_voc_prepares_like_its_coco_json(tmp_path, caplog):
         "label_file_missing": 0,
         "label_file_invalid": 1,
         "class_unknown": 1,
+        "split_overlap": 0,
     }
     assert "broken.xml does not parse" in caplog.text
     assert [c["name"] for c in manifest["categories"]] == CLASSES and manifest["source"]["format"] == "voc"
@@ -242,6 +243,7 @@ def test_yolo_prepares_like_its_coco_json(tmp_path, caplog):
         "label_line_invalid": 2,
         "label_file_orphan": 1,
         "class_unknown": 1,
+        "split_overlap": 0,
     }
     assert "labels/a.txt:2: '0 0.5 0.5'" in caplog.text and "labels/a.txt:3" in caplog.text
     assert "labels/a.txt:4: class 7" in caplog.text and "orphan.txt has no image" in caplog.text
@@ -480,7 +482,7 @@ def test_cli_yolo_writes_train_and_val(tmp_path):
         )
         == 0
     )
-    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["val"]
+    assert sorted(p.name for p in (tmp_path / "v").iterdir() if p.name != LOCK_NAME) == ["val"]
 
 
 @pytest.mark.parametrize(

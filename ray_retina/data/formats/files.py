@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -19,15 +20,43 @@ R = TypeVar("R")
 
 def list_files(
     fs: pafs.FileSystem, folder: str, suffixes: Sequence[str], *, recursive: bool = True
-) -> list[str]:
-    """Paths relative to ``folder`` ('/'-separated, sorted) of the files whose name ends in a suffix (any case)."""
+) -> tuple[list[str], list[bytes]]:
+    """Paths relative to ``folder`` ('/'-separated, sorted) of the files whose name ends in a suffix (any
+    case), and the paths (bytes) of those whose name is not UTF-8: pyarrow cannot list, open or store
+    them, so the readers count them (``name_not_utf8``) and log them by their bytes."""
     sel = pafs.FileSelector(folder, recursive=recursive, allow_not_found=True)
     root = folder.rstrip("/") + "/"
+    try:
+        infos = fs.get_file_info(sel)
+    except UnicodeDecodeError:  # a name that is not UTF-8 (object stores' keys always are)
+        if not isinstance(fs, pafs.LocalFileSystem):
+            raise
+        return _list_local(folder, suffixes, recursive)
     out = []
-    for info in fs.get_file_info(sel):
+    for info in infos:
         if info.type == pafs.FileType.File and info.base_name.lower().endswith(tuple(suffixes)):
             out.append(info.path[len(root) :] if info.path.startswith(root) else info.base_name)
-    return sorted(out)
+    return sorted(out), []
+
+
+def _list_local(folder: str, suffixes: Sequence[str], recursive: bool) -> tuple[list[str], list[bytes]]:
+    """``list_files`` of a local folder through the OS's bytes names (what pyarrow fails on)."""
+    good, bad = [], []
+    base = os.fsencode(folder)
+    for dirpath, dirnames, filenames in os.walk(base):
+        if not recursive:
+            dirnames.clear()
+        for name in filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), base)
+            try:
+                text = rel.decode("utf-8")
+            except UnicodeDecodeError:
+                if name.lower().endswith(tuple(x.encode() for x in suffixes)):
+                    bad.append(os.path.join(dirpath, name))
+                continue
+            if text.lower().endswith(tuple(suffixes)):
+                good.append(text.replace(os.sep, "/"))
+    return sorted(good), sorted(bad)
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes | None:

@@ -49,6 +49,7 @@ class Source:
     reasons: tuple[str, ...] = ()
     description: dict[str, Any] = field(default_factory=dict)
     unattached: list[dict[str, Any]] = field(default_factory=list)  # COCO annotations of no image
+    loose_counts: Counter[str] = field(default_factory=Counter)  # of no unit: files whose name is not UTF-8
     info: dict[str, Any] = field(default_factory=dict)
     licenses: list[Any] = field(default_factory=list)
 
@@ -61,8 +62,8 @@ class Source:
     ) -> tuple[dict[str, Any], Counter[str]]:
         """The COCO dict of the units ``keys`` (all when ``None``, source order kept) and their counts.
 
-        Annotations attached to no image (COCO only) go to the subsets made ``with_unattached``, so
-        that, written split by split, each is counted once (``ann_unknown_image``).
+        Annotations attached to no image (COCO only) and ``loose_counts`` go to the subsets made
+        ``with_unattached``, so that, written split by split, each is counted once.
         """
         wanted = None if keys is None else set(keys)
         if wanted is not None and (unknown := wanted - set(self.keys)):
@@ -77,6 +78,7 @@ class Source:
                 anns.extend(u.annotations)
         if with_unattached:
             anns.extend(self.unattached)
+            counts.update(self.loose_counts)
         coco = {
             "info": self.info,
             "licenses": self.licenses,

@@ -30,11 +30,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray_retina.data.formats.coco import escapes_root
 from ray_retina.data.formats.files import IMAGE_EXTENSIONS, header_size, list_files, read_bytes, thread_map
 from ray_retina.data.formats.source import Source, Unit, Warner, categories_from_names, number
 from ray_retina.uri import dir_exists, is_uri, join_uri, resolve_uri
 
-VOC_REASONS = ("label_file_missing", "label_file_invalid", "class_unknown")
+VOC_REASONS = ("label_file_missing", "label_file_invalid", "class_unknown", "split_overlap")
 VOC_SPLITS = ("train", "val", "test")
 BOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
 
@@ -85,11 +86,18 @@ def read_voc(root: str | os.PathLike[str], *, classes: Sequence[str] | None = No
                 f"not a Pascal VOC tree: no {d.rsplit('/', 1)[1]}/ in {root} (give --root the folder "
                 "holding Annotations/ and JPEGImages/, e.g. VOCdevkit/VOC2007)"
             )
-    xmls = {os.path.splitext(n)[0]: n for n in list_files(fs, ann_dir, (".xml",), recursive=False)}
+    warn = Warner()
+    xml_names, bad_xml = list_files(fs, ann_dir, (".xml",), recursive=False)
+    xmls = {os.path.splitext(n)[0]: n for n in xml_names}
     jpegs: dict[str, str] = {}
-    for n in list_files(fs, img_dir, IMAGE_EXTENSIONS, recursive=False):
+    jpeg_list, bad_jpeg = list_files(fs, img_dir, IMAGE_EXTENSIONS, recursive=False)
+    for n in jpeg_list:
         jpegs.setdefault(os.path.splitext(n)[0], n)
     jpeg_names = set(jpegs.values())
+    loose: Counter[str] = Counter()
+    for path in (*bad_xml, *bad_jpeg):
+        loose["name_not_utf8"] += 1
+        warn("name_not_utf8", "file name not UTF-8 (skipped): %r", path)
 
     splits = _image_sets(fs, join_uri(base, "ImageSets/Main"))
     if splits is None:
@@ -97,10 +105,13 @@ def read_voc(root: str | os.PathLike[str], *, classes: Sequence[str] | None = No
     else:
         keys = sorted({k for ks in splits.values() for k in ks})
         splits = {s: ks for s, ks in splits.items() if s in VOC_SPLITS} or None
-    warn = Warner()
 
     def parse(key: str) -> _Parsed:
         p = _Parsed(key=key, xml=xmls.get(key))
+        if escapes_root(key):  # an ImageSets line like ../../x: never read outside the tree
+            warn("outside_root", "ImageSets id %r resolves outside %s (skipped)", key, root)
+            p.skip = "outside_root"
+            return p
         if p.xml is None:
             p.counts["label_file_missing"] += 1  # listed in ImageSets, no XML: a negative if its image reads
         else:
@@ -168,6 +179,7 @@ def read_voc(root: str | os.PathLike[str], *, classes: Sequence[str] | None = No
         splits=splits,
         reasons=VOC_REASONS,
         description={"format": "voc", "root": root, "classes": names},
+        loose_counts=loose,
     )
 
 
@@ -175,9 +187,14 @@ def _image_sets(fs: Any, main: str) -> dict[str, list[str]] | None:
     """``{split: ids}`` from ImageSets/Main (train/val/test, or trainval alone), or ``None`` without them."""
     found = {}
     for name in (*VOC_SPLITS, "trainval"):
-        data = read_bytes(fs, join_uri(main, f"{name}.txt"))
+        path = join_uri(main, f"{name}.txt")
+        data = read_bytes(fs, path)
         if data is not None:
-            found[name] = [line.split()[0] for line in data.decode().splitlines() if line.strip()]
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path} is not UTF-8 text: byte {err.start}: {err.reason}") from None
+            found[name] = [line.split()[0] for line in text.splitlines() if line.strip()]
     if not found:
         return None
     if any(s in found for s in VOC_SPLITS):

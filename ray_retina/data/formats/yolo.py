@@ -15,7 +15,9 @@ Counted, not fatal: a line that is not numbers of those shapes (``label_line_inv
 class without a name (``class_unknown``, dropped), an image without a label file
 (``label_file_missing``, kept as a negative, as Ultralytics does), a label file that is not text
 (``label_file_invalid``, image skipped), a label file without an image (``label_file_orphan``). Boxes
-outside the image are clipped or dropped later by the shared validation, as for COCO.
+outside the image are clipped or dropped later by the shared validation, as for COCO. An image in two
+splits' folders is a train/val leak: an error, or kept in the first split only
+(``shards.prepare_dataset(split_overlap="first")``, counted as ``split_overlap``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ YOLO_REASONS = (
     "label_line_invalid",
     "label_file_orphan",
     "class_unknown",
+    "split_overlap",
 )
 YOLO_SPLITS = ("train", "val", "test")
 NOT_LABELS = ("classes.txt",)  # LabelImg writes the class names beside the labels
@@ -84,9 +87,14 @@ def read_yolo(
     # Units: every image of every split folder, then every label file no image claims.
     split_of: dict[str, list[str]] = {}
     images: list[str] = []
+    loose: Counter[str] = Counter()
     for split, dirs in split_dirs.items():
         for d in dirs:
-            for name in list_files(fs, join_uri(base, d), IMAGE_EXTENSIONS):
+            found, not_utf8 = list_files(fs, join_uri(base, d), IMAGE_EXTENSIONS)
+            for path in not_utf8:
+                loose["name_not_utf8"] += 1
+                warn("name_not_utf8", "file name not UTF-8 (skipped): %r", path)
+            for name in found:
                 rel = posixpath.join(d, name)
                 if rel not in split_of:
                     images.append(rel)
@@ -96,12 +104,10 @@ def read_yolo(
     for split, dirs in split_dirs.items():
         for d in dirs:
             label_dir = posixpath.dirname(label_path(d + "/x"))
-            for name in list_files(fs, join_uri(base, label_dir), (".txt",)):
+            for name in list_files(fs, join_uri(base, label_dir), (".txt",))[0]:
                 rel = posixpath.join(label_dir, name)
                 if rel not in claimed and posixpath.basename(rel) not in NOT_LABELS:
                     orphans.setdefault(rel, split)
-    if twice := [rel for rel, s in split_of.items() if len(s) > 1]:
-        warn("split_overlap", "%d images are in more than one split, e.g. %s", len(twice), twice[0])
 
     def read(rel: str) -> tuple[tuple[int, int] | str, bytes | None]:
         return header_size(fs, join_uri(base, rel)), read_bytes(fs, join_uri(base, label_path(rel)))
@@ -163,6 +169,7 @@ def read_yolo(
         splits=splits,  # type: ignore[arg-type]
         reasons=YOLO_REASONS,
         description={"format": "yolo", "root": root, "data": os.fspath(data) if data else None},
+        loose_counts=loose,
     )
 
 
