@@ -620,14 +620,9 @@ def test_mlflow_auth_config_written_at_start_is_what_mlflow_reads(tmp_path):
     argv = writer["command"] + writer.get("args", [])
     assert argv[:2] == ["sh", "-c"], argv
     ini = tmp_path / "basic_auth.ini"
-    env = {
-        "PATH": os.environ["PATH"],
-        "DB_USER": "db-user",
-        "DB_PASSWORD": "0123abcd",
-        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
-    }
+    env = {"PATH": os.environ["PATH"], "DB_USER": "db-user", "MLFLOW_AUTH_CONFIG_PATH": str(ini)}
     subprocess.run(["sh", "-c", argv[2]], env=env, check=True, timeout=30)
-    assert ini.stat().st_mode & 0o077 == 0, "the ini holds the database password: owner-only"
+    assert ini.stat().st_mode & 0o077 == 0, "the ini names the database and its user: owner-only"
     parser = configparser.ConfigParser()
     parser.read(ini)
     conf = parser["mlflow"]
@@ -641,7 +636,8 @@ def test_mlflow_auth_config_written_at_start_is_what_mlflow_reads(tmp_path):
     # wait-for-postgres init container creates.
     auth_db = urlsplit(conf["database_uri"])
     tracking_db = urlsplit(_flag(_mlflow_server_argv(), "--backend-store-uri"))
-    assert auth_db.scheme == "postgresql" and (auth_db.username, auth_db.password) == ("db-user", "0123abcd")
+    # No password in it: libpq takes PGPASSWORD from the server's environment (test below).
+    assert auth_db.scheme == "postgresql" and (auth_db.username, auth_db.password) == ("db-user", None)
     assert (auth_db.hostname, auth_db.port) == (tracking_db.hostname, tracking_db.port)
     db_name = auth_db.path.lstrip("/")
     assert db_name and db_name != tracking_db.path.lstrip("/")
@@ -649,6 +645,44 @@ def test_mlflow_auth_config_written_at_start_is_what_mlflow_reads(tmp_path):
     assert f"createdb {db_name}" in creator and f"datname = '{db_name}'" in creator
     names = [c["name"] for c in pod["initContainers"]]
     assert names.index("wait-for-postgres") < names.index("auth-config"), names
+
+
+def test_database_password_only_in_the_environment_from_the_secret():
+    """The database password reaches the server as PGPASSWORD (libpq, both stores) from the Secret
+    ``mlflow-db``: never in a URI on a command line (``ps``, ``/proc/<pid>/cmdline``, the pod spec) or in a
+    file the pod writes."""
+    pod = _mlflow_pod()
+    server = _named(pod["containers"], "mlflow")
+    assert _secret_refs(server)["PGPASSWORD"] == ("mlflow-db", "password")
+    assert urlsplit(_flag(_mlflow_server_argv(), "--backend-store-uri")).password is None
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        argv = " ".join(c.get("command", []) + c.get("args", []))
+        assert "PASSWORD" not in argv.upper(), f"{c['name']}: a password on its command line"
+        if c["name"] == "auth-config":
+            assert not [e for e in c.get("env", []) if "PASSWORD" in e["name"]], "the ini writer needs none"
+
+
+def test_aws_cluster_lets_ssh_in_from_the_operators_cidr_only():
+    """Every node type names its security group, so Ray creates none (Ray's own group opens port 22 to the
+    world, checked against Ray's rule below); the recipe in the file opens 22 to ``$SSH_CIDR`` only."""
+    # Ray's AWS provider source (importing it needs boto3): its default SSH rule, and that a node type
+    # with SecurityGroupIds gets no group of Ray's.
+    import ray.autoscaler
+
+    ray_aws = (Path(ray.autoscaler.__file__).parent / "_private" / "aws" / "config.py").read_text()
+    default_ssh = ray_aws.split("def _create_default_ssh_inbound_rules", 1)[1].split("\ndef ", 1)[0]
+    assert '"FromPort": 22' in default_ssh and '"CidrIp": "0.0.0.0/0"' in default_ssh
+    assert 'if "SecurityGroupIds" not in node_type["node_config"]' in ray_aws
+    config = yaml.safe_load(LAUNCHER.read_text())
+    for name, node_type in config["available_node_types"].items():
+        groups = node_type["node_config"].get("SecurityGroupIds")
+        assert groups and all(g.startswith("sg-") for g in groups), name
+    assert "IpPermissions" not in config["provider"].get("security_group", {})
+    text = LAUNCHER.read_text()
+    assert "0.0.0.0/0" not in text.replace("port 22 to 0.0.0.0/0", "")
+    rule = re.search(r"authorize-security-group-ingress[^\n]*--port 22[^\n]*", text)
+    assert rule and '--cidr "$SSH_CIDR"' in rule.group(0), rule
+    assert re.search(r"^#\s+SSH_CIDR=\S+/\d+", text, re.M), "the CIDR the operator sets"
 
 
 @pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB_TRAIN, RAYJOB_TUNE])
@@ -691,7 +725,7 @@ def test_no_credential_is_written_in_a_manifest(path):
 @pytest.mark.parametrize(
     ("old", "new"),
     [
-        (":$(DB_PASSWORD)@", ":s3cretvalue@"),
+        ("postgresql://$(DB_USER)@", "postgresql://$(DB_USER):s3cretvalue@"),
         (
             "- name: MLFLOW_AUTH_ADMIN_PASSWORD\n              valueFrom:\n                secretKeyRef:\n"
             "                  name: mlflow-auth\n                  key: admin-password",
