@@ -66,11 +66,15 @@ def _ddp_probe(config: dict) -> None:
     engine = Engine(
         cfg, model, build_criterion(cfg, 3), build_postprocessor(cfg), torch.device("cpu"), [3, 17, 42]
     )
+
+    def trainable() -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in unwrap(engine.model).parameters() if p.requires_grad])
+
+    before = trainable().clone()  # after DDP's broadcast of rank 0's weights
     for i in range(3):
         assert engine.train_step(_batch(100 * rank + i)) is not None
-    flat = torch.cat([p.detach().flatten() for p in unwrap(engine.model).parameters()])
     out = Path(config["out"])
-    torch.save(flat, out / f"params_{rank}.pt")
+    torch.save({"before": before, "after": trainable()}, out / f"params_{rank}.pt")
     (out / f"node_{rank}.json").write_text(json.dumps({"node_id": ray.get_runtime_context().get_node_id()}))
     ray.train.report({"done": 1.0})
 
@@ -122,7 +126,12 @@ def test_ddp_across_two_nodes_keeps_ranks_identical(two_node_cluster, tmp_path):
     nodes = {json.loads((tmp_path / f"node_{r}.json").read_text())["node_id"] for r in (0, 1)}
     assert len(nodes) == 2, "SPREAD must place the two workers on different nodes"
     p0, p1 = torch.load(tmp_path / "params_0.pt"), torch.load(tmp_path / "params_1.pt")
-    assert torch.equal(p0, p1)
+    assert torch.equal(p0["before"], p1["before"])  # DDP started both ranks from rank 0's weights
+    # The steps moved the weights (each rank saw different data, so equal results need the all-reduce) ...
+    moved = (p0["after"] - p0["before"]).abs()
+    assert moved.max() > 1e-4 and (moved > 0).float().mean() > 0.5, (moved.max(), (moved > 0).float().mean())
+    # ... and both ranks moved them identically.
+    assert torch.equal(p0["after"], p1["after"])
 
 
 def test_distributed_eval_equals_single_worker(two_node_cluster, tmp_path):
