@@ -1,4 +1,4 @@
-"""`ray-retina` console script: synth, prepare, train, tune, eval, predict, export.
+"""`ray-retina` console script: synth, prepare, train, tune, eval, predict, export, serve.
 
 ``ray-retina train`` with no arguments runs the CPU demo (configs/smoke.yaml): synthetic COCO set, shards,
 2 Ray Train workers, COCO AP, MLflow.
@@ -277,6 +277,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ray_retina.serve import run
+
+    run(args.model, tracking_uri=args.tracking_uri, overrides=args.overrides, num_cpus=args.num_cpus)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ray-retina", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command")
@@ -400,6 +407,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--verbose", "-v", action="store_true", help="library logs and tracebacks")
     p.set_defaults(func=cmd_export, error=p.error)
+
+    p = sub.add_parser("serve", help="serve a model with Ray Serve: batching across requests, replicas")
+    p.add_argument(
+        "model",
+        help="models:/NAME@alias (or /VERSION), an MLflow run id, a run dir or a checkpoint (its best by val/AP)",
+    )
+    p.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="serve.KEY=VALUE",
+        help="override the model config's serve section, e.g. --set serve.max_batch_size=16 serve.port=8001",
+    )
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI (models:/ and run ids)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray started when none runs")
+    p.add_argument("--verbose", "-v", action="store_true", help="library logs and tracebacks")
+    p.set_defaults(func=cmd_serve)
     return ap
 
 
