@@ -384,10 +384,12 @@ def review_val_detections(
 class FalsePositive:
     """A kept detection that found no object of its class: ``detection`` its index in the input list;
     ``true_category`` the category id of the other-class object it overlaps at IoU >= 0.5 (a confusion), or
-    None (background: a detection of nothing, or a duplicate)."""
+    None (background); ``duplicate``: a background one on an object of its own class that a higher-scoring
+    detection already took (what a looser NMS leaves)."""
 
     detection: int
     true_category: int | None
+    duplicate: bool = False
 
 
 @dataclass(frozen=True)
@@ -456,7 +458,8 @@ def error_analysis(
         for i in left_dets:
             true = int(objs[found[i]]["category_id"]) if i in found else None
             matrix[bg if true is None else col[true], col[int(detections[i]["category_id"])]] += 1
-            false_positives.append(FalsePositive(i, true))
+            dup = true is None and _on_own_class(detections[i], objs, iou_thresh)
+            false_positives.append(FalsePositive(i, true, dup))
         for g in left_objs:
             det = found_by.get(g)
             if det is None:
@@ -500,6 +503,21 @@ def _same_class_pass(
     left_objs = [g for g, a in enumerate(objs) if g not in used and not a.get("iscrowd", 0)]
     left_dets.sort(key=lambda i: -float(detections[i]["score"]))
     return left_dets, left_objs
+
+
+def _on_own_class(det: Mapping[str, Any], objs: Sequence[Mapping[str, Any]], iou_thresh: float) -> bool:
+    """Whether ``det`` overlaps a non-crowd object of its own class at IoU >= ``iou_thresh``."""
+    own = [
+        a["bbox"]
+        for a in objs
+        if int(a["category_id"]) == int(det["category_id"]) and not a.get("iscrowd", 0)
+    ]
+    if not own:
+        return False
+    ious = box_iou_xywh(
+        np.asarray([det["bbox"]], np.float64), np.asarray(own, np.float64), np.zeros(len(own), bool)
+    )
+    return bool((ious >= iou_thresh).any())
 
 
 def _cross_class_pass(

@@ -339,6 +339,7 @@ def _gallery(
         d = dets[f.detection]
         name, score = names.get(int(d["category_id"]), str(d["category_id"])), float(d["score"])
         on = "background" if f.true_category is None else f"a {names.get(f.true_category, f.true_category)}"
+        on = f"a {name} already found (duplicate)" if f.duplicate else on
         tile = _tile(images, objects, d["image_id"], d["bbox"], f"{name} {score:.2f}", names)
         if tile is not None:
             rows["false positives"].append(plots.GalleryTile(tile[0], tile[1], f"{name} {score:.2f} on {on}"))
