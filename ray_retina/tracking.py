@@ -1,8 +1,11 @@
-"""MLflow tracking: one run per training run (a child run per Tune trial), batched metric logging.
+"""MLflow tracking: one run per training run (a child run per Tune trial), metric logging that never holds up
+training, and the redaction of credentials wherever a config or a URI is logged.
 
-The driver creates the run and logs params and the resolved config; rank 0 of the training workers logs
-metric curves into that same run by id (so a restarted worker group keeps writing to one continuous run),
-each call a single ``log_batch`` request instead of one request per metric.
+The driver creates the run and logs params and the resolved config (credentials in URIs shown as ``***``,
+:func:`redact`); rank 0 of the training workers logs metric curves into that same run by id (so a restarted
+worker group keeps writing to one continuous run) through :class:`RunLogger`: each point is appended to a
+spool file in the run directory and sent by a background thread in ``log_batch`` requests with short HTTP
+timeouts, so a tracking server that is down or slow costs a training step nothing and loses no point.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def bound_http_requests() -> None:
     """Short timeouts and few retries for MLflow's REST calls in this process (read by MLflow per request)."""
     for key, value in HTTP_LIMITS.items():
         os.environ.setdefault(key, value)
+    # urllib3 logs a "Retrying (...)" WARNING per attempt; RunLogger says once that the server is down.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> str | None:
@@ -362,7 +367,10 @@ class RunLogger:
 
     def _down(self, err: BaseException) -> None:
         self.failures += 1
-        self.last_error = redact(str(err).splitlines()[0][:200]) if str(err) else type(err).__name__
+        # MLflow wraps urllib3's multi-line story: its innermost reason ("Connection refused") is enough.
+        text = str(err)
+        reason = re.search(r"\[Errno -?\d+\] [^'\")]+|Read timed out|status code \d+", text)
+        self.last_error = type(err).__name__ + (f": {reason.group(0)}" if reason else "")
         if self.server_up:
             logger.warning(
                 "MLflow at %s not answering (%s): training goes on; metrics wait in %s",
