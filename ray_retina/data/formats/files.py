@@ -26,16 +26,15 @@ def list_files(
     them, so the readers count them (``name_not_utf8``) and log them by their bytes."""
     sel = pafs.FileSelector(folder, recursive=recursive, allow_not_found=True)
     root = folder.rstrip("/") + "/"
+    out = []
     try:
-        infos = fs.get_file_info(sel)
+        for info in fs.get_file_info(sel):
+            if info.type == pafs.FileType.File and info.base_name.lower().endswith(tuple(suffixes)):
+                out.append(info.path[len(root) :] if info.path.startswith(root) else info.base_name)
     except UnicodeDecodeError:  # a name that is not UTF-8 (object stores' keys always are)
         if not isinstance(fs, pafs.LocalFileSystem):
             raise
         return _list_local(folder, suffixes, recursive)
-    out = []
-    for info in infos:
-        if info.type == pafs.FileType.File and info.base_name.lower().endswith(tuple(suffixes)):
-            out.append(info.path[len(root) :] if info.path.startswith(root) else info.base_name)
     return sorted(out), []
 
 
