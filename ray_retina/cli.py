@@ -140,9 +140,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from ray_retina.config import load_config
-    from ray_retina.tune import run_sweep
+    from ray_retina.sweep.run import run_sweep
 
-    cfg = load_config(_config_path(args.config, DEFAULT_TUNE_CONFIG), args.overrides)
+    overrides = list(args.overrides or [])
+    if args.noise_repeats is not None:
+        overrides.append(f"tune.noise_repeats={args.noise_repeats}")
+    cfg = load_config(_config_path(args.config, DEFAULT_TUNE_CONFIG), overrides)
     if args.print_config:
         return _print_config(cfg)
     summary = run_sweep(
@@ -253,10 +256,13 @@ def cmd_export(args: argparse.Namespace) -> int:
             register=args.register,
             alias=args.alias,
             tracking_uri=args.tracking_uri,
+            champion_rule=args.champion_rule,
         )
     except ValueError as err:  # options that do not fit together, a sweep without a best trial: one line
         args.error(str(err))
     src = result.source
+    if src.champion:
+        print(src.champion)
     ap = src.metrics.get("val/AP")
     print(f"checkpoint: {src.checkpoint}" + (f"  (val/AP {ap:.4f})" if ap is not None else ""))
     for f in result.files:
@@ -347,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="SWEEP_DIR", default=None, help="restore an interrupted sweep (Tuner.restore)"
     )
     p.add_argument("--name", default=None, help="sweep name (default: config name + time)")
+    p.add_argument(
+        "--noise-repeats",
+        type=int,
+        metavar="K",
+        default=None,
+        help="also train the base config K times with other seeds: the noise floor trials are ranked against "
+        "(tune.noise_repeats)",
+    )
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("eval", help="COCO AP of a checkpoint on val shards")
@@ -390,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="MLflow run id, Ray Train run dir, checkpoint dir or checkpoint.pt")
     p.add_argument(
         "--sweep", metavar="PARENT_RUN_ID", help="a sweep's MLflow parent run: export its best trial"
+    )
+    p.add_argument(
+        "--champion-rule",
+        choices=["best", "most-rounds", "paper-defaults"],
+        default="best",
+        help="--sweep: among the trials tied with the best within the noise floor, ship the best val/AP, the "
+        "one with the most rounds, or the one closest to the paper's gamma 2, alpha 0.25, pi 0.01",
     )
     p.add_argument("--format", choices=["mlflow", "onnx", "torchscript"], default="mlflow")
     p.add_argument(

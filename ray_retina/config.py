@@ -268,6 +268,10 @@ class TrainSection(_Section):
     """torch.set_num_threads in each train worker (None: Ray's default, OMP_NUM_THREADS = CPUs asked)."""
     max_bad_steps: int = Field(10, ge=0)
     """Non-finite losses tolerated (step skipped) before the run stops with an error."""
+    deterministic: bool = False
+    """Deterministic kernels: ``torch.use_deterministic_algorithms`` and cuDNN's deterministic, non-benchmark
+    mode (on GPU, where kernels otherwise pick atomics and autotuned algorithms). CPU training is already
+    reproducible with ``data.deterministic``; a sweep turns both on for its trials."""
     eval_backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval"
     """faster_coco_eval: same 12 stats as pycocotools (tested), about 10x faster on COCO val."""
 
@@ -359,6 +363,10 @@ class TuneSection(_Section):
     metric: str = "val/AP"
     mode: Literal["max", "min"] = "max"
     search_alg: Literal["random", "optuna"] = "random"
+    noise_repeats: int = Field(0, ge=0)
+    """Also train the base config this many times with seeds ``seed``, ``seed + 1``, ... to the last round (no
+    early stop): the standard deviation of the metric per round over them is the sweep's noise floor, beside
+    which trials are ranked (0: no repeats, no noise floor). At least 2 give a floor."""
 
 
 class Config(_Section):

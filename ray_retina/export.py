@@ -57,6 +57,7 @@ from ray_retina.serving import (
     default_table,
     example_image,
 )
+from ray_retina.sweep.champion import choose_champion
 from ray_retina.uri import file_exists, resolve_uri
 
 logger = logging.getLogger(__name__)
@@ -201,6 +202,7 @@ class ExportSource:
     sweep_run_id: str | None = None  # the sweep's parent run, for a trial
     trial_id: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # what Ray recorded with this checkpoint
+    champion: str | None = None  # a sweep's champion choice: ties within the noise floor, the rule applied
 
 
 def checkpoint_metrics(checkpoint_file: str) -> dict[str, float]:
@@ -223,19 +225,26 @@ def checkpoint_metrics(checkpoint_file: str) -> dict[str, float]:
 
 
 def resolve_source(
-    run: str | None = None, *, sweep: str | None = None, tracking_uri: str | None = None
+    run: str | None = None,
+    *,
+    sweep: str | None = None,
+    tracking_uri: str | None = None,
+    champion_rule: str = "best",
 ) -> ExportSource:
     """The checkpoint that ``--run`` / ``--sweep`` mean (best by ``val/AP`` unless a checkpoint is named).
 
     ``run``: a ``checkpoint.pt``, a ``checkpoint_*`` directory, a Ray Train run directory (local or URI), or
     an MLflow run id (32 hex digits) of a training run or a sweep trial. ``sweep``: a sweep's parent run id:
-    its best trial's run. Raises ``FileNotFoundError`` / ``ValueError`` naming what was not found."""
+    its best trial's run, or among the trials tied with it within the noise floor the one ``champion_rule``
+    picks (:func:`ray_retina.sweep.champion.choose_champion`). Raises ``FileNotFoundError`` / ``ValueError``
+    naming what was not found."""
     if (run is None) == (sweep is None):
         raise ValueError("give exactly one of run and sweep")
     uri = tracking_uri or tracking.resolve_tracking_uri()
+    champion = None
     if sweep is not None:
-        child = tracking.best_trial_run(uri, sweep)
-        run = child.info.run_id
+        choice = choose_champion(uri, sweep, champion_rule)
+        run, champion = choice.run_id, choice.note
     assert run is not None
     if "://" in run or os.path.exists(run) or not _RUN_ID.fullmatch(run):
         file = find_checkpoint(run)
@@ -248,6 +257,7 @@ def resolve_source(
         sweep_run_id=tags.get(tracking.PARENT_TAG),
         trial_id=tags.get(tracking.TRIAL_TAG),
         metrics=checkpoint_metrics(file),
+        champion=champion,
     )
 
 
@@ -301,6 +311,7 @@ def export(
     register: str | None = None,
     alias: str | None = None,
     tracking_uri: str | None = None,
+    champion_rule: str = "best",
 ) -> ExportResult:
     """``ray-retina export``: the best checkpoint of ``run`` (or of ``sweep``'s best trial) as
 
@@ -318,7 +329,7 @@ def export(
         raise ValueError("--alias needs --register NAME")
     if format != "mlflow" and out is None:
         raise ValueError(f"--format {format} needs --out DIR")
-    source = resolve_source(run, sweep=sweep, tracking_uri=tracking_uri)
+    source = resolve_source(run, sweep=sweep, tracking_uri=tracking_uri, champion_rule=champion_rule)
     state = load_checkpoint_state(source.checkpoint)
     cfg = config_from_dict(dict(state["config"]), source="checkpoint config")
     iteration = int(state.get("iteration", 0))

@@ -1,6 +1,6 @@
 """A finished sweep, reported: one row per trial (ranked by the metric, beside the noise floor, with ties
-marked), the noise repeats, the parameter importance, plots, and the MLflow parent run that holds them all;
-and the champion rule that ``ray-retina export --sweep`` applies among tied trials."""
+marked), the noise repeats, the parameter importance, plots, and the MLflow parent run that holds them all
+(its tie tags are what ``ray-retina export --sweep`` reads: ``sweep/champion.py``)."""
 
 from __future__ import annotations
 
@@ -17,19 +17,12 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from ray_retina import plots, tracking
+from ray_retina.sweep.champion import NOISE_FLOOR_TAG, TIED_TAG
 from ray_retina.sweep.importance import ImportanceFit, fit_importance, importance_table
 from ray_retina.sweep.noise import TIE_SIGMAS, NoiseFloor, beyond_default, tied
 from ray_retina.sweep.space import FOCAL_KEYS, PAPER_TABLE1, trial_label, trial_overrides
 
 logger = logging.getLogger(__name__)
-
-TIED_TAG = "ray_retina.tied_trials"  # on a sweep's parent run: JSON list of the trial ids tied with the best
-NOISE_FLOOR_TAG = (
-    "ray_retina.noise_floor"  # on a sweep's parent run: the floor (val/AP std) at the best's round
-)
-CHAMPION_RULES = ("best", "most-rounds", "paper-defaults")
-# The paper's defaults (gamma 2, alpha 0.25, pi 0.01), in the space the distance is measured in (log10 pi).
-PAPER_DEFAULTS = {"loss.gamma": 2.0, "loss.alpha": 0.25, "model.prior": math.log10(0.01)}
 
 
 @dataclass
@@ -227,15 +220,15 @@ def paper_table(rows: list[TrialRow]) -> str:
 def importance_of(
     rows: list[TrialRow], repeats: list[TrialRow], base: dict[str, float], floor: NoiseFloor | None
 ) -> ImportanceFit | None:
-    """:func:`fit_importance` at the deepest round that enough trials reached (parameters + 3 rows, the noise
+    """:func:`fit_importance` at the deepest round that enough trials reached (parameters + 2 rows: one degree of freedom at least; the noise
     repeats counted at the base config's values)."""
     points = [(r.params, r.history) for r in rows if r.error is None] + [
         (base, r.history) for r in repeats if r.error is None
     ]
-    keys = [k for k in FOCAL_KEYS if any(k in p for p, _ in points)]
+    keys = [k for k in FOCAL_KEYS if any(k in r.params for r in rows)]  # the searched ones
     for rnd in sorted({x for _, h in points for x in h}, reverse=True):
         at = [{**p, "val/AP": h[rnd]["val/AP"]} for p, h in points if "val/AP" in h.get(rnd, {})]
-        if len(at) >= len(keys) + 3:
+        if len(at) >= len(keys) + 2:
             fl = None if floor is None else floor.at(rnd)
             return fit_importance(at, keys, round_=rnd, noise_floor=fl)
     return None
@@ -367,58 +360,3 @@ def close_children(uri: str, parent_id: str, rows: Sequence[TrialRow], best: Tri
         status = "FAILED" if r.error else ("KILLED" if r.stopped_early else "FINISHED")
         if run.info.status == "RUNNING" or (r.stopped_early and run.info.status != "KILLED"):
             client.set_terminated(run.info.run_id, status=status)
-
-
-@dataclass
-class ChampionChoice:
-    trial_id: str
-    """The trial the rule picks (the best by val/AP when there is no tie)."""
-    tied: list[str]
-    """The trials tied with the best within the noise floor, the best included (empty: no floor measured)."""
-    note: str
-    """One line for the user: the tie and the rule applied."""
-
-
-def choose_champion(uri: str, parent_run_id: str, rule: str = "best") -> ChampionChoice:
-    """The trial ``export --sweep`` ships. ``rule`` among tied trials: ``best`` (the highest val/AP, which
-    may be luck), ``most-rounds`` (the most eval rounds completed, then val/AP: the longest evidence), or
-    ``paper-defaults`` (the closest to gamma 2, alpha 0.25, pi 0.01: |d gamma| / 5 + |d alpha| +
-    |d log10 pi| / 2, each term the searched range's usual width)."""
-    if rule not in CHAMPION_RULES:
-        raise ValueError(f"unknown champion rule {rule!r}; known: {', '.join(CHAMPION_RULES)}")
-    client = MlflowClient(tracking_uri=uri)
-    tags = client.get_run(parent_run_id).data.tags
-    best = tags.get(tracking.BEST_TRIAL_TAG)
-    if not best:
-        raise ValueError(
-            f"MLflow run {parent_run_id} has no tag {tracking.BEST_TRIAL_TAG}: not a finished sweep"
-        )
-    ids = json.loads(tags.get(TIED_TAG, "[]"))
-    if len(ids) <= 1:
-        why = "no noise floor measured" if TIED_TAG not in tags else "no other trial within the noise floor"
-        return ChampionChoice(best, ids, f"champion {best}: the best val/AP ({why})")
-    exp = client.get_run(parent_run_id).info.experiment_id
-    runs = client.search_runs(
-        [exp], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}'", max_results=1000
-    )
-    by_id = {r.data.tags.get(tracking.TRIAL_TAG): r for r in runs}
-    cands = [by_id[t] for t in ids if t in by_id]
-
-    def key(run: Any) -> tuple[float, float]:
-        ap = float(run.data.metrics.get("val/AP", -1.0))
-        if rule == "most-rounds":
-            return (float(run.data.tags.get("last_round", 0)), ap)
-        if rule == "paper-defaults":
-            p = {k: float(run.data.params[k]) for k in PAPER_DEFAULTS if k in run.data.params}
-            d = abs(p.get("loss.gamma", 2.0) - 2.0) / 5 + abs(p.get("loss.alpha", 0.25) - 0.25)
-            d += abs(math.log10(max(p.get("model.prior", 0.01), 1e-12)) - PAPER_DEFAULTS["model.prior"]) / 2
-            return (-d, ap)
-        return (ap, 0.0)
-
-    pick = max(cands, key=key).data.tags[tracking.TRIAL_TAG] if cands else best
-    floor = tags.get(NOISE_FLOOR_TAG, "?")
-    note = (
-        f"champion tied within noise: {len(ids)} trials ({', '.join(ids)}) lie within {TIE_SIGMAS:g} x the noise "
-        f"floor (std {floor}) of the best val/AP ({best}); rule '{rule}' picks {pick}"
-    )
-    return ChampionChoice(pick, ids, note)

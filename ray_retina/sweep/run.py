@@ -63,6 +63,11 @@ def run_sweep(
     The console shows :class:`SweepProgress` lines; ``verbose`` adds Tune's own status table and Ray's
     progress bars."""
     cfg = resolve_paths(cfg)
+    if cfg.tracking.enabled and (why := tracking.check_reachable(tracking.resolve_tracking_uri(cfg))):
+        # One line before Ray starts; a server lost later costs the trials nothing (tracking.RunLogger).
+        raise tracking.TrackingUnavailable(
+            f"{why}: start it, or sweep without tracking (--set tracking.enabled=false)"
+        )
     ensure_data(cfg)
     cfg = check_init(cfg)  # initial weights exist and fit, before any trial starts
     ensure_ray(cfg, verbose=verbose)

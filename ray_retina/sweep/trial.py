@@ -82,7 +82,33 @@ def run_trial(trial_params: dict[str, Any], setup: SweepSetup) -> None:
         # Named by its parameters in the MLflow UI, so a Compare view reads without a lookup table. A restored
         # trial (same params, same trial id) finds its run again by that name: one MLflow run per trial.
         label = trial_label(params, trial_id)
-        run_id = tracking.find_run_by_name(
+        run_id = _trial_run(cfg, setup, label, trial_id, params, run_name)
+    trainer = build_trainer(
+        cfg,
+        run_name=run_name,
+        mlflow_uri=setup.mlflow_uri,
+        mlflow_run_id=run_id,
+        callbacks=[TuneReportCallback()],
+        verbose=setup.verbose,
+        console_tag=trial_id,
+    )
+    result = trainer.fit()
+    if run_id:
+        # The trial's workers spool into its run directory: what they could not send goes out here.
+        spool = join_uri(abs_storage(cfg.run.storage_path), run_name)
+        log = tracking.RunLogger(setup.mlflow_uri, run_id, spool_dir=spool)
+        log.end("FAILED" if result.error is not None else "FINISHED")
+    if result.error is not None:
+        raise result.error
+
+
+def _trial_run(
+    cfg: Any, setup: SweepSetup, label: str, trial_id: str, params: dict[str, Any], run_name: str
+) -> str | None:
+    """The trial's MLflow run (found again by its name on a restore, else created); None, said in one line,
+    when the tracking server does not answer: the trial trains anyway and only its MLflow run is missing."""
+    try:
+        return tracking.find_run_by_name(
             setup.mlflow_uri, tracking.experiment_name(cfg), label
         ) or tracking.create_run(
             cfg,
@@ -98,20 +124,13 @@ def run_trial(trial_params: dict[str, Any], setup: SweepSetup) -> None:
                 **tracking.checkpoint_tags(abs_storage(cfg.run.storage_path), run_name),
             },
         )
-    trainer = build_trainer(
-        cfg,
-        run_name=run_name,
-        mlflow_uri=setup.mlflow_uri,
-        mlflow_run_id=run_id,
-        callbacks=[TuneReportCallback()],
-        verbose=setup.verbose,
-        console_tag=trial_id,
-    )
-    result = trainer.fit()
-    if run_id:
-        tracking.RunLogger(setup.mlflow_uri, run_id).end("FAILED" if result.error is not None else "FINISHED")
-    if result.error is not None:
-        raise result.error
+    except Exception as err:  # noqa: BLE001 - tracking must never stop a trial
+        print(
+            f"[tune] trial {trial_id}: MLflow at {tracking.redact(setup.mlflow_uri or '')} did not answer "
+            f"({type(err).__name__}): the trial trains without its MLflow run",
+            flush=True,
+        )
+        return None
 
 
 def trainable(setup: SweepSetup) -> Any:

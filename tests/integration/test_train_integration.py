@@ -86,7 +86,7 @@ def test_train_two_workers_end_to_end(ray_session, tiny_data, tmp_path, mlflow_u
 def test_tune_two_trials(ray_session, tiny_data, tmp_path, mlflow_uri, capsys):
     from mlflow.tracking import MlflowClient
 
-    from ray_retina.tune import run_sweep
+    from ray_retina.sweep.run import run_sweep
 
     cfg = tiny_config(
         tmp_path,

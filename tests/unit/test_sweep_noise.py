@@ -8,18 +8,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from ray_retina.sweep.champion import NOISE_FLOOR_TAG, TIED_TAG, choose_champion
 from ray_retina.sweep.console import format_noise_floor
 from ray_retina.sweep.importance import fit_importance, importance_table
 from ray_retina.sweep.noise import TIE_SIGMAS, noise_floor
-from ray_retina.sweep.report import (
-    NOISE_FLOOR_TAG,
-    TIED_TAG,
-    TrialRow,
-    choose_champion,
-    importance_of,
-    mark_ties,
-    markdown_table,
-)
+from ray_retina.sweep.report import TrialRow, importance_of, mark_ties, markdown_table
 from ray_retina.sweep.trial import SweepSetup
 
 
@@ -158,6 +151,7 @@ def test_champion_among_tied_trials_by_a_stated_rule(mlflow_uri):
     assert choose_champion(mlflow_uri, parent).trial_id == "a"
     most = choose_champion(mlflow_uri, parent, "most-rounds")
     assert most.trial_id == "b" and most.tied == ["a", "b"] and "tied within noise: 2 trials" in most.note
-    assert choose_champion(mlflow_uri, parent, "paper-defaults").trial_id == "b"
+    paper = choose_champion(mlflow_uri, parent, "paper-defaults")
+    assert paper.trial_id == "b" and client.get_run(paper.run_id).data.tags[tracking.TRIAL_TAG] == "b"
     with pytest.raises(ValueError, match="unknown champion rule"):
         choose_champion(mlflow_uri, parent, "luck")
