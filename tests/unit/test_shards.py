@@ -332,3 +332,57 @@ def test_replanning_removes_the_old_manifest_first_and_stale_shards(synth, tmp_p
     assert manifest["num_shards"] == 3
     assert sorted(p.name for p in out.glob("part-*")) == [f"part-{i:05d}.parquet" for i in range(3)]
     assert read_shards_table(out).num_rows == 30
+
+
+# ----------------------------------------------------------------------------------------- one writer
+
+
+def test_a_folder_locked_by_another_prepare_is_refused_at_once(synth, tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / shards.LOCK_NAME, "w") as f:  # another process's prepare holds the folder
+        f.write("pid 4242 on elsewhere")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(shards.PrepareConflict, match=r"another prepare is writing .*out \(pid 4242"):
+            write_shards(synth.val_annotations, synth.val_images, out)
+    assert not manifest_exists(out) and not list(out.glob("part-*"))
+    write_shards(synth.val_annotations, synth.val_images, out)  # released: it goes through
+    assert manifest_exists(out)
+
+
+def test_another_sources_shards_are_refused_unless_overwrite(synth, tmp_path):
+    out = tmp_path / "out"
+    write_shards(synth.val_annotations, synth.val_images, out, rows_per_shard=5)
+    write_shards(synth.val_annotations, synth.val_images, out, rows_per_shard=5)  # same source: resumes
+    with pytest.raises(shards.PrepareConflict, match=r"holds the shards of another source .*instances_val"):
+        write_shards(synth.train_annotations, synth.train_images, out, rows_per_shard=5)
+    assert read_manifest(out)["source"]["annotations"] == str(synth.val_annotations)  # untouched
+    manifest = shards.prepare_shards(
+        synth.train_annotations, synth.train_images, out, rows_per_shard=5, use_ray=False, overwrite=True
+    )
+    assert manifest["num_images"] == 30 and read_manifest(out)["source"]["annotations"] == str(
+        synth.train_annotations
+    )
+    assert len(read_shards_table(out, ["image_id"])) == 30
+
+
+def test_an_interrupted_run_of_another_source_is_refused_too(synth, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real = shards._write_shard
+    calls = {"n": 0}
+
+    def dies_after_one(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "_write_shard", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(synth.val_annotations, synth.val_images, out, rows_per_shard=5)
+    monkeypatch.setattr(shards, "_write_shard", real)
+    with pytest.raises(shards.PrepareConflict, match="another source"):  # no manifest: the owner record says
+        write_shards(synth.train_annotations, synth.train_images, out, rows_per_shard=5)
