@@ -9,13 +9,13 @@ import json
 
 import numpy as np
 import pytest
+from _data_utils import shard_batch
 from PIL import Image
 
 from ray_retina.data import decode
 from ray_retina.data.augment import augment_batch
 from ray_retina.data.decode import check_decodes, check_image, decode_image, exif_transpose_boxes, read_header
 from ray_retina.data.shards import prepare_shards, read_shards_table
-from tests._data_utils import shard_batch
 
 
 def _jpeg(h: int = 48, w: int = 64, *, progressive: bool = False, orientation: int | None = None) -> bytes:

@@ -12,7 +12,18 @@ import torch
 from _data_utils import png_bytes, shard_batch
 from PIL import Image
 
-from ray_retina.data.augment import AUGMENTED_COLUMNS, augment_batch
+from ray_retina.data.augment import (
+    AUGMENTED_COLUMNS,
+    Draws,
+    Layout,
+    augment_batch,
+    draw_augment,
+    image_rng,
+    map_labels,
+    move_boxes,
+    plan_layout,
+    render,
+)
 from ray_retina.data.collate import RetinaCollate
 from ray_retina.data.decode import decode_image
 from ray_retina.data.shards import read_shards_table, shard_files
@@ -345,3 +356,72 @@ def test_ray_train_ingest_keeps_deterministic_order():
     off = ingest_config(Config())
     assert on._resolve_execution_options("train").preserve_order is True
     assert off._resolve_execution_options("train").preserve_order is False
+
+
+# ----------------------------------------------------------------------------- the steps of augment_batch
+
+
+def test_plan_layout_by_hand_numbers():
+    plain = plan_layout(60, 80, 30, 1000)  # shorter side 60 -> 30: scale 0.5
+    assert (plain.scale, plain.new, plain.canvas, plain.top, plain.left, plain.zoomed) == (
+        0.5,
+        (30, 40),
+        (30, 40),
+        0,
+        0,
+        False,
+    )
+    assert plan_layout(60, 80, 30, 20).new == (15, 20)  # the longer side capped at 20: scale 0.25
+    cropped = plan_layout(60, 80, 30, 1000, window=(10, 20, 50, 50))  # a 40 x 30 window -> 30 short side
+    assert cropped.region == (10, 20, 40, 30) and cropped.new == (30, 40)
+    zoomed = plan_layout(60, 80, 30, 1000, zoom=(2.0, 1.0, 0.0))  # canvas twice the image, image at right-top
+    assert zoomed.canvas == (30, 40) and zoomed.new == (15, 20) and (zoomed.top, zoomed.left) == (0, 20)
+
+
+def test_move_boxes_shifts_scales_offsets_and_mirrors():
+    boxes = np.array([[10, 20, 30, 40]], np.float32)
+    layout = Layout(
+        region=(10, 20, 40, 30), scale=0.5, new=(15, 20), canvas=(30, 40), top=5, left=10, zoomed=True
+    )
+    np.testing.assert_array_equal(move_boxes(boxes, layout, flip=False), [[10, 5, 20, 15]])
+    np.testing.assert_array_equal(move_boxes(boxes, layout, flip=True), [[20, 5, 30, 15]])  # 40 - x
+
+
+def test_draws_depend_on_seed_image_epoch_and_off_ops_draw_nothing():
+    boxes, crowd = np.zeros((0, 4), np.float32), np.zeros(0, bool)
+    args = (24, 32, 0.5, 60, 80, boxes, crowd)
+    plain = draw_augment(image_rng(0, 7, 1), *args, None, None, None)
+    assert plain == draw_augment(image_rng(0, 7, 1), *args, None, None, None)
+    assert plain.window is None and plain.zoom is None and plain.colour is None and 24 <= plain.size <= 32
+    draws = {
+        draw_augment(image_rng(s, i, e), *args, None, None, None)
+        for s, i, e in [(0, 7, 1), (1, 7, 1), (0, 8, 1), (0, 7, 2)]
+    }
+    assert len(draws) > 1
+    zoom = draw_augment(image_rng(0, 7, 1), *args, None, {"prob": 1.0, "max_ratio": 2.0}, None)
+    assert (zoom.size, zoom.flip) == (plain.size, plain.flip) and 1.0 <= zoom.zoom[0] <= 2.0
+    assert Draws(size=5) == Draws(5, False, None, None, None)
+
+
+def test_render_and_map_labels():
+    rng = np.random.default_rng(0)
+    data = png_bytes(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    im = render(data, 60, 80, plan_layout(60, 80, 30, 1000))
+    assert im.size == (40, 30) and im.mode == "RGB"
+    assert render(
+        data, 60, 80, plan_layout(60, 80, 30, 1000, window=(0, 0, 40, 30)), (0, 0, 40, 30)
+    ).size == (40, 30)
+    np.testing.assert_array_equal(map_labels(np.array([5, 1]), {1: 0, 5: 1}, 3), [1, 0])
+    with pytest.raises(ValueError, match="image 3: category id 9 not in cat_ids"):
+        map_labels(np.array([9]), {1: 0}, 3)
+
+
+@pytest.mark.parametrize("size", [(0, 80), (60, 0)])
+def test_a_zero_size_row_is_a_clear_error_naming_the_image(size):
+    batch = shard_batch(
+        [png_bytes(np.zeros((60, 80, 3), np.uint8))], [size], [[[1, 1, 5, 5]]], [[1]], ids=[42]
+    )
+    with pytest.raises(ValueError, match=r"image 42: height \d+ x width \d+ is not an image size; prepare"):
+        augment_batch(
+            batch, train=True, min_size_range=[32], max_size=64, hflip_prob=0.5, cat_ids=[1], seed=0
+        )
