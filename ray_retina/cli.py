@@ -48,8 +48,9 @@ def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
 
 def _print_config(cfg) -> int:  # noqa: ANN001
     from ray_retina.config import to_yaml
+    from ray_retina.tracking import redact
 
-    print(to_yaml(cfg), end="")
+    print(redact(to_yaml(cfg)), end="")  # credentials in URIs shown as ***
     return 0
 
 
