@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ray_retina import __version__
 from ray_retina.predict import category_names_of
+from ray_retina.serving import DEFAULT_TABLE, EVAL_THRESHOLDS, THRESHOLDS_KEY, class_thresholds
 
 ONNX_FILE = "retinanet.onnx"
 END_TO_END_FILE = "retinanet_end2end.onnx"  # one image in, detections out
@@ -78,9 +79,13 @@ class EndToEndRetinaNet(nn.Module):
     The post-process of ``PostProcessor`` written again in traceable ops, level by level (per level
     ``sigmoid > score_thresh`` and the top ``topk_candidates``; fp32 decode; clip; per-class NMS through
     ``torchvision.ops.batched_nms``, which exports as ``NonMaxSuppression``; the best
-    ``detections_per_img``; back to original pixels per axis): equal to :func:`evaluate.detect` (tested)."""
+    ``detections_per_img``; back to original pixels per axis): equal to :func:`evaluate.detect` (tested).
+    Then the operating point: ``class_thresh`` (K,) keeps a detection when its score is above its class's
+    threshold (``serving.Detector``'s default table, as the served model applies it; zeros: none)."""
 
-    def __init__(self, model: nn.Module, cfg: Any, cat_ids: Sequence[int]) -> None:
+    def __init__(
+        self, model: nn.Module, cfg: Any, cat_ids: Sequence[int], class_thresh: Sequence[float] | None = None
+    ) -> None:
         from ray_retina.model.retinanet import build_box_coder
 
         super().__init__()
@@ -90,6 +95,8 @@ class EndToEndRetinaNet(nn.Module):
         self.score_thresh, self.topk, self.nms_thresh = pc.score_thresh, pc.topk_candidates, pc.nms_thresh
         self.detections_per_img = pc.detections_per_img
         self.register_buffer("cat_ids", torch.tensor(list(cat_ids), dtype=torch.int64))
+        thresh = [0.0] * len(cat_ids) if class_thresh is None else [float(t) for t in class_thresh]
+        self.register_buffer("class_thresh", torch.tensor(thresh, dtype=torch.float32))
 
     def forward(
         self, images: Tensor, image_size: Tensor, orig_size: Tensor
@@ -120,15 +127,23 @@ class EndToEndRetinaNet(nn.Module):
         o = orig_size.float()
         owh = torch.stack((o[1], o[0], o[1], o[0]))
         b = torch.minimum((b[keep] * (owh / wh)).clamp(min=0), owh)
-        return b, s[keep], lab[keep], self.cat_ids[lab[keep]]
+        s, lab = s[keep], lab[keep]
+        above = s > self.class_thresh[lab]
+        return b[above], s[above], lab[above], self.cat_ids[lab[above]]
 
 
 def onnx_meta(
-    cfg: Any, generator: Any, cat_ids: Sequence[int], names: Mapping[int, str], iteration: int
+    cfg: Any,
+    generator: Any,
+    cat_ids: Sequence[int],
+    names: Mapping[int, str],
+    iteration: int,
+    thresholds: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
     """What the exported graph does not do, for whoever runs it: input preparation, the anchor settings
-    (``generator``: the model's ``AnchorGenerator``), box decoding, post-process and categories (label i of
-    ``cls_logits`` is ``categories[i]``)."""
+    (``generator``: the model's ``AnchorGenerator``), box decoding, post-process, the per-class operating
+    thresholds (``thresholds``: the checkpoint's tables, ``{"f1": {"<category id>": score}, ...}``) and
+    categories (label i of ``cls_logits`` is ``categories[i]``)."""
     from ray_retina.model import SCALE_CLAMP
 
     d, pc = cfg.data, cfg.postprocess
@@ -183,6 +198,15 @@ def onnx_meta(
             "rule": "per level keep sigmoid > score_thresh, top topk_candidates per image; decode; clip to the "
             "resized image; per-class NMS; best detections_per_img; scale x by width / w and y by height / h",
         },
+        "thresholds": {
+            "default": DEFAULT_TABLE if DEFAULT_TABLE in (thresholds or {}) else EVAL_THRESHOLDS,
+            "tables": {
+                str(k): {str(c): float(t) for c, t in v.items()} for k, v in (thresholds or {}).items()
+            },
+            "rule": "after the post-process keep a detection when its score > its class's threshold in the "
+            "default table (a class not in it: 0); 'eval': the post-process's score_thresh only; the "
+            "end-to-end graph applies the default table",
+        },
         "categories": [
             {"label": i, "id": int(c), "name": str(names.get(int(c), c))} for i, c in enumerate(cat_ids)
         ],
@@ -210,7 +234,12 @@ def _traceable(
     model, cfg, cat_ids = model_from_state(state, "cpu")
     module = ExportableRetinaNet(model.to(memory_format=torch.contiguous_format)).eval()
     meta = onnx_meta(
-        cfg, model.anchor_generator, cat_ids, category_names_of(state), int(state.get("iteration", 0))
+        cfg,
+        model.anchor_generator,
+        cat_ids,
+        category_names_of(state),
+        int(state.get("iteration", 0)),
+        state.get(THRESHOLDS_KEY),
     )
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     return module, _example_input(cfg), out
@@ -259,7 +288,9 @@ def export_onnx(
             from ray_retina.config import config_from_dict
 
             cfg = config_from_dict(dict(state["config"]), source="checkpoint config")
-            e2e = EndToEndRetinaNet(module.model, cfg, [int(c) for c in state["cat_ids"]]).eval()
+            cat_ids = [int(c) for c in state["cat_ids"]]
+            tables = class_thresholds(state, cat_ids)
+            e2e = EndToEndRetinaNet(module.model, cfg, cat_ids, tables.get(DEFAULT_TABLE)).eval()
             h, w = example.shape[-2:]
             # image_size inside the padding and an original size of another aspect: no axis mistaken for another
             sizes = (torch.tensor([h - 3, w - 5]), torch.tensor([2 * h + 1, 3 * w - 7]))

@@ -116,6 +116,40 @@ def test_end_to_end_onnx_is_detect(onnx_files, model, state, h, w, pad_h, pad_w,
     np.testing.assert_allclose(scores, ref["scores"].numpy(), atol=1e-5, rtol=0)
 
 
+def test_end_to_end_onnx_applies_the_f1_thresholds(state, model, tmp_path):
+    """A checkpoint with per-class thresholds: the end-to-end graph keeps what detect() keeps above each
+    class's F1 threshold (the served model's default); the JSON beside it carries the tables."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from ray_retina.config import config_from_dict
+    from ray_retina.engine.evaluate import detect
+    from ray_retina.model import build_postprocessor
+    from ray_retina.onnx_export import export_onnx
+
+    cat_ids = [int(c) for c in state["cat_ids"]]
+    f1 = {str(c): t for c, t in zip(cat_ids, (0.5, 0.52, 0.9), strict=True)}
+    files = export_onnx({**state, "thresholds": {"f1": f1}}, tmp_path)
+    meta = json.loads(files[1].read_text())["thresholds"]
+    assert meta["default"] == "f1" and meta["tables"] == {"f1": f1}
+    h, w, pad_h, pad_w, height, width = END_TO_END_CASES[0]
+    x = _padded(3, h, w, pad_h, pad_w)
+    size, orig = torch.tensor([h, w]), torch.tensor([height, width])
+    ref = detect(
+        model,
+        build_postprocessor(config_from_dict(state["config"])),
+        {"images": x, "image_sizes": size[None], "orig_sizes": orig[None]},
+        device=torch.device("cpu"),
+    )[0]
+    keep = ref["scores"] > torch.tensor([0.5, 0.52, 0.9])[ref["labels"]]
+    session = ort.InferenceSession(str(files[2]), providers=["CPUExecutionProvider"])
+    boxes, scores, labels, _ = session.run(
+        None, {"images": x.numpy(), "image_size": size.numpy(), "orig_size": orig.numpy()}
+    )
+    assert 0 < len(scores) == int(keep.sum()) < len(ref["scores"])
+    np.testing.assert_array_equal(labels, ref["labels"][keep].numpy())
+    np.testing.assert_allclose(scores, ref["scores"][keep].numpy(), atol=1e-5, rtol=0)
+
+
 def test_onnx_json_rebuilds_the_anchors_and_names_the_labels(onnx_files, model, state, untrained_checkpoint):
     """The JSON beside the graph is enough to make its anchors and read its labels."""
     from ray_retina.model import AnchorGenerator
@@ -161,8 +195,8 @@ def _reference_records(state, images: list[bytes], score_thresh: float) -> list[
     """Per image, predict's records (evaluate.coco_records) as predict.Predictor makes them for a batch of
     one image: preprocess_batch, then detect_images with predict's score filter."""
     from ray_retina.data.augment import object_array
-    from ray_retina.engine.evaluate import coco_records
-    from ray_retina.engine.restore import AMP_DTYPES, model_from_state
+    from ray_retina.engine.evaluate import AMP_DTYPES, coco_records
+    from ray_retina.engine.restore import model_from_state
     from ray_retina.model import build_postprocessor
     from ray_retina.predict import preprocess_batch
     from ray_retina.serving import detect_images
