@@ -335,6 +335,10 @@ class RunLogger:
                     self._down(err)
                     self._stop.wait(self.RETRY_S)  # not once per new point while the server is down
                 else:
+                    if not self.server_up:
+                        logger.warning(
+                            "MLflow at %s answers again: sent %d waiting items", redact(self.uri), len(batch)
+                        )
                     self.server_up = True
                     self.sent += len(batch)
                     with self._lock:
