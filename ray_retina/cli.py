@@ -258,6 +258,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             alias=args.alias,
             tracking_uri=args.tracking_uri,
             champion_rule=args.champion_rule,
+            serve_overrides=args.overrides,
         )
     except ValueError as err:  # options that do not fit together, a sweep without a best trial: one line
         args.error(str(err))
@@ -421,6 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--register", metavar="NAME", default=None, help="register in the MLflow Model Registry as NAME"
     )
     p.add_argument("--alias", default=None, help="point this alias (e.g. champion) at the new version")
+    p.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="serve.KEY=VALUE",
+        help="the served model's limits, e.g. --set serve.max_pixels=40000000 serve.max_images=8",
+    )
     p.add_argument(
         "--tracking-uri",
         default=None,
