@@ -7,14 +7,26 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from ray_retina.checkpoint import REQUIRED_KEYS, load_checkpoint_state
 from ray_retina.config import Config, ConfigError, ModelSection, apply_overrides, config_from_dict
+from ray_retina.data.shards import read_manifest
+from ray_retina.model import build_model
+from ray_retina.model.backbone import is_weights_name, torchvision_weights_file
+from ray_retina.model.torchvision_compat import (
+    CLS_WEIGHT,
+    TORCHVISION_COCO_CATEGORIES,
+    infer_architecture,
+    load_torchvision_retinanet,
+    match_classes,
+    required_settings,
+)
+from ray_retina.uri import absolute, dir_exists, is_uri, open_input, resolve_uri
 
 logger = logging.getLogger(__name__)
 
@@ -22,34 +34,26 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat1
 
 
 def model_from_state(
-    state: Mapping[str, Any], device: torch.device | str = "cpu"
+    state: Mapping[str, Any], device: torch.device | str = "cpu", *, weights: Literal["ema", "model"] = "ema"
 ) -> tuple[torch.nn.Module, Config, list[int]]:
-    """Rebuild the model of a checkpoint dict, in eval mode on ``device``; returns (model, cfg, cat_ids)."""
-    from ray_retina.model import build_model
+    """Rebuild the model of a checkpoint dict, in eval mode on ``device``; returns (model, cfg, cat_ids).
 
+    ``weights``: "ema" loads the checkpoint's EMA weights when it has them (``optim.ema`` on; logged), else
+    its trained weights; "model" always the trained weights. This is what eval, predict, export and serving
+    load."""
     cfg = config_from_dict(dict(state["config"]), source="checkpoint config")
     cat_ids = [int(c) for c in state["cat_ids"]]
     # The checkpoint holds every weight: look for no initial weights (backbone or a COCO start), which the
     # machine running inference need not have.
-    overrides: dict[str, Any] = {"model.backbone_weights": None}
-    if "init_from" in type(cfg.model).model_fields:
-        overrides["model.init_from"] = None
-    model = build_model(apply_overrides(cfg, overrides), len(cat_ids))
-    model.load_state_dict(state["model"])
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(
+        apply_overrides(cfg, {"model.backbone_weights": None, "model.init_from": None}), len(cat_ids)
+    )
+    if weights == "ema" and "ema" in state:
+        logger.info("loading the checkpoint's EMA weights (%d updates)", int(state["ema"]["updates"]))
+        model.load_state_dict(state["ema"]["state_dict"])
+    else:
+        model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, cat_ids
-
-
-def load_checkpoint(
-    path: str | os.PathLike[str], *, device: torch.device | str = "cpu"
-) -> tuple[torch.nn.Module, Config, list[int]]:
-    """Load a checkpoint: ``(model in eval mode, its Config, cat_ids)``; label i of the model is category
-    ``cat_ids[i]``. ``path``: a ``checkpoint.pt`` file, a checkpoint directory holding one, or a run
-    directory (its best checkpoint by val/AP); a local path or a URI (``s3://``, ...)."""
-    from ray_retina.checkpoint import load_checkpoint_state
-
-    return model_from_state(load_checkpoint_state(path), device)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -92,19 +96,12 @@ class InitSource:
 
     @property
     def num_classes(self) -> int:
-        from ray_retina.model.torchvision_compat import infer_architecture
-
         return int(infer_architecture(self.state_dict)["num_classes"][0])
 
 
 def read_init_source(value: str) -> InitSource:
     """Read ``model.init_from``: a torchvision weights name, a state dict file, or a checkpoint (file, dir, run
     dir); local path or URI. Raises FileNotFoundError / ValueError naming ``value`` when it is none of these."""
-    from ray_retina.checkpoint import REQUIRED_KEYS, load_checkpoint_state
-    from ray_retina.model.backbone import is_weights_name, torchvision_weights_file
-    from ray_retina.model.torchvision_compat import CLS_WEIGHT, TORCHVISION_COCO_CATEGORIES, required_settings
-    from ray_retina.uri import dir_exists, open_input, resolve_uri
-
     where = value
     if is_weights_name(value):
         where = str(torchvision_weights_file(value))
@@ -207,8 +204,6 @@ def class_map_for(
     """The source class index of each of our labels (None: a new class, prior init), by name where both
     sides have names, else by category id (our checkpoints), else by position when the class counts are
     equal (an unnamed torchvision-format file); and one line saying what matched."""
-    from ray_retina.model.torchvision_compat import match_classes
-
     targets = list(cat_names) if cat_names is not None else [str(c) for c in cat_ids]
     if source.class_names is not None and cat_names is not None:
         cmap, how = match_classes(targets, source.class_names), "by name"
@@ -243,10 +238,6 @@ def check_init(cfg: Config) -> Config:
     ``model.init_from`` is read, its architecture compared with the config (``ConfigError`` naming every
     differing key and what to set) and the class matches logged. Returns ``cfg`` with a local relative
     ``init_from`` made absolute (workers run in other directories)."""
-    from ray_retina.data.shards import read_manifest
-    from ray_retina.model.backbone import is_weights_name, torchvision_weights_file
-    from ray_retina.uri import absolute, is_uri
-
     m = cfg.model
     bw = m.backbone_weights
     if bw is not None and is_weights_name(bw):
@@ -285,8 +276,6 @@ def init_model_from(
     """Load ``cfg.model.init_from`` into a freshly built ``model`` (in place; before DDP wraps it), mapping
     classes by name (see :func:`class_map_for`); classes without a match keep the head's prior init.
     Returns the class map (source class index of each label, or None)."""
-    from ray_retina.model.torchvision_compat import load_torchvision_retinanet
-
     if cfg.model.init_from is None:
         raise ValueError("model.init_from is not set")
     source = read_init_source(cfg.model.init_from)

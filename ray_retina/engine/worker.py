@@ -1,52 +1,61 @@
-"""Ray Train adapter of the training loop: device, DDP, dataset shards, periodic eval, report, checkpoint.
+"""Ray Train adapter of the training loop: set-up (device, model, DDP, resume, tracking), a loop of
+``Engine.run_step`` over the worker's dataset shard (``hooks.run_loop``), and hooks: metric windows and
+progress, eval + report + checkpoint (:class:`EvalReportHook`), early stopping, test fault injection.
 
 Contract with Ray Train V2: every rank calls ``ray.train.report`` exactly once per eval period (it is a
 barrier costing about 2 s), with the same metrics (computed on rank 0 and broadcast) and a checkpoint from
-rank 0 only. Training steps between reports touch Ray only to pull batches.
+rank 0 only. Training steps between reports touch Ray only to pull batches. An early stop happens on every
+rank after the same report (the metrics it decides on are the broadcast ones).
 
-Resume (``ray.train.get_checkpoint()``) restores the model, optimizer, schedule, AMP scaler, iteration,
-epoch and each rank's own random state (Python, numpy, torch; saved per rank). What is not restored: Ray
-Data's position inside an epoch (a resumed run starts a new pass over the training set) and, after a
-restart of the DRIVER (not of workers), Ray Data's execution index, which seeds the per-epoch row-group
-order and the augmentation draws: those then repeat the draws of the first epochs of the original run.
-Local shuffle seeds follow the restored epoch.
+Resume (``ray.train.get_checkpoint()``) restores the model, EMA weights, optimizer, schedule, AMP scaler,
+iteration (optimizer steps: a checkpoint is always at a step boundary, accumulation included), epoch and each
+rank's own random state (Python, numpy, torch; saved per rank). What is not restored: Ray Data's position
+inside an epoch (a resumed run starts a new pass over the training set) and, after a restart of the DRIVER
+(not of workers), Ray Data's execution index, which seeds the per-epoch row-group order and the augmentation
+draws: those then repeat the draws of the first epochs of the original run. Local shuffle seeds follow the
+restored epoch.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ray.train
+import ray.train.torch
 import torch
 
-from ray_retina.checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, save_checkpoint
-from ray_retina.config import Config, config_from_dict, resolve
-from ray_retina.engine.evaluate import STAT_NAMES, evaluate_distributed, gather_to_rank0
-from ray_retina.engine.loop import Engine, NonFiniteLossError, rng_state, seed_everything
+from ray_retina._ray_private import quiet_train_report_logs
+from ray_retina.checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, load_checkpoint_state, save_checkpoint
+from ray_retina.config import Config, apply_overrides, config_from_dict, resolve
+from ray_retina.data.collate import RetinaCollate
+from ray_retina.data.shards import coco_gt_from_shards
+from ray_retina.data.skips import skipped_images
+from ray_retina.engine.determinism import set_deterministic
+from ray_retina.engine.evaluate import STAT_NAMES, EvalResult, evaluate_distributed, gather_to_rank0
+from ray_retina.engine.hooks import (
+    FAIL_ENV,
+    Batch,
+    EarlyStopping,
+    HookBase,
+    LoopState,
+    MetricWindow,
+    ProgressHook,
+    fault_hooks_from_env,
+    run_loop,
+)
+from ray_retina.engine.loop import Engine, rng_state, seed_everything
 from ray_retina.engine.progress import ProgressPrinter
+from ray_retina.engine.restore import init_model_from
+from ray_retina.model import build_criterion, build_model, build_postprocessor
+from ray_retina.report import write_run_pictures
+from ray_retina.tracking import RunLogger
 
 logger = logging.getLogger(__name__)
-
-# Test-only fault injection: "RANK:ITERATION" makes that rank's process exit once at that iteration
-# (the marker file keeps the restarted worker from dying again). Never set in real runs.
-FAIL_ENV = "RAY_RETINA_TEST_FAIL_AT"
-
-
-def _maybe_inject_failure(rank: int, iteration: int, storage: str) -> None:
-    spec = os.environ.get(FAIL_ENV)
-    if not spec:
-        return
-    want_rank, want_it = (int(x) for x in spec.split(":"))
-    marker = Path(storage) / f".failed-once-{want_rank}-{want_it}"
-    if rank == want_rank and iteration == want_it and not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-        logger.error("test hook %s: rank %d exits at iteration %d", FAIL_ENV, rank, iteration)
-        os._exit(1)
 
 
 def resolved_params(cfg: Config, world: int) -> dict[str, Any]:
@@ -54,7 +63,8 @@ def resolved_params(cfg: Config, world: int) -> dict[str, Any]:
     o = cfg.optim
     return {
         "resolved.world_size": world,
-        "resolved.global_batch": cfg.data.batch_size * world,
+        "resolved.accumulate": o.accumulate,
+        "resolved.global_batch": cfg.data.batch_size * world * o.accumulate,
         "resolved.optim.lr": o.lr,
         "resolved.optim.max_iters": o.max_iters,
         "resolved.optim.steps": list(o.steps),
@@ -65,23 +75,10 @@ def resolved_params(cfg: Config, world: int) -> dict[str, Any]:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The function Ray Train runs on every worker. `loop_config` holds the config (as a dict, paths
     resolved, lr NOT yet resolved) and the run's facts the driver found: ``num_classes``, ``cat_ids``,
-    ``val_plan``, ``mlflow_uri``, ``mlflow_run_id``, ``skip_counter``."""
-    import ray.train
-    import ray.train.torch
-
-    from ray_retina.data.collate import RetinaCollate
-    from ray_retina.data.shards import coco_gt_from_shards
-    from ray_retina.data.skips import skipped_images
-    from ray_retina.model import build_criterion, build_model, build_postprocessor
-    from ray_retina.tracking import RunLogger
-
+    ``cat_names``, ``val_plan``, ``mlflow_uri``, ``mlflow_run_id``, ``skip_counter``, ``storage_path``,
+    ``run_dir``, ``console_tag``, ``verbose``."""
     if not loop_config.get("verbose"):
-        # Ray Train's per-report INFO dump of every metric ("Reporting training result ...") stays out of the
-        # console: the progress lines and eval tables below say the same for people.
-        from ray_retina._ray_private import quiet_train_report_logs
-
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
-        quiet_train_report_logs()
+        quiet_ray_train_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # lr and schedule for the world size that actually runs (an elastic run may have fewer ranks).
@@ -89,25 +86,76 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.train.threads_per_worker:
         torch.set_num_threads(cfg.train.threads_per_worker)
     seed_everything(cfg.seed + rank)
-
+    set_deterministic(cfg.train.deterministic)
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+
+    engine = build_engine(cfg, loop_config, device, rank, world)
+    resume_if_restarted(engine, rank, loop_config.get("resume_from"))
+    tracker = None
+    if rank == 0 and loop_config.get("mlflow_run_id"):
+        # Points wait in the run directory while the server is down and go out in a background thread.
+        tracker = RunLogger(
+            loop_config["mlflow_uri"], loop_config["mlflow_run_id"], spool_dir=loop_config.get("run_dir")
+        )
+        tracker.set_tags(resolved_params(cfg, world))  # tags: an elastic restart may change them
+    if rank == 0:
+        logger.info(
+            "world size %d x batch %d x accumulate %d = global batch %d, lr %g, %d optimizer steps",
+            world,
+            cfg.data.batch_size,
+            cfg.optim.accumulate,
+            cfg.data.batch_size * world * cfg.optim.accumulate,
+            cfg.optim.lr,
+            cfg.optim.max_iters,
+        )
+        if cfg.optim.accumulate > 1 and not cfg.model.frozen_bn:
+            logger.warning(
+                "optim.accumulate=%d with model.frozen_bn false: BatchNorm's batch statistics are those of "
+                "each micro-batch of %d images, so the step is not exactly one batch of %d",
+                cfg.optim.accumulate,
+                cfg.data.batch_size,
+                cfg.data.batch_size * cfg.optim.accumulate,
+            )
+
+    printer = ProgressPrinter(
+        cfg.optim.max_iters, start=engine.iteration, enabled=rank == 0, tag=loop_config.get("console_tag")
+    )
+    progress = ProgressHook(printer, tracker, cfg.train.log_period)
+    hooks: list[HookBase] = [
+        progress,
+        EvalReportHook(loop_config, rank, world, tracker, printer, progress),
+        *fault_hooks_from_env(rank, loop_config["storage_path"]),
+    ]
+    state = LoopState(engine, world=world)
+    run_loop(state, micro_batches(engine, rank, world), hooks)
+    if tracker is not None:
+        tracker.close()  # bounded flush; what is left waits in the spool for the driver to send
+
+
+def quiet_ray_train_logs() -> None:
+    """Ray Train's per-report INFO dump of every metric ("Reporting training result ...") stays out of the
+    console: the progress lines and eval tables say the same for people."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    quiet_train_report_logs()
+
+
+def build_engine(
+    cfg: Config, loop_config: dict[str, Any], device: torch.device, rank: int, world: int
+) -> Engine:
+    """Model (from ``model.init_from`` on a fresh start), on ``device``, DDP-wrapped with several ranks,
+    compiled when asked; criterion, post-process, optimizer in an :class:`Engine`."""
     num_classes = int(loop_config["num_classes"])
     if cfg.model.init_from and ray.train.get_checkpoint() is None and not loop_config.get("resume_from"):
         # A fine-tuning start, on every rank before DDP wraps the model (a resumed run's own checkpoint,
-        # loaded below, wins). It loads every layer, so model.backbone_weights is not read.
-        from ray_retina.config import apply_overrides
-        from ray_retina.engine.restore import init_model_from
-
+        # loaded later, wins). It loads every layer, so model.backbone_weights is not read.
         model = build_model(apply_overrides(cfg, {"model.backbone_weights": None}), num_classes)
         init_model_from(model, cfg, loop_config["cat_ids"], loop_config.get("cat_names"), log=rank == 0)
     else:
-        model = build_model(cfg, num_classes)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = build_model(cfg, num_classes)  # channels_last applied there when the config asks
     model = ray.train.torch.prepare_model(model, move_to_device=device) if world > 1 else model.to(device)
     if cfg.optim.compile:
         model = torch.compile(model)
-    engine = Engine(
+    return Engine(
         cfg,
         model,
         build_criterion(cfg, num_classes),
@@ -117,47 +165,36 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         cat_names=loop_config.get("cat_names"),
     )
 
+
+def resume_if_restarted(engine: Engine, rank: int, resume_from: str | None = None) -> None:
+    """Load Ray's latest checkpoint of this run into ``engine`` when there is one (a worker restart or a
+    re-run of the same run name), else ``resume_from``: the checkpoint the driver chose when Ray's snapshot
+    was missing or unreadable (``checkpoint.prepare_resume``)."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        engine.load_state_dict(state, rank=rank)
-        logger.info("rank %d resumed at iteration %d", rank, engine.iteration)
-    elif loop_config.get("resume_from"):  # Ray's snapshot was missing or unreadable: the driver's choice
-        from ray_retina.checkpoint import load_checkpoint_state
+    if checkpoint is None:
+        if resume_from:
+            engine.load_state_dict(load_checkpoint_state(resume_from), rank=rank)
+            logger.info("rank %d resumed at iteration %d from %s", rank, engine.iteration, resume_from)
+        return
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    engine.load_state_dict(state, rank=rank)
+    logger.info("rank %d resumed at iteration %d", rank, engine.iteration)
 
-        engine.load_state_dict(load_checkpoint_state(loop_config["resume_from"]), rank=rank)
-        logger.info(
-            "rank %d resumed at iteration %d from %s", rank, engine.iteration, loop_config["resume_from"]
-        )
 
-    tracker = None
-    if rank == 0 and loop_config.get("mlflow_run_id"):
-        tracker = RunLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"])
-        tracker.set_tags(resolved_params(cfg, world))  # tags: an elastic restart may change them
-    # COCO AP is computed on the images of the val plan (coco_evaluate's img_ids), so a val subset
-    # (data.val_max_images) is scored against its own GT only.
-    gt = coco_gt_from_shards(cfg.data.val_shards) if rank == 0 else None
-    progress = ProgressPrinter(
-        cfg.optim.max_iters, start=engine.iteration, enabled=rank == 0, tag=loop_config.get("console_tag")
-    )
-    if rank == 0:
-        logger.info("world size %d, global batch %d, lr %g", world, cfg.data.batch_size * world, cfg.optim.lr)
-
-    train_shard = ray.train.get_dataset_shard("train")
+def micro_batches(engine: Engine, rank: int, world: int) -> Iterator[tuple[list[Batch], float]]:
+    """This rank's training shard as optimizer steps: ``optim.accumulate`` collated batches of
+    ``data.batch_size`` each and the seconds waited for them, epoch after epoch (``engine.epoch`` counts;
+    a step may span two epochs)."""
+    cfg = engine.cfg
+    shard = ray.train.get_dataset_shard("train")
     collate = RetinaCollate(size_divisibility=cfg.data.size_divisibility)
-    max_iters = cfg.optim.max_iters
-    period = cfg.train.eval_period
-    window: dict[str, float] = {"loss_cls": 0.0, "loss_box": 0.0, "n": 0.0, "images": 0.0, "wait": 0.0}
-    log_window: dict[str, float] = dict(window)
-    window_start = log_start = time.perf_counter()
-    last_ckpt: str | None = None
-    last_lr = engine.optimizer.param_groups[0]["lr"]
-
-    while engine.iteration < max_iters:
+    group: list[Batch] = []
+    waited = 0.0
+    while True:
         seen_batch = False
-        t_wait = time.perf_counter()
-        for batch in train_shard.iter_torch_batches(
+        t = time.perf_counter()
+        for batch in shard.iter_torch_batches(
             batch_size=cfg.data.batch_size,
             collate_fn=collate,
             drop_last=True,
@@ -166,75 +203,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_seed=cfg.seed + engine.epoch if cfg.data.shuffle_buffer else None,
         ):
             seen_batch = True
-            waited = time.perf_counter() - t_wait
-            _maybe_inject_failure(rank, engine.iteration, loop_config["storage_path"])
-            try:
-                out = engine.train_step(batch)
-            except NonFiniteLossError as err:
-                last = ray.train.get_checkpoint() if last_ckpt is None else last_ckpt
-                where = getattr(last, "path", last) or "none (no eval period finished yet)"
-                raise NonFiniteLossError(f"{err}; last good checkpoint: {where}") from None
-            for w in (window, log_window):
-                w["images"] += batch["images"].shape[0]
-                w["wait"] += waited
-                if out is not None:
-                    w["loss_cls"] += out["loss_cls"]
-                    w["loss_box"] += out["loss_box"]
-                    w["n"] += 1
-            if out is not None:
-                last_lr = out["lr"]
-            it = engine.iteration
-            if it % cfg.train.log_period == 0 or it >= max_iters:
-                n = max(log_window["n"], 1.0)
-                elapsed = time.perf_counter() - log_start
-                losses = {"loss_cls": log_window["loss_cls"] / n, "loss_box": log_window["loss_box"] / n}
-                progress.line(
-                    it,
-                    **losses,
-                    lr=last_lr,
-                    images_per_s=log_window["images"] * world / max(elapsed, 1e-9),
-                    data_wait_s=log_window["wait"],
-                )
-                if tracker is not None:
-                    tracker.log_metrics(
-                        {f"train/{k}": v for k, v in losses.items()} | {"train/lr": last_lr}, step=it
-                    )
-                log_window = dict.fromkeys(log_window, 0.0)
-                log_start = time.perf_counter()
-            if it % period == 0 or it >= max_iters:
-                elapsed = time.perf_counter() - window_start
-                final = engine.iteration >= max_iters
-                result = evaluate_distributed(engine, cfg, loop_config["val_plan"], gt, rank, world)
-                metrics = dict(result.metrics)
-                if rank == 0:
-                    progress.eval_table(it, metrics)
-                if final and tracker is not None:
-                    _log_pictures(engine, cfg, loop_config, gt, result, tracker)
-                n = max(window["n"], 1.0)
-                metrics.update(
-                    {
-                        "train/loss_cls": window["loss_cls"] / n,
-                        "train/loss_box": window["loss_box"] / n,
-                        "train/lr": last_lr,  # the lr of the last step, as the per-step curve logs it
-                        # images/s over all workers: each rank processed the same number of batches.
-                        "train/images_per_s": window["images"] * world / max(elapsed, 1e-9),
-                        "train/data_wait_s": window["wait"],
-                        "train/bad_steps": float(engine.bad_steps),
-                        "data/skipped_images": float(
-                            skipped_images(loop_config.get("skip_counter")) if rank == 0 else 0
-                        ),
-                        "iteration": float(it),
-                        "epoch": float(engine.epoch),
-                    }
-                )
-                last_ckpt = _report(
-                    engine, metrics, rank, tracker, loop_config.get("run_dir"), thresholds=result.thresholds
-                )
-                window = dict.fromkeys(window, 0.0)
-                window_start = time.perf_counter()
-            if engine.iteration >= max_iters:
-                break
-            t_wait = time.perf_counter()
+            waited += time.perf_counter() - t
+            group.append(batch)
+            if len(group) == cfg.optim.accumulate:
+                yield group, waited
+                group, waited = [], 0.0
+            t = time.perf_counter()
         if not seen_batch:
             raise RuntimeError(
                 f"training shard of rank {rank} produced no batch of {cfg.data.batch_size} images in epoch "
@@ -244,58 +218,129 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         engine.epoch += 1
 
 
-def _log_pictures(
-    engine: Engine, cfg: Config, loop_config: dict[str, Any], gt: Any, result: Any, tracker: Any
-) -> None:
-    """Rank 0, last eval round: PR curves, detections on val images and Figure 4 as MLflow artifacts."""
-    from ray_retina.engine.loop import unwrap
-    from ray_retina.report import write_run_pictures
+class EvalReportHook(HookBase):
+    """Every ``train.eval_period`` steps and at the last: COCO AP and val loss on the val plan (all ranks),
+    the AP table (rank 0), the eval window's training metrics, ``ray.train.report`` with rank 0's checkpoint
+    (thresholds and every rank's random state in it), the early-stop decision, and on the last eval the
+    run's pictures (rank 0)."""
 
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            paths = write_run_pictures(
-                unwrap(engine.model),
-                engine.postprocessor,
-                cfg,
-                loop_config["cat_ids"],
-                gt["categories"],
-                loop_config["val_plan"],
-                result.coco_eval,
-                tmp,
-                val=result.val,
+    def __init__(
+        self,
+        loop_config: dict[str, Any],
+        rank: int,
+        world: int,
+        tracker: RunLogger | None,
+        printer: ProgressPrinter,
+        progress: ProgressHook,
+    ) -> None:
+        self.loop_config = loop_config
+        self.rank = rank
+        self.world = world
+        self.tracker = tracker
+        self.printer = printer
+        self.progress = progress
+        self.window = MetricWindow()
+        self.gt: dict[str, Any] | None = None
+        self.early_stop: EarlyStopping | None = None
+        self.thresholds: dict[str, Any] = {}
+
+    def before_train(self, state: LoopState) -> None:
+        cfg = state.engine.cfg
+        # COCO AP is computed on the images of the val plan (coco_evaluate's img_ids), so a val subset
+        # (data.val_max_images) is scored against its own GT only.
+        self.gt = coco_gt_from_shards(cfg.data.val_shards) if self.rank == 0 else None
+        es = cfg.train.early_stop
+        self.early_stop = EarlyStopping(es.patience, es.metric, es.mode, es.min_delta)
+        self.window.reset()
+
+    def after_step(self, state: LoopState) -> None:
+        self.window.add(state)
+        engine = state.engine
+        it, max_iters = engine.iteration, engine.cfg.optim.max_iters
+        if it % engine.cfg.train.eval_period and it < max_iters:
+            return
+        result = evaluate_distributed(
+            engine, engine.cfg, self.loop_config["val_plan"], self.gt, self.rank, self.world
+        )
+        metrics = {**result.metrics, **engine.take_val_loss(), **self._train_metrics(engine)}
+        self.thresholds = result.thresholds
+        if self.rank == 0:
+            self.printer.eval_table(it, metrics)
+        assert self.early_stop is not None
+        state.stop = self.early_stop.update(metrics, it)
+        if (state.stop or it >= max_iters) and self.tracker is not None:
+            self._log_pictures(engine, result)
+        state.metrics = metrics
+        state.last_checkpoint = self._report(engine, metrics)
+        if state.stop and self.rank == 0:
+            logger.info(
+                "early stop at iteration %d: %s has not improved for %d evals; best %.4f at iteration %d",
+                it,
+                self.early_stop.metric,
+                self.early_stop.patience,
+                self.early_stop.best,
+                self.early_stop.best_iteration,
             )
-            for p in paths:
-                tracker.log_artifact(p, "plots")
-    except Exception as err:  # noqa: BLE001 - pictures must never fail a finished run
-        logger.warning("run pictures failed: %s", err)
+            if self.tracker is not None:
+                self.tracker.set_tags(
+                    {
+                        "ray_retina.early_stop_iteration": it,
+                        "ray_retina.best_iteration": self.early_stop.best_iteration,
+                    }
+                )
+        self.window.reset()
 
+    def _train_metrics(self, engine: Engine) -> dict[str, float]:
+        """The eval window's training numbers, reported beside the val metrics."""
+        skipped = skipped_images(self.loop_config.get("skip_counter")) if self.rank == 0 else 0
+        return {
+            **{f"train/{k}": v for k, v in self.window.losses().items()},
+            "train/lr": self.progress.lr,  # the lr of the last step, as the per-step curve logs it
+            "train/images_per_s": self.window.images_per_s(self.world),
+            "train/data_wait_s": self.window.wait_s,
+            "train/bad_steps": float(engine.bad_steps),
+            "data/skipped_images": float(skipped),
+            "iteration": float(engine.iteration),
+            "epoch": float(engine.epoch),
+        }
 
-def _report(
-    engine: Engine,
-    metrics: dict[str, float],
-    rank: int,
-    tracker: Any,
-    run_dir: str | None,
-    *,
-    thresholds: dict[str, Any] | None = None,
-) -> str | None:
-    """Report metrics + rank 0's checkpoint (with every rank's random state); returns where it lands."""
-    import ray.train
-
-    rngs = gather_to_rank0([rng_state()])  # a collective: every rank calls it
-    if tracker is not None:
-        tracker.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, step=engine.iteration)
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            state = engine.state_dict(rng_per_rank=rngs)
-            if thresholds is not None:
-                state["thresholds"] = thresholds
-            save_checkpoint(state, tmp)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+    def _report(self, engine: Engine, metrics: dict[str, float]) -> str:
+        """Report metrics + rank 0's checkpoint (with every rank's random state); returns where it lands."""
+        rngs = gather_to_rank0([rng_state()])  # a collective: every rank calls it
+        if self.tracker is not None:
+            self.tracker.log_metrics(
+                {k: v for k, v in metrics.items() if k != "iteration"}, step=engine.iteration
+            )
         name = checkpoint_dir_name(engine.iteration)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-    return f"{run_dir}/{name}" if run_dir else name
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                save_checkpoint({**engine.state_dict(rng_per_rank=rngs), "thresholds": self.thresholds}, tmp)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        run_dir = self.loop_config.get("run_dir")
+        return f"{run_dir}/{name}" if run_dir else name
+
+    def _log_pictures(self, engine: Engine, result: EvalResult) -> None:
+        """Rank 0, last eval: PR curves, detections on val images and Figure 4 as MLflow artifacts."""
+        assert self.tracker is not None and self.gt is not None
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                paths = write_run_pictures(
+                    engine.eval_model,
+                    engine.postprocessor,
+                    engine.cfg,
+                    self.loop_config["cat_ids"],
+                    self.gt["categories"],
+                    self.loop_config["val_plan"],
+                    result.coco_eval,
+                    tmp,
+                    val=result.val,
+                )
+                for p in paths:
+                    self.tracker.log_artifact(p, "plots")
+        except Exception as err:  # noqa: BLE001 - pictures must never fail a finished run
+            logger.warning("run pictures failed: %s", err)
 
 
 __all__ = ["train_loop_per_worker", "FAIL_ENV", "STAT_NAMES"]

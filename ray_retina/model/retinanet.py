@@ -168,7 +168,12 @@ class RetinaNetLoss(nn.Module):
         gt_boxes: Tensor,
         gt_labels: Tensor,
         gt_crowd: Tensor | None = None,
+        *,
+        divide_by: Tensor | float | None = None,
     ) -> dict[str, Tensor]:
+        """``divide_by``: divide both loss sums by this instead of the configured normaliser (no collective,
+        no normaliser state change): gradient accumulation passes the foreground count of the whole optimizer
+        step over all ranks / world size; evaluation passes 1 to get the sums."""
         logits, deltas, anchors = outputs.cls_logits, outputs.box_deltas, outputs.anchors
         b = logits.shape[0]
         if gt_boxes.shape[0] != b or gt_labels.shape[0] != b:
@@ -189,10 +194,17 @@ class RetinaNetLoss(nn.Module):
             fg_b, fg_r = fg.nonzero(as_tuple=True)
             target = self.box_coder.encode(gt_boxes[fg_b, matched_idxs[fg_b, fg_r]], anchors[fg_r])
             box_per_anchor = box_regression_loss(
-                deltas[fg_b, fg_r].float(), target, kind=self.box_loss, beta=self.smooth_l1_beta
+                # at least fp32 (fp16 deltas under autocast), fp64 kept (exact checks in float64)
+                deltas[fg_b, fg_r].to(torch.promote_types(deltas.dtype, torch.float32)),
+                target,
+                kind=self.box_loss,
+                beta=self.smooth_l1_beta,
             )
 
-            if self.normalizer == "per_image":
+            if divide_by is not None:
+                loss_cls = focal_loss_from_labels(logits, cls_labels, self.alpha, self.gamma) / divide_by
+                loss_box = box_per_anchor.sum() / divide_by
+            elif self.normalizer == "per_image":
                 w_img = 1.0 / (num_fg_per_image.clamp(min=1.0) * b)  # (B,)
                 loss_cls = focal_loss_from_labels(
                     logits, cls_labels, self.alpha, self.gamma, weights=w_img[:, None].expand_as(cls_labels)

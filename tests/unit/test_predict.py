@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ray_retina.checkpoint import load_checkpoint_state
 from ray_retina.engine.evaluate import STAT_NAMES, evaluate_checkpoint
-from ray_retina.engine.restore import load_checkpoint
+from ray_retina.engine.restore import model_from_state
 from ray_retina.predict import predict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -16,15 +17,15 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_load_checkpoint_forms(untrained_checkpoint, tmp_path):
     run, model, cat_ids = untrained_checkpoint
     for path in (run, run / "checkpoint_0000010", run / "checkpoint_0000010" / "checkpoint.pt"):
-        loaded, cfg, ids = load_checkpoint(path)
+        loaded, cfg, ids = model_from_state(load_checkpoint_state(path))
         assert ids == cat_ids == [3, 17, 42]
         assert cfg.loss.gamma == 1.5 and not loaded.training
         for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
             assert torch.equal(a, b), k
     with pytest.raises(FileNotFoundError, match="nowhere/checkpoint.pt"):
-        load_checkpoint(tmp_path / "nowhere" / "checkpoint.pt")
+        load_checkpoint_state(tmp_path / "nowhere" / "checkpoint.pt")
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        load_checkpoint(tmp_path)  # a folder without a checkpoint
+        load_checkpoint_state(tmp_path)  # a folder without a checkpoint
 
 
 def test_evaluate_checkpoint(untrained_checkpoint, synth_val, tmp_path):
