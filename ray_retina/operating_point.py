@@ -383,13 +383,15 @@ def review_val_detections(
 @dataclass(frozen=True)
 class FalsePositive:
     """A kept detection that found no object of its class: ``detection`` its index in the input list;
-    ``true_category`` the category id of the other-class object it overlaps at IoU >= 0.5 (a confusion), or
-    None (background); ``duplicate``: a background one on an object of its own class that a higher-scoring
-    detection already took (what a looser NMS leaves)."""
+    ``true_category`` the category id of the other-class object it was matched to (a confusion) or None;
+    ``kind`` the error in TIDE's terms (Bolya et al. 2020): ``"confusion"`` (IoU >= 0.5 with an object of
+    another class), ``"duplicate"`` (IoU >= 0.5 with an object of its class a higher score already took),
+    ``"localisation"`` (best IoU with an object of its class in [0.1, 0.5)) or ``"background"`` (the rest).
+    All but confusions sit in the confusion matrix's background row."""
 
     detection: int
     true_category: int | None
-    duplicate: bool = False
+    kind: str = "background"
 
 
 @dataclass(frozen=True)
@@ -458,8 +460,8 @@ def error_analysis(
         for i in left_dets:
             true = int(objs[found[i]]["category_id"]) if i in found else None
             matrix[bg if true is None else col[true], col[int(detections[i]["category_id"])]] += 1
-            dup = true is None and _on_own_class(detections[i], objs, iou_thresh)
-            false_positives.append(FalsePositive(i, true, dup))
+            kind = "confusion" if true is not None else _background_kind(detections[i], objs, iou_thresh)
+            false_positives.append(FalsePositive(i, true, kind))
         for g in left_objs:
             det = found_by.get(g)
             if det is None:
@@ -505,19 +507,25 @@ def _same_class_pass(
     return left_dets, left_objs
 
 
-def _on_own_class(det: Mapping[str, Any], objs: Sequence[Mapping[str, Any]], iou_thresh: float) -> bool:
-    """Whether ``det`` overlaps a non-crowd object of its own class at IoU >= ``iou_thresh``."""
+BACKGROUND_IOU = 0.1  # TIDE's background threshold: below it a detection overlaps nothing of its class
+
+
+def _background_kind(det: Mapping[str, Any], objs: Sequence[Mapping[str, Any]], iou_thresh: float) -> str:
+    """``"duplicate"``, ``"localisation"`` or ``"background"`` for an unmatched detection of no other
+    class's object, by its best IoU with the non-crowd objects of its own class (see :class:`FalsePositive`)."""
     own = [
         a["bbox"]
         for a in objs
         if int(a["category_id"]) == int(det["category_id"]) and not a.get("iscrowd", 0)
     ]
     if not own:
-        return False
-    ious = box_iou_xywh(
-        np.asarray([det["bbox"]], np.float64), np.asarray(own, np.float64), np.zeros(len(own), bool)
+        return "background"
+    best = float(
+        box_iou_xywh(
+            np.asarray([det["bbox"]], np.float64), np.asarray(own, np.float64), np.zeros(len(own), bool)
+        ).max()
     )
-    return bool((ious >= iou_thresh).any())
+    return "duplicate" if best >= iou_thresh else "localisation" if best >= BACKGROUND_IOU else "background"
 
 
 def _cross_class_pass(

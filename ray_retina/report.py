@@ -338,11 +338,11 @@ def _gallery(
     for f in fps:
         d = dets[f.detection]
         name, score = names.get(int(d["category_id"]), str(d["category_id"])), float(d["score"])
-        on = "background" if f.true_category is None else f"a {names.get(f.true_category, f.true_category)}"
-        on = f"a {name} already found (duplicate)" if f.duplicate else on
+        what = {"duplicate": "duplicate", "localisation": "poorly placed", "background": "on background"}
+        on = what.get(f.kind, f"on a {names.get(f.true_category, f.true_category)}")
         tile = _tile(images, objects, d["image_id"], d["bbox"], f"{name} {score:.2f}", names)
         if tile is not None:
-            rows["false positives"].append(plots.GalleryTile(tile[0], tile[1], f"{name} {score:.2f} on {on}"))
+            rows["false positives"].append(plots.GalleryTile(tile[0], tile[1], f"{name} {score:.2f}: {on}"))
     for m in misses:
         a = m.annotation
         name = names.get(int(a["category_id"]), str(a["category_id"]))

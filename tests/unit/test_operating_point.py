@@ -241,13 +241,14 @@ def test_confusion_matrix_by_hand():
     assert ea.cat_ids == [1, 2]
     # rows: true cat, dog, background; columns: predicted cat, dog, background
     assert ea.matrix.tolist() == [[1, 0, 1], [1, 0, 0], [1, 1, 0]]
-    assert sorted((f.detection, f.true_category, f.duplicate) for f in ea.false_positives) == [
-        (1, 2, False),
-        (2, None, False),  # a dog on a cat the cat detection took: background, not a duplicate
-        (4, None, False),
+    assert sorted((f.detection, f.true_category, f.kind) for f in ea.false_positives) == [
+        (1, 2, "confusion"),
+        (2, None, "background"),  # a dog on a cat the cat detection took: nothing of its class there
+        (4, None, "background"),
     ]
-    dup = error_analysis(gt, [*dets, _det(1, 1, [0, 0, 10, 11], 0.85)], {1: 0.5, 2: 0.3})
-    assert [f.duplicate for f in dup.false_positives if f.detection == 6] == [True]
+    more = [_det(1, 1, [0, 0, 10, 11], 0.85), _det(1, 1, [60, 60, 10, 30], 0.84)]
+    kinds = {f.detection: f.kind for f in error_analysis(gt, dets + more, {1: 0.5, 2: 0.3}).false_positives}
+    assert (kinds[6], kinds[7]) == ("duplicate", "localisation")  # IoU 10/11 with A; 1/3 with C
     assert sorted((m.annotation["id"], m.predicted_category) for m in ea.misses) == [(2, 1), (3, None)]
     # A lower cat threshold finds C.
     assert error_analysis(gt, dets, {1: 0.1, 2: 0.3}).matrix.tolist() == [[2, 0, 0], [1, 0, 0], [1, 1, 0]]

@@ -263,8 +263,8 @@ def test_error_pictures_on_val_images(synth_val, tmp_path):
     rows = report._gallery(val, errors, eval_plan(shards), names)
     fps, misses = rows["false positives"], rows["missed objects"]
     assert [t.title for t in fps] == [
-        f"{names[other]} 0.97 on a {names[anns[1]['category_id']]}",
-        f"{names[found[0]]} 0.95 on background",
+        f"{names[other]} 0.97: on a {names[anns[1]['category_id']]}",
+        f"{names[found[0]]} 0.95: on background",
     ]
     assert all(t.image.ndim == 3 and min(t.image.shape[:2]) >= 6 for t in fps + misses)
     assert sorted(t.title for t in misses) == sorted(
