@@ -27,7 +27,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +44,7 @@ import ray_retina
 from ray_retina import __version__, tracking
 from ray_retina._ray_private import CHECKPOINT_SNAPSHOT_FILE
 from ray_retina.checkpoint import find_checkpoint, load_checkpoint_state
-from ray_retina.config import config_from_dict, flatten, to_yaml
+from ray_retina.config import apply_overrides, config_from_dict, flatten, to_yaml
 from ray_retina.onnx_export import export_onnx, export_torchscript
 from ray_retina.predict import category_names_of
 from ray_retina.serving import (
@@ -312,6 +312,7 @@ def export(
     alias: str | None = None,
     tracking_uri: str | None = None,
     champion_rule: str = "best",
+    serve_overrides: Sequence[str] | None = None,
 ) -> ExportResult:
     """``ray-retina export``: the best checkpoint of ``run`` (or of ``sweep``'s best trial) as
 
@@ -320,6 +321,9 @@ def export(
       version of ``register`` with ``alias`` when given; with ``out`` also saved to that directory;
     * ``onnx`` / ``torchscript``: files in ``out`` (required), logged as artifacts of the MLflow run when
       there is one.
+
+    ``serve_overrides``: ``serve.KEY=VALUE`` pairs (``--set``) replacing the checkpoint config's serve
+    section in the exported model: its limits (``serve.max_pixels``, ``max_images``, ``max_batch_size``).
     """
     if format not in ("mlflow", "onnx", "torchscript"):
         raise ValueError(f"format must be mlflow, onnx or torchscript, got {format!r}")
@@ -332,6 +336,12 @@ def export(
     source = resolve_source(run, sweep=sweep, tracking_uri=tracking_uri, champion_rule=champion_rule)
     state = load_checkpoint_state(source.checkpoint)
     cfg = config_from_dict(dict(state["config"]), source="checkpoint config")
+    if serve_overrides:
+        keys = [str(o).split("=", 1)[0].strip() for o in serve_overrides]
+        if any(not k.startswith("serve.") for k in keys):
+            raise ValueError(f"export takes serve.* overrides only (the served model's limits), got {keys}")
+        cfg = apply_overrides(cfg, list(serve_overrides), "export overrides")
+        state = {**state, "config": cfg.model_dump(mode="json")}
     iteration = int(state.get("iteration", 0))
     logger.info(
         "exporting %s (iteration %d%s)",

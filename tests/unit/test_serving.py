@@ -149,3 +149,11 @@ def test_the_exported_model_carries_the_thresholds(state, val_jpegs, tmp_path):
     pd.testing.assert_frame_equal(
         served, model.predict(df, params={"thresholds": "eval", "score_thresh": 0.52})
     )
+
+
+def test_export_takes_serve_overrides_only(untrained_checkpoint, tmp_path):
+    from ray_retina.export import export
+
+    run, _, _ = untrained_checkpoint
+    with pytest.raises(ValueError, match=r"serve.\* overrides only"):
+        export(str(run), format="onnx", out=tmp_path, serve_overrides=["serve.max_images=4", "loss.gamma=0"])
