@@ -231,6 +231,18 @@ class EvalSection(_Section):
     this (checkpoint ``thresholds["precision"]``), beside the F1-optimal one (``thresholds["f1"]``)."""
 
 
+class EmaSection(_Section):
+    """An exponential moving average of the weights (``optim.ema``), as Ultralytics and timm keep it: fp32
+    copies beside the model, updated after every optimizer step with the decay
+    ``decay x (1 - exp(-updates / tau))`` (small at first, so early weights fade fast), used for eval, saved
+    in checkpoints beside the raw weights, and what export / predict / eval load by default."""
+
+    enabled: bool = False
+    decay: float = Field(0.9999, gt=0.0, lt=1.0)
+    tau: float = Field(2000.0, gt=0.0)
+    """Warm-up of the decay, in optimizer steps (the decay reaches 63% of ``decay`` after tau steps)."""
+
+
 class OptimSection(_Section):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float | None = Field(None, gt=0.0)
@@ -249,6 +261,13 @@ class OptimSection(_Section):
     are rescaled to the actual global batch at run time (linear scaling rule: lr x global / reference, the
     iterations x reference / global, so the same number of images is seen). See :func:`resolve`."""
     clip_grad_norm: float | None = None
+    accumulate: int = Field(1, ge=1)
+    """Micro-batches per optimizer step: each step sees data.batch_size x workers x accumulate images (the
+    global batch of the lr rule and of reference_batch). Exact: the focal normaliser is the foreground count
+    of the whole step over all ranks, DDP syncs gradients on the last micro-batch only. Not exact for a
+    BatchNorm in training mode (model.frozen_bn false): its batch statistics are per micro-batch."""
+    ema: EmaSection = EmaSection()
+    """EMA weights (see :class:`EmaSection`); off by default."""
     amp: Literal["none", "bf16", "fp16"] = "none"
     compile: bool = False
     """torch.compile the model (GPU runs; same code path otherwise)."""
@@ -258,6 +277,17 @@ class OptimSection(_Section):
         if any(s <= 0 or s > self.max_iters for s in self.steps) or self.steps != sorted(self.steps):
             raise ValueError(f"optim.steps must be increasing and within (0, max_iters], got {self.steps}")
         return self
+
+
+class EarlyStopSection(_Section):
+    """Early stopping (``train.early_stop``): the run ends after ``patience`` eval periods in a row without
+    an improvement of ``metric`` (by more than ``min_delta``); its best checkpoint by val/AP is what the run
+    reports as best (Ray keeps it). ``patience`` None: off."""
+
+    patience: int | None = Field(None, ge=1)
+    metric: str = "val/AP"
+    mode: Literal["max", "min"] = "max"
+    min_delta: float = Field(0.0, ge=0.0)
 
 
 class TrainSection(_Section):
@@ -274,6 +304,8 @@ class TrainSection(_Section):
     reproducible with ``data.deterministic``; a sweep turns both on for its trials."""
     eval_backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval"
     """faster_coco_eval: same 12 stats as pycocotools (tested), about 10x faster on COCO val."""
+    early_stop: EarlyStopSection = EarlyStopSection()
+    """End the run when the metric stops improving (see :class:`EarlyStopSection`); off by default."""
 
 
 class ScalingSection(_Section):
@@ -387,8 +419,9 @@ class Config(_Section):
 
     @property
     def global_batch(self) -> int:
-        """Images per step with scaling.num_workers workers (0 runs in the driver: one worker)."""
-        return self.data.batch_size * max(1, self.scaling.num_workers)
+        """Images per optimizer step with scaling.num_workers workers (0 runs in the driver: one worker):
+        data.batch_size x workers x optim.accumulate."""
+        return self.data.batch_size * max(1, self.scaling.num_workers) * self.optim.accumulate
 
     @property
     def lr(self) -> float:
@@ -423,8 +456,9 @@ def resolve(cfg: Config, world_size: int | None = None) -> Config:
     """The config as it runs on ``world_size`` workers: lr explicit and the schedule in iterations of that
     global batch. Logged and checkpointed.
 
-    The global batch is ``data.batch_size x world_size``; world_size None means scaling.num_workers (at
-    least 1: 0 runs in the driver). An elastic run passes the number of workers actually running.
+    The global batch is ``data.batch_size x world_size x optim.accumulate`` (images per optimizer step; the
+    schedule counts optimizer steps); world_size None means scaling.num_workers (at least 1: 0 runs in the
+    driver). An elastic run passes the number of workers actually running.
 
     * lr: ``optim.lr`` None gives the paper's 0.01 per 16 images scaled linearly to the global batch. An
       explicit ``optim.lr`` is kept as given, unless ``optim.reference_batch`` is set: then it is the lr
@@ -443,7 +477,7 @@ def resolve(cfg: Config, world_size: int | None = None) -> Config:
     elif world_size < 1:
         raise ValueError(f"world_size must be >= 1 (None: scaling.num_workers), got {world_size!r}")
     else:
-        global_batch = cfg.data.batch_size * int(world_size)
+        global_batch = cfg.data.batch_size * int(world_size) * cfg.optim.accumulate
     o = cfg.optim
     upd: dict[str, Any] = {"optim.lr": _scaled_lr(o, global_batch)}
     if o.reference_batch is not None:

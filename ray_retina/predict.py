@@ -183,7 +183,8 @@ class Predictor:
     def __init__(self, state: list[Any], *, score_thresh: float, use_gpu: bool) -> None:
         import ray
 
-        from ray_retina.engine.restore import AMP_DTYPES, model_from_state
+        from ray_retina.engine.evaluate import AMP_DTYPES
+        from ray_retina.engine.restore import model_from_state
         from ray_retina.model import build_postprocessor
 
         # The checkpoint comes through the object store (wrapped in a list so Ray hands over the ref):

@@ -49,8 +49,8 @@ from ray_retina.config import Config, ConfigError, ServeSection, apply_overrides
 from ray_retina.data.augment import augment_batch, object_array
 from ray_retina.data.collate import pad_images
 from ray_retina.data.decode import header_size
-from ray_retina.engine.evaluate import detect
-from ray_retina.engine.restore import AMP_DTYPES, model_from_state
+from ray_retina.engine.evaluate import AMP_DTYPES, detect
+from ray_retina.engine.restore import model_from_state
 from ray_retina.model import build_postprocessor
 
 INPUT_COLUMN = "image"

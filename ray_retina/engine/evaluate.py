@@ -242,6 +242,9 @@ class EvalResult:
 
 # ----------------------------------------------------------------------------------------- detection
 
+# optim.amp -> the autocast dtype that training, eval, predict and serving run the model under (None: fp32).
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def amp_context(
     device: torch.device, amp_dtype: torch.dtype | None
@@ -472,7 +475,7 @@ def evaluate_checkpoint(
     from ray_retina.checkpoint import load_checkpoint_state
     from ray_retina.data.datasets import eval_plan, iter_eval_batches
     from ray_retina.data.shards import coco_gt_from_shards, read_manifest
-    from ray_retina.engine.restore import AMP_DTYPES, model_from_state
+    from ray_retina.engine.restore import model_from_state
     from ray_retina.model import build_postprocessor
 
     device = torch.device(device)

@@ -23,8 +23,7 @@ from torch import nn
 
 from ray_retina.config import Config
 from ray_retina.engine.ema import ModelEMA
-from ray_retina.engine.evaluate import amp_context, detect, detections_to_coco, model_inputs
-from ray_retina.engine.restore import AMP_DTYPES
+from ray_retina.engine.evaluate import AMP_DTYPES, amp_context, detect, detections_to_coco, model_inputs
 
 
 class NonFiniteLossError(FloatingPointError):

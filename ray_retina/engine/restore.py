@@ -30,8 +30,6 @@ from ray_retina.uri import absolute, dir_exists, is_uri, open_input, resolve_uri
 
 logger = logging.getLogger(__name__)
 
-AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def model_from_state(
     state: Mapping[str, Any], device: torch.device | str = "cpu", *, weights: Literal["ema", "model"] = "ema"

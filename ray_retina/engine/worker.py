@@ -127,7 +127,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         *fault_hooks_from_env(rank, loop_config["storage_path"]),
     ]
     state = LoopState(engine, world=world)
-    run_loop(state, micro_batches(engine, rank, world), hooks)
+    try:
+        run_loop(state, micro_batches(engine, rank, world), hooks)
+    finally:
+        if tracker is not None:  # bounded flush; what stays unsent waits in the run's spool for the driver
+            tracker.close()
     if tracker is not None:
         tracker.close()  # bounded flush; what is left waits in the spool for the driver to send
 

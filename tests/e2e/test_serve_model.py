@@ -177,8 +177,8 @@ def _reference(state: dict, images: list[bytes], score_thresh: float, per_image:
     """predict's records of each image, as predict.Predictor makes them for a batch of one (preprocess_batch,
     then detect_images with predict's score filter)."""
     from ray_retina.data.augment import object_array
-    from ray_retina.engine.evaluate import coco_records
-    from ray_retina.engine.restore import AMP_DTYPES, model_from_state
+    from ray_retina.engine.evaluate import AMP_DTYPES, coco_records
+    from ray_retina.engine.restore import model_from_state
     from ray_retina.model import build_postprocessor
     from ray_retina.predict import preprocess_batch
     from ray_retina.serving import detect_images

@@ -131,3 +131,40 @@ def test_tune_two_trials(ray_session, tiny_data, tmp_path, mlflow_uri, capsys):
         assert "val/AP" in child.data.metrics
     gammas = {float(c.data.params["loss.gamma"]) for c in children}
     assert len(gammas) == 2  # each trial trained with its own sampled gamma
+
+
+def test_accumulation_ema_early_stop_and_val_loss_through_ray(ray_session, tiny_data, tmp_path, mlflow_uri):
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from ray_retina.engine.trainer import train
+
+    cfg = tiny_config(
+        tmp_path,
+        mlflow_uri,
+        name="it_recipe",
+        **tiny_data,
+        **{
+            "data.batch_size": 2,
+            "optim.accumulate": 2,
+            "optim.ema.enabled": True,
+            "optim.ema.tau": 2.0,
+            # AP cannot rise by more than 1: the second eval is the patience's first stale one
+            "train.early_stop.patience": 1,
+            "train.early_stop.min_delta": 1.0,
+            "train.eval_period": 2,
+        },
+    )
+    out = train(cfg, run_name="it-recipe")
+    assert out.error is None
+    assert out.metrics["iteration"] == 4  # stopped early, not at max_iters 12
+    assert out.metrics["val/loss_cls"] > 0 and out.metrics["val/loss_box"] > 0
+    state = torch.load(Path(out.checkpoint_path) / "checkpoint.pt", weights_only=True)
+    assert state["iteration"] == 4 and state["ema"]["updates"] == 4
+    assert "thresholds" in state
+
+    run = MlflowClient(mlflow_uri).get_run(out.mlflow_run_id)
+    assert run.data.tags["resolved.accumulate"] == "2" and run.data.tags["resolved.global_batch"] == "8"
+    assert run.data.tags["ray_retina.early_stop_iteration"] == "4"
+    assert run.data.tags["ray_retina.best_iteration"] == "2"
+    assert "val/loss_cls" in run.data.metrics and "val/loss_box" in run.data.metrics
