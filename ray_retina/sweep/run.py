@@ -94,6 +94,11 @@ def run_sweep(
         setup.save(sweep_dir)
     rounds = rounds_of(cfg)
     repeats = _noise_phase(cfg, setup, sweep_dir + NOISE_SUFFIX, rounds) if cfg.tune.noise_repeats else None
+    if repeats is not None and any(r.error is None and r.rounds < rounds for r in repeats):
+        # Tune returns from an interrupted experiment (Ctrl-C) as from a finished one: no search on a floor
+        # measured halfway.
+        print(f"[tune] the noise repeats stopped before their last round: finish with --resume {sweep_dir}")
+        raise KeyboardInterrupt
     floor = None
     if repeats is not None:
         floor = noise_floor((r.history for r in repeats), cfg.tune.noise_repeats, cfg.tune.metric)
@@ -156,6 +161,8 @@ def _noise_phase(cfg: Config, setup: SweepSetup, noise_dir: str, rounds: int) ->
 
 
 def _run_config(cfg: Config, name: str, rounds: int, verbose: bool) -> tune.RunConfig:
+    """Tune's run config; each trial's own TorchTrainer restarts failed workers ``run.max_failures`` times
+    from its last checkpoint, so Tune itself does not retry a trial."""
     return tune.RunConfig(
         name=name,
         storage_path=abs_storage(cfg.run.storage_path),
