@@ -63,7 +63,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from ray_retina.data.shards import prepare_dataset
+    from ray_retina.data.shards import PrepareConflict, prepare_dataset
 
     need = ("annotations", "images") if args.format == "coco" else ("root",)
     if missing := [f"--{n}" for n in need if getattr(args, n) is None]:
@@ -84,9 +84,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             rows_per_shard=args.rows_per_shard,
             use_ray=not args.no_ray,
             verify_images=args.verify_images,
+            overwrite=args.overwrite,
+            split_overlap=args.split_overlap,
         )
     except ValueError as err:  # options that do not fit the source, or a broken data set: one line
         args.error(str(err))
+    except (PrepareConflict, OSError) as err:  # another writer, a full disk: one line naming the folder
+        if getattr(args, "verbose", False) or isinstance(err, FileNotFoundError):
+            raise
+        print(f"error: {_one_line(err) if isinstance(err, OSError) else err}", file=sys.stderr)
+        return 1
     for out, manifest in manifests.items():  # prepare_shards printed each set's validation summary
         print(
             f"wrote {manifest['num_images']} images / {manifest['num_annotations']} annotations in "
@@ -330,7 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (local path or URI)")
     p.add_argument("--rows-per-shard", type=int, default=256)
     p.add_argument("--no-ray", action="store_true", help="write shards in this process instead of Ray tasks")
-    p.add_argument("--verify-images", action="store_true", help="fully decode every image while preparing")
+    p.add_argument(
+        "--verify-images",
+        action="store_true",
+        help="decode every image (default: only those whose header and end marker do not settle it)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace another source's shards in --out")
+    p.add_argument(
+        "--split-overlap",
+        choices=["error", "first"],
+        default="error",
+        help="an image in two source splits: refuse (default), or keep it in the first split only, counted",
+    )
     p.set_defaults(func=cmd_prepare, error=p.error)
 
     p = sub.add_parser("train", help="train with Ray Train (default: the CPU demo, configs/smoke.yaml)")
