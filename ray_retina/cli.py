@@ -233,7 +233,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from ray_retina.predict import predict
 
-    out = predict(
+    summary = predict(
         args.checkpoint,
         args.input,
         args.out,
@@ -241,8 +241,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_actors=args.actors,
         use_gpu=args.gpu,
+        draw=not args.no_draw,
+        tta=_tta_arg(args),
+        frame_stride=args.frame_stride,
+        max_frames=args.max_frames,
     )
-    print(f"detections: {out}; images with boxes drawn: {args.out}/images/")
+    print(f"predict: {summary.line()}" + ("" if args.no_draw else f"; drawn in {summary.out}"))
     return 0
 
 
@@ -406,12 +410,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", required=True, help="checkpoint dir, checkpoint.pt or a run dir (its best by val/AP)"
     )
-    p.add_argument("--input", required=True, help="folder of images (jpg/png) or a shard folder")
-    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--input",
+        required=True,
+        help="a folder of images (every type prepare takes), a shard folder, or a video file (path or URI)",
+    )
+    p.add_argument("--out", required=True, help="output folder: a local path or a URI (s3://, gs://, ...)")
     p.add_argument("--score-thresh", type=float, default=0.3)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--actors", type=int, default=1, help="model replicas (Ray Data actor pool)")
     p.add_argument("--gpu", action="store_true", help="one GPU per model replica")
+    p.add_argument("--no-draw", action="store_true", help="json only: no drawn images or annotated video")
+    _add_tta_args(p)
+    p.add_argument("--frame-stride", type=int, default=1, help="video: run every N-th frame")
+    p.add_argument("--max-frames", type=int, default=None, help="video: at most this many frames")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(

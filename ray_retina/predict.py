@@ -1,23 +1,28 @@
 """Batch inference with Ray Data from a trained checkpoint.
 
-    results_json = predict("runs/smoke-...", "photos/", "out/", num_actors=2, use_gpu=True)
+    summary = predict("runs/smoke-...", "photos/", "s3://bucket/out", num_actors=2, use_gpu=True)
 
 The checkpoint (``checkpoint.py``: a file, a checkpoint directory, or a run directory meaning its best
 checkpoint by val/AP) holds everything needed to rebuild the model and its test-time input size.
 Evaluation of a checkpoint is ``engine/evaluate.py::evaluate_checkpoint``.
 
-Batch inference (:func:`predict`) is a Ray Data pipeline: read (image files, or Parquet shards) ->
-decode + resize to the checkpoint's test size (CPU tasks, the same code as evaluation) -> the model in
-an actor pool (one model per actor, a GPU each when asked) -> draw the detections on the original
-image (CPU tasks) -> COCO-results json written by the driver.
+Batch inference (:func:`predict`) is a Ray Data pipeline: read (image files of every type ``prepare``
+takes, or Parquet shards) -> decode + resize to the checkpoint's test size (CPU tasks, the same code as
+evaluation; an input that does not decode stays a row marked with its reason, so it is counted) -> the
+model in an actor pool (one model per actor, a GPU each when asked; ``serving.detect_images``, test-time
+augmentation when asked) -> draw the detections on the original image and write it to the output URI
+(CPU tasks) -> the jsons written by the driver. A video file runs in one Ray task instead
+(``predict_video.py``): decode frames with PyAV, detect, draw, encode.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +30,22 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ray_retina.config import Config, config_from_dict
+from ray_retina.config import Config, TTASection, apply_overrides, config_from_dict
 from ray_retina.data.augment import object_array
+from ray_retina.data.formats.files import IMAGE_EXTENSIONS
 from ray_retina.engine.evaluate import coco_records
 from ray_retina.serving import detect_images
-from ray_retina.uri import resolve_uri
+from ray_retina.uri import absolute, join_uri, resolve_uri, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 RESULTS_FILE = "detections.json"  # COCO results format
-IMAGES_FILE = "images.json"  # every input image (id, file_name, height, width), with or without detections
+IMAGES_FILE = "images.json"  # every image read (id, file_name, height, width), with or without detections
+SUMMARY_FILE = "summary.json"  # counts, settings, and the inputs that could not be read
 DRAWN_DIR = "images"  # one PNG per input image with its detections drawn
 
-__all__ = ["detect_images", "draw_detections", "predict", "preprocess_batch"]
+__all__ = ["IMAGE_EXTENSIONS", "PredictSummary", "draw_detections", "predict", "preprocess_batch"]
 
 
 def manifest_category_names(
@@ -112,6 +119,16 @@ def draw_detections(
 # ----------------------------------------------------------------------------------------- Ray Data steps
 
 
+def _read_header(data: bytes) -> tuple[tuple[int, int], str]:
+    """((height, width), "") when the image header reads (EXIF applied), else ((0, 0), the reason)."""
+    from ray_retina.data.decode import header_size
+
+    try:
+        return header_size(data), ""
+    except Exception as e:  # noqa: BLE001 - any reason Pillow has: the input is unreadable, counted
+        return (0, 0), f"{type(e).__name__}: {e}"
+
+
 def preprocess_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -123,64 +140,87 @@ def preprocess_batch(
 
     Input: shard rows (``image_id``, ``file_name``, ``height``, ``width``, ``image``) or, for a folder,
     ``read_binary_files(include_paths=True)`` rows (``path``, ``bytes``) with ``files`` mapping each path
-    to (image_id, file_name, png_name). Output columns: ``image`` uint8 (h, w, 3), ``image_size`` [h, w],
-    ``orig_size`` [height, width], ``image_id``, ``file_name``, ``png_name``, ``bytes`` (the original
-    encoded image, for drawing). Images that do not decode are dropped with a warning.
+    to (image_id, file_name, png_name). Output, one row per input row in order: ``image`` uint8 (h, w, 3),
+    ``image_size`` [h, w], ``orig_size`` [height, width], ``image_id``, ``file_name``, ``png_name``,
+    ``bytes`` (the original encoded image, for drawing) and ``error``: "" for an image that decoded, else
+    why it did not (its ``image`` is then (0, 0, 3) and its sizes 0): unreadable inputs are kept as rows so
+    that the driver counts them.
     """
     from ray_retina.data.augment import augment_batch
-    from ray_retina.data.decode import header_size
 
     if files is not None:  # a folder of image files
-        rows: dict[str, list[Any]] = {
-            k: [] for k in ("image_id", "height", "width", "image", "file_name", "png_name")
+        meta = [files[str(p)] for p in batch["path"]]
+        data = [bytes(d) for d in batch["bytes"]]
+        ids = [m[0] for m in meta]
+        names = [m[1] for m in meta]
+        pngs = [m[2] for m in meta]
+        sizes, errors = (list(v) for v in zip(*(_read_header(d) for d in data), strict=True))
+    else:  # shard rows: sizes from the shard (checked at prepare time); augment_batch drops what does not decode
+        data = [bytes(d) for d in batch["image"]]
+        ids = [int(i) for i in batch["image_id"]]
+        names = [str(f) for f in batch["file_name"]]
+        pngs = [Path(f).stem + ".png" for f in names]
+        sizes = [(int(h), int(w)) for h, w in zip(batch["height"], batch["width"], strict=True)]
+        errors = ["" for _ in ids]
+    ok = [i for i, e in enumerate(errors) if not e]
+    aug_of: dict[int, int] = {}
+    aug: dict[str, np.ndarray] = {}
+    if ok:
+        src = {
+            "image_id": np.asarray([ids[i] for i in ok]),
+            "height": np.asarray([sizes[i][0] for i in ok]),
+            "width": np.asarray([sizes[i][1] for i in ok]),
+            "image": object_array([data[i] for i in ok]),
         }
-        for path, data in zip(batch["path"], batch["bytes"], strict=True):
-            image_id, file_name, png_name = files[str(path)]
-            try:
-                h, w = header_size(bytes(data))
-            except Exception as e:  # not an image after all: skip it, keep the rest
-                logger.warning("%s does not decode, skipped: %s", file_name, e)
-                continue
-            for k, v in zip(rows, (image_id, h, w, bytes(data), file_name, png_name), strict=True):
-                rows[k].append(v)
-        n = len(rows["image_id"])
-        src = {k: object_array(v) if k == "image" else np.asarray(v) for k, v in rows.items()}
-    else:  # shard rows
-        n = len(batch["image_id"])
-        src = {k: batch[k] for k in ("image_id", "height", "width", "image", "file_name")}
-        src["png_name"] = np.asarray([Path(str(f)).stem + ".png" for f in batch["file_name"]])
-    empty = object_array([np.zeros(0, np.float32) for _ in range(n)])
-    aug = augment_batch(
-        {**src, "bbox": empty, "category_id": empty, "iscrowd": empty},
-        train=False,
-        min_size_range=[min_size, min_size],
-        max_size=max_size,
-        hflip_prob=0.0,
-        cat_ids=[0],
-        seed=None,
-    )
-    keep = {int(i): j for j, i in enumerate(src["image_id"])}  # augment_batch drops rows that do not decode
-    idx = [keep[int(i)] for i in aug["image_id"]]
+        empty = object_array([np.zeros(0, np.float32) for _ in ok])
+        aug = augment_batch(
+            {**src, "bbox": empty, "category_id": empty, "iscrowd": empty},
+            train=False,
+            min_size_range=[min_size, min_size],
+            max_size=max_size,
+            hflip_prob=0.0,
+            cat_ids=[0],
+            seed=None,
+        )
+        aug_of = {int(image_id): j for j, image_id in enumerate(aug["image_id"])}
+        for i in ok:
+            if ids[i] not in aug_of:
+                errors[i] = "does not decode"
+    none = np.zeros((0, 0, 3), np.uint8)
+    rows = [aug_of.get(ids[i]) if not errors[i] else None for i in range(len(ids))]
     return {
-        "image": aug["image"],
-        "image_size": aug["image_size"],
-        "orig_size": aug["orig_size"],
-        "image_id": aug["image_id"],
-        "file_name": np.asarray([str(src["file_name"][j]) for j in idx], dtype=object),
-        "png_name": np.asarray([str(src["png_name"][j]) for j in idx], dtype=object),
-        "bytes": object_array([bytes(src["image"][j]) for j in idx]),
+        "image": object_array([aug["image"][j] if j is not None else none for j in rows]),
+        "image_size": np.asarray(
+            [aug["image_size"][j] if j is not None else [0, 0] for j in rows], dtype=np.int64
+        ).reshape(-1, 2),
+        "orig_size": np.asarray(
+            [aug["orig_size"][j] if j is not None else [0, 0] for j in rows], dtype=np.int64
+        ).reshape(-1, 2),
+        "image_id": np.asarray(ids, dtype=np.int64),
+        "file_name": np.asarray(names, dtype=object),
+        "png_name": np.asarray(pngs, dtype=object),
+        "bytes": object_array(data),
+        "error": np.asarray(errors, dtype=object),
     }
+
+
+def with_tta(cfg: Config, tta: TTASection | None) -> Config:
+    """``cfg`` with ``eval.tta`` replaced by ``tta`` (None: as it is)."""
+    return cfg if tta is None else apply_overrides(cfg, {"eval.tta": tta.model_dump()})
 
 
 class Predictor:
     """Ray Data actor (``map_batches`` with an actor pool): holds one model, runs it on preprocessed batches.
 
-    Output columns per image: ``image_id``, ``file_name``, ``png_name``, ``bytes``, ``orig_size``, and the
-    detections with score > ``score_thresh`` (:func:`detect_images`): ``boxes`` (D, 4) XYXY float32 in original pixels, ``scores``
-    (D,), ``category_ids`` (D,) original category ids.
+    Output columns per image: ``image_id``, ``file_name``, ``png_name``, ``bytes``, ``orig_size``, ``error``,
+    and the detections with score > ``score_thresh`` (``serving.detect_images``, test-time augmentation as
+    ``tta`` or the checkpoint config's ``eval.tta``): ``boxes`` (D, 4) XYXY float32 in original pixels,
+    ``scores`` (D,), ``category_ids`` (D,) original category ids; none for an unreadable image.
     """
 
-    def __init__(self, state: list[Any], *, score_thresh: float, use_gpu: bool) -> None:
+    def __init__(
+        self, state: list[Any], *, score_thresh: float, use_gpu: bool, tta: TTASection | None = None
+    ) -> None:
         import ray
 
         from ray_retina.engine.evaluate import AMP_DTYPES
@@ -191,63 +231,113 @@ class Predictor:
         # actors on other nodes cannot read the driver's files.
         s = ray.get(state[0]) if isinstance(state[0], ray.ObjectRef) else state[0]
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and ray.is_initialized():
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
             torch.set_num_threads(max(1, int(cpus)))
         self.model, cfg, cat_ids = model_from_state(s, self.device)
         self.cat_ids = np.asarray(cat_ids, dtype=np.int64)
         self.postprocess = build_postprocessor(cfg)
-        self.cfg = cfg
+        self.cfg = with_tta(cfg, tta)
         self.amp_dtype = AMP_DTYPES[cfg.optim.amp]
         self.score_thresh = score_thresh
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        dets = detect_images(
+    def detect(self, images: Sequence[np.ndarray], orig_sizes: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+        """Detections of test-size images (uint8 (h, w, 3)) of originals ``orig_sizes`` [height, width]."""
+        if not len(images):
+            return []
+        return detect_images(
             self.model,
             self.postprocess,
             self.cfg,
-            batch,
+            {"image": list(images), "orig_size": list(orig_sizes)},
             device=self.device,
             amp_dtype=self.amp_dtype,
             cat_ids=self.cat_ids,
             score_thresh=self.score_thresh,
         )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = [i for i, e in enumerate(batch["error"]) if not e]
+        found = self.detect([batch["image"][i] for i in ok], [batch["orig_size"][i] for i in ok])
+        dets = [NO_DETECTIONS] * len(batch["image_id"])
+        for i, d in zip(ok, found, strict=True):
+            dets[i] = d
         return {
-            "image_id": batch["image_id"],
-            "file_name": batch["file_name"],
-            "png_name": batch["png_name"],
-            "bytes": batch["bytes"],
-            "orig_size": batch["orig_size"],
+            **{k: batch[k] for k in ("image_id", "file_name", "png_name", "bytes", "orig_size", "error")},
             "boxes": object_array([d["boxes"] for d in dets]),
             "scores": object_array([d["scores"] for d in dets]),
             "category_ids": object_array([d["category_ids"] for d in dets]),
         }
 
 
+NO_DETECTIONS: dict[str, np.ndarray] = {
+    "boxes": np.zeros((0, 4), np.float32),
+    "scores": np.zeros(0, np.float32),
+    "category_ids": np.zeros(0, np.int64),
+}
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def draw_batch(
     batch: dict[str, np.ndarray], *, out_dir: str, names: Mapping[int, str]
 ) -> dict[str, np.ndarray]:
-    """Ray Data step (CPU tasks): draw each image's detections on the original image, write ``png_name``
-    under ``out_dir``; passes the detections on (without the image bytes)."""
+    """Ray Data step (CPU tasks): draw each readable image's detections on the original image and write it as
+    ``png_name`` under ``out_dir`` (a local path or any URI pyarrow writes; written by this task, so nothing
+    stays on the node that ran it); passes the rows on without the image bytes."""
     from ray_retina.data.decode import decode_image
 
-    os.makedirs(out_dir, exist_ok=True)
-    for data, png, boxes, scores, cats in zip(
-        batch["bytes"], batch["png_name"], batch["boxes"], batch["scores"], batch["category_ids"], strict=True
+    fs, root = resolve_uri(out_dir)
+    fs.create_dir(root, recursive=True)
+    for data, png, boxes, scores, cats, err in zip(
+        batch["bytes"],
+        batch["png_name"],
+        batch["boxes"],
+        batch["scores"],
+        batch["category_ids"],
+        batch["error"],
+        strict=True,
     ):
+        if err:
+            continue
         pixels = decode_image(bytes(data), fast=False)
         im = draw_detections(
             pixels, np.asarray(boxes), np.asarray(scores), [int(c) for c in np.asarray(cats)], names
         )
-        im.save(os.path.join(out_dir, str(png)), format="PNG")
+        write_bytes_atomic(fs, f"{root.rstrip('/')}/{png}", png_bytes(im))
     return {k: v for k, v in batch.items() if k != "bytes"}
 
 
 # ----------------------------------------------------------------------------------------- predict
 
 
+@dataclass(frozen=True)
+class PredictSummary:
+    """What a :func:`predict` run wrote and counted. ``out``: the output folder (path or URI); ``results``:
+    its ``detections.json``; ``images``: inputs read (video: frames run); ``unreadable``: inputs (video:
+    packets) that did not decode, listed in ``summary.json``; ``detections``: records written."""
+
+    out: str
+    results: str
+    images: int
+    unreadable: int
+    detections: int
+
+    def line(self) -> str:
+        """The one-line summary the CLI prints."""
+        return (
+            f"{self.images} read, {self.unreadable} unreadable (summary.json lists them), "
+            f"{self.detections} detections -> {self.results}"
+        )
+
+
 def _list_images(folder: str | os.PathLike[str]) -> tuple[Any, list[tuple[str, str]]]:
-    """(filesystem, sorted [(path, name relative to folder)]) of the jpg/png files under ``folder``."""
+    """(filesystem, sorted [(path, name relative to folder)]) of the image files under ``folder`` (every
+    extension ``prepare`` takes: ``data.formats.files.IMAGE_EXTENSIONS``)."""
     import pyarrow.fs as pafs
 
     fs, root = resolve_uri(folder)
@@ -271,6 +361,14 @@ def _png_names(rel_names: Sequence[str]) -> list[str]:
     ]
 
 
+def write_json(out: str, name: str, obj: Any, indent: int | None = None) -> str:
+    """``obj`` as JSON at ``out``/``name`` (a local folder or URI, created when missing); returns its URI."""
+    fs, root = resolve_uri(out)
+    fs.create_dir(root, recursive=True)
+    write_bytes_atomic(fs, f"{root.rstrip('/')}/{name}", json.dumps(obj, indent=indent).encode())
+    return join_uri(out, name)
+
+
 def predict(
     checkpoint: str | os.PathLike[str],
     input: str | os.PathLike[str],
@@ -280,22 +378,32 @@ def predict(
     batch_size: int = 4,
     num_actors: int = 1,
     use_gpu: bool = False,
-) -> Path:
-    """Batch inference with Ray Data; returns the path of the COCO-results json.
+    draw: bool = True,
+    tta: TTASection | None = None,
+    frame_stride: int = 1,
+    max_frames: int | None = None,
+) -> PredictSummary:
+    """Batch inference with Ray Data (images) or in one Ray task (a video); returns what it wrote and counted.
 
-    ``input``: a shard folder (one holding ``manifest.json``; image ids are the shards') or a folder of
-    images (``.jpg``/``.jpeg``/``.png``, searched recursively, numbered 1, 2, ... in sorted path order).
-    Images are resized to the checkpoint's test size (``data.test_min_size`` / ``max_size``) as in
-    evaluation, then run by ``num_actors`` actors each holding the model (one GPU each with ``use_gpu``).
-    Ray is started locally when not initialised; Ray Data shows the progress bar.
+    ``input``: a shard folder (one holding ``manifest.json``; image ids are the shards'), a folder of images
+    (every type ``prepare`` takes: ``IMAGE_EXTENSIONS``, searched recursively, numbered 1, 2, ... in sorted
+    path order), or a video file (``VIDEO_EXTENSIONS``: :func:`ray_retina.predict_video.predict_video`, every
+    ``frame_stride``-th frame, at most ``max_frames``). Local paths or URIs. Images are resized to the
+    checkpoint's test size (``data.test_min_size`` / ``max_size``) as in evaluation, then run by
+    ``num_actors`` actors each holding the model (one GPU each with ``use_gpu``); ``tta`` replaces the
+    checkpoint config's ``eval.tta``. Ray is started locally when not initialised.
 
-    Writes into ``out_dir``:
+    Writes into ``out_dir`` (a local folder or any URI pyarrow writes, e.g. ``s3://bucket/out``; each file by
+    the process that made it, so nothing is left on a worker node):
       * ``detections.json``: COCO results, ``{"image_id", "category_id" (original id), "bbox" [x, y, w, h] in
         original pixels, "score", "file_name"}`` for every detection with score > ``score_thresh``, sorted
         by image id and descending score (this threshold is for looking at results; for COCO AP use
         :func:`evaluate_checkpoint`, which keeps the post-process's 0.05);
       * ``images.json``: every image read (``id``, ``file_name``, ``height``, ``width``), detections or not;
-      * ``images/<name>.png``: each image at its original size with boxes, category names and scores drawn.
+      * ``summary.json``: counts (``images``, ``unreadable``, ``detections``), the settings, and each
+        unreadable input (``file_name``, ``reason``);
+      * ``images/<name>.png`` (unless ``draw`` is False): each image at its original size with boxes,
+        category names and scores drawn.
     """
     import pyarrow.fs as pafs
     import ray
@@ -310,9 +418,30 @@ def predict(
     state = load_checkpoint_state(checkpoint)  # on the driver: a bad path fails here, before Ray starts
     cfg = config_from_dict(dict(state["config"]), source="checkpoint config")
     cat_ids = [int(c) for c in state["cat_ids"]]
+    out = absolute(os.fspath(out_dir))  # Ray tasks run in other working directories
+    assert out is not None
     fs, in_path = resolve_uri(input)
-    if fs.get_file_info(in_path).type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"input not found: {os.fspath(input)} is not a folder of images or shards")
+    kind = fs.get_file_info(in_path).type
+    if kind == pafs.FileType.File and in_path.lower().endswith(VIDEO_EXTENSIONS):
+        from ray_retina.predict_video import predict_video
+
+        return predict_video(
+            state,
+            os.fspath(input),
+            out,
+            score_thresh=score_thresh,
+            batch_size=batch_size,
+            use_gpu=use_gpu,
+            draw=draw,
+            tta=tta,
+            frame_stride=frame_stride,
+            max_frames=max_frames,
+        )
+    if kind != pafs.FileType.Directory:
+        raise FileNotFoundError(
+            f"input not found: {os.fspath(input)} is not a folder of images or shards, nor a video file "
+            f"({', '.join(VIDEO_EXTENSIONS)})"
+        )
     is_shards = manifest_exists(input)
     names = manifest_category_names(cfg, cat_ids, input if is_shards else None)
 
@@ -337,7 +466,6 @@ def predict(
         files = {p: (i + 1, rel, png) for i, ((p, rel), png) in enumerate(zip(listed, pngs, strict=True))}
         ds = ray.data.read_binary_files([p for p, _ in listed], include_paths=True, filesystem=fs)
 
-    state_ref = ray.put(state)
     ds = ds.map_batches(
         preprocess_batch,
         fn_kwargs={"min_size": cfg.data.test_min_size, "max_size": cfg.data.max_size, "files": files},
@@ -346,23 +474,29 @@ def predict(
     )
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_args=([state_ref],),
-        fn_constructor_kwargs={"score_thresh": score_thresh, "use_gpu": use_gpu},
+        fn_constructor_args=([ray.put(state)],),
+        fn_constructor_kwargs={"score_thresh": score_thresh, "use_gpu": use_gpu, "tta": tta},
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_gpus=1 if use_gpu else 0,
         batch_format="numpy",
         batch_size=batch_size,
     )
-    out = Path(out_dir)
-    ds = ds.map_batches(
-        draw_batch, fn_kwargs={"out_dir": str(out / DRAWN_DIR), "names": names}, batch_format="numpy"
-    )
+    if draw:
+        ds = ds.map_batches(
+            draw_batch, fn_kwargs={"out_dir": join_uri(out, DRAWN_DIR), "names": names}, batch_format="numpy"
+        )
+    else:
+        ds = ds.drop_columns(["bytes"])
 
     records: list[dict[str, Any]] = []
     images: list[dict[str, Any]] = []
+    unreadable: list[dict[str, Any]] = []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         for i in range(len(batch["image_id"])):
             image_id, file_name = int(batch["image_id"][i]), str(batch["file_name"][i])
+            if batch["error"][i]:
+                unreadable.append({"id": image_id, "file_name": file_name, "reason": str(batch["error"][i])})
+                continue
             h, w = (int(v) for v in batch["orig_size"][i])
             images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
             recs = coco_records(
@@ -373,17 +507,27 @@ def predict(
             )
             records.extend({**r, "file_name": file_name} for r in recs)
     images.sort(key=lambda r: r["id"])
+    unreadable.sort(key=lambda r: r["id"])
     records.sort(key=lambda r: (r["image_id"], -r["score"]))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / IMAGES_FILE).write_text(json.dumps(images, indent=1))
-    results = out / RESULTS_FILE
-    results.write_text(json.dumps(records))
-    logger.info(
-        "%d images, %d detections (score > %g) -> %s, drawn in %s",
-        len(images),
-        len(records),
-        score_thresh,
-        results,
-        out / DRAWN_DIR,
+    for u in unreadable:
+        logger.warning("%s could not be read, skipped: %s", u["file_name"], u["reason"])
+    write_json(out, IMAGES_FILE, images, indent=1)
+    results = write_json(out, RESULTS_FILE, records)
+    summary = PredictSummary(out, results, len(images), len(unreadable), len(records))
+    write_json(
+        out,
+        SUMMARY_FILE,
+        {
+            "input": os.fspath(input),
+            "images": summary.images,
+            "unreadable": summary.unreadable,
+            "detections": summary.detections,
+            "score_thresh": score_thresh,
+            "tta": with_tta(cfg, tta).eval.tta.model_dump(),
+            "drawn": join_uri(out, DRAWN_DIR) if draw else None,
+            "unreadable_files": unreadable,
+        },
+        indent=1,
     )
-    return results
+    logger.info("%s", summary.line())
+    return summary
