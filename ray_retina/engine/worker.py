@@ -99,23 +99,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         tracker.set_tags(resolved_params(cfg, world))  # tags: an elastic restart may change them
     if rank == 0:
-        logger.info(
-            "world size %d x batch %d x accumulate %d = global batch %d, lr %g, %d optimizer steps",
-            world,
-            cfg.data.batch_size,
-            cfg.optim.accumulate,
-            cfg.data.batch_size * world * cfg.optim.accumulate,
-            cfg.optim.lr,
-            cfg.optim.max_iters,
-        )
-        if cfg.optim.accumulate > 1 and not cfg.model.frozen_bn:
-            logger.warning(
-                "optim.accumulate=%d with model.frozen_bn false: BatchNorm's batch statistics are those of "
-                "each micro-batch of %d images, so the step is not exactly one batch of %d",
-                cfg.optim.accumulate,
-                cfg.data.batch_size,
-                cfg.data.batch_size * cfg.optim.accumulate,
-            )
+        log_step_shape(cfg, world)
 
     printer = ProgressPrinter(
         cfg.optim.max_iters, start=engine.iteration, enabled=rank == 0, tag=loop_config.get("console_tag")
@@ -132,8 +116,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     finally:
         if tracker is not None:  # bounded flush; what stays unsent waits in the run's spool for the driver
             tracker.close()
-    if tracker is not None:
-        tracker.close()  # bounded flush; what is left waits in the spool for the driver to send
 
 
 def quiet_ray_train_logs() -> None:
@@ -141,6 +123,29 @@ def quiet_ray_train_logs() -> None:
     console: the progress lines and eval tables say the same for people."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     quiet_train_report_logs()
+
+
+def log_step_shape(cfg: Config, world: int) -> None:
+    """The optimizer step as it runs (world x batch x accumulate images, lr, steps), and that accumulation is
+    not exact with a BatchNorm in training mode."""
+    o = cfg.optim
+    logger.info(
+        "world size %d x batch %d x accumulate %d = global batch %d, lr %g, %d optimizer steps",
+        world,
+        cfg.data.batch_size,
+        o.accumulate,
+        cfg.data.batch_size * world * o.accumulate,
+        o.lr,
+        o.max_iters,
+    )
+    if o.accumulate > 1 and not cfg.model.frozen_bn:
+        logger.warning(
+            "optim.accumulate=%d with model.frozen_bn false: BatchNorm's batch statistics are those of each "
+            "micro-batch of %d images, so the step is not exactly one batch of %d",
+            o.accumulate,
+            cfg.data.batch_size,
+            cfg.data.batch_size * o.accumulate,
+        )
 
 
 def build_engine(

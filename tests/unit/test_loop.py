@@ -165,3 +165,31 @@ def test_bf16_autocast_step_keeps_fp32_loss():
     assert out is not None and ref_out is not None
     for k in ("loss_cls", "loss_box"):  # fp32 losses of bf16 outputs: close to the fp32 step's
         assert out[k] == pytest.approx(ref_out[k], rel=2e-2), k
+
+
+def test_run_loop_calls_the_hooks_and_stops_when_one_says_so():
+    from ray_retina.engine.hooks import HookBase, LoopState, ProgressHook, run_loop
+    from ray_retina.engine.progress import ProgressPrinter
+
+    eng = make_engine(small_cfg(**{"optim.max_iters": 5, "optim.steps": [5]}))
+    calls: list[object] = []
+
+    class Recorder(HookBase):
+        def before_train(self, state):
+            calls.append("before")
+
+        def after_step(self, state):
+            calls.append((state.engine.iteration, state.step_images))
+            state.stop = state.engine.iteration == 3
+
+        def after_train(self, state):
+            calls.append("after")
+
+    steps = (([batch(i)], 0.5) for i in range(100))
+    out = io.StringIO()
+    progress = ProgressHook(ProgressPrinter(5, stream=out), None, log_period=2)
+    run_loop(LoopState(eng), steps, [progress, Recorder()])
+    assert calls == ["before", (1, 2), (2, 2), (3, 2), "after"]
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and "iter 2/5" in lines[0] and "data 1.0 s" in lines[0]  # 2 steps x 0.5 s
+    assert eng.iteration == 3 and progress.lr > 0
