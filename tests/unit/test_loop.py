@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from ray_retina.config import Config, apply_overrides, resolve
+from ray_retina.engine.hooks import HookBase, LoopState, ProgressHook, run_loop
 from ray_retina.engine.loop import Engine, NonFiniteLossError, lr_factor, unwrap
+from ray_retina.engine.progress import ProgressPrinter
 from ray_retina.model import build_criterion, build_model, build_postprocessor
 
 
@@ -168,9 +170,6 @@ def test_bf16_autocast_step_keeps_fp32_loss():
 
 
 def test_run_loop_calls_the_hooks_and_stops_when_one_says_so():
-    from ray_retina.engine.hooks import HookBase, LoopState, ProgressHook, run_loop
-    from ray_retina.engine.progress import ProgressPrinter
-
     eng = make_engine(small_cfg(**{"optim.max_iters": 5, "optim.steps": [5]}))
     calls: list[object] = []
 
