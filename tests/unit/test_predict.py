@@ -17,8 +17,7 @@ from ray_retina.data.augment import object_array
 from ray_retina.data.formats.files import IMAGE_EXTENSIONS
 from ray_retina.engine.evaluate import STAT_NAMES, evaluate_checkpoint
 from ray_retina.engine.restore import model_from_state
-from ray_retina.predict import _list_images, predict, preprocess_batch
-from ray_retina.predict_video import iter_frames
+from ray_retina.predict import _list_images, iter_frames, predict, preprocess_batch
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
