@@ -618,6 +618,8 @@ def _remove_stale(fs: pafs.FileSystem, path: str, keep: set[str]) -> None:
 
 def _write_shard(plan: dict[str, Any], images: str, out: str, verify_images: bool) -> dict[str, Any]:
     """Read one shard's images, validate them, write the shard. Runs in a Ray task or in-process."""
+    # One piece: the unit a Ray task runs (resume check, read + check every image, write); each check it
+    # makes is a function (check_image, _match_size, _write_named).
     out_fs, out_path = resolve_uri(out)
     path = join_uri(out_path, plan["file"])
     records = plan["records"]

@@ -137,6 +137,8 @@ def build_records(
 
     Returns the records and the counts per reason (keys of ``VALIDATION_REASONS``).
     """
+    # One piece: two passes (images, then annotations) whose checks read in the order they apply, every
+    # rule beside its counter; split up, the counts and the skipped-image set would travel between helpers.
     counts: Counter[str] = Counter()
     warn = Warner()
     known_cats = {

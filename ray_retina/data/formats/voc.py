@@ -72,6 +72,8 @@ def read_voc(root: str | os.PathLike[str], *, classes: Sequence[str] | None = No
     Raises ``FileNotFoundError`` (one line: the path and what to give) when ``root``, its
     ``Annotations/`` or ``JPEGImages/`` is missing; ``ValueError`` when no class name is found.
     """
+    # One piece, top to bottom: list the tree, parse each XML (threads), name the classes, make the units;
+    # the closures share the listings and the warner.
     root = os.fspath(root)
     fs, base = resolve_uri(root)
     if not dir_exists(fs, base):

@@ -73,6 +73,8 @@ def read_yolo(
     Raises ``FileNotFoundError`` (one line: the path and what to give) for a missing root, images
     folder, split folder or yaml.
     """
+    # One piece, top to bottom: list images and labels per split, read them (threads), make the units and
+    # the orphans; the listings and the warner are shared.
     root = os.fspath(root)
     fs, base = resolve_uri(root)
     if not dir_exists(fs, base):
