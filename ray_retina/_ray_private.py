@@ -7,15 +7,15 @@ elsewhere in the package is a review error.
 | name | used for | if it disappears |
 | --- | --- | --- |
 | ``ray.data.DataContext._execution_idx`` | per-epoch augmentation draws (``data/augment.py``) | every epoch sees epoch 0's draws |
-| ``checkpoint_manager_snapshot.json`` (Ray Train's run dir) | which checkpoints Ray registered (``checkpoint.py``) | half-reported checkpoints are not cleaned |
+| ``checkpoint_manager_snapshot.json`` (Ray Train's run dir): ``checkpoint_results[].checkpoint_dir_name`` | which checkpoints Ray registered (``checkpoint.py``) | nothing is deleted (doubt); a resume starts from the newest checkpoint that loads |
 | logger named ``ray.train.v2._internal.execution.context.__file__`` | silencing the per-report metrics dump (``engine/worker.py``) | "Reporting training result ..." lines come back |
 """
 
 from __future__ import annotations
 
 # Ray Train V2 writes this file in the run directory with the registered checkpoints (checkpoint_results[].
-# checkpoint_dir_name); ray_retina.checkpoint reads it to delete directories that were uploaded but never
-# registered (a run that died between the two).
+# checkpoint_dir_name), in place (a kill can truncate it); ray_retina.checkpoint reads it to delete directories
+# that were uploaded but never registered (a run that died between the two), and only when it reads cleanly.
 CHECKPOINT_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 EXECUTION_INDEX_ATTR = "_execution_idx"
 

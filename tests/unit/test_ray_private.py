@@ -23,6 +23,18 @@ def test_checkpoint_snapshot_file_name_is_ray_trains():
     assert CHECKPOINT_MANAGER_SNAPSHOT_FILENAME == _ray_private.CHECKPOINT_SNAPSHOT_FILE
 
 
+def test_checkpoint_snapshot_holds_the_fields_we_read():
+    """checkpoint.read_registered reads checkpoint_results[].checkpoint_dir_name; without them it deletes
+    nothing (doubt), so a reshaped snapshot must fail here rather than quietly stop the clean-up."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+        _TrainingResultState,
+    )
+
+    assert "checkpoint_results" in _CheckpointManagerState.model_fields
+    assert "checkpoint_dir_name" in _TrainingResultState.model_fields
+
+
 def test_no_other_private_ray_name_in_the_package():
     """A new private Ray name used in ray_retina/ must be added to _ray_private.py (and tested here)."""
     import re
