@@ -60,6 +60,8 @@ def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike[str]) ->
         f.write(data[: len(data) // 2])
         _maybe_pause_in_save(int(state.get("iteration", -1)))
         f.write(data[len(data) // 2 :])
+        f.flush()
+        os.fsync(f.fileno())  # the bytes on disk before the name says the file is complete
     os.replace(tmp, path)
     return path
 
