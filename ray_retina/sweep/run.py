@@ -161,13 +161,16 @@ def _noise_phase(cfg: Config, setup: SweepSetup, noise_dir: str, rounds: int) ->
 
 
 def _run_config(cfg: Config, name: str, rounds: int, verbose: bool) -> tune.RunConfig:
-    """Tune's run config; each trial's own TorchTrainer restarts failed workers ``run.max_failures`` times
-    from its last checkpoint, so Tune itself does not retry a trial."""
+    """Tune's run config. A failed trial (a worker killed, e.g. by Ray's memory monitor, beyond what its
+    TorchTrainer's own ``run.max_failures`` restarts absorb) is started again up to ``run.max_failures``
+    times: the same trial id finds its Ray Train run (continuing from its last checkpoint) and its MLflow
+    run again."""
     return tune.RunConfig(
         name=name,
         storage_path=abs_storage(cfg.run.storage_path),
         verbose=1 if verbose else 0,
         callbacks=[SweepProgress(rounds, cfg.tune.metric, cfg.tune.mode)],
+        failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
     )
 
 
