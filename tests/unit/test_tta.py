@@ -165,3 +165,26 @@ def test_tta_config_is_validated():
     for bad in ([], [1.0, 1.0], [0.0]):
         with pytest.raises(ConfigError, match=r"eval\.tta\.scales"):
             apply_overrides(small_cfg(), {"eval.tta.scales": bad})
+
+
+def test_served_and_predicted_detections_follow_the_config_tta(setup):
+    # serving.detect_images (predict's actors, the MLflow model, Ray Serve) turns TTA on from eval.tta.
+    from ray_retina.serving import detect_images
+
+    cfg, model, pp, images = setup
+    cat_ids = np.array([3, 17, 42])
+    on = apply_overrides(cfg, {"eval.tta.enabled": True, "data.size_divisibility": DIV})
+    off = apply_overrides(cfg, {"data.size_divisibility": DIV})
+    batch = {"image": images, "orig_size": ORIG}
+    kw = {"device": torch.device("cpu"), "amp_dtype": None, "cat_ids": cat_ids}
+    served_on, served_off = (
+        detect_images(model, pp, on, batch, **kw),
+        detect_images(model, pp, off, batch, **kw),
+    )
+    ref = _detect(model, pp, _batch(images, ORIG), on.eval.tta)
+    for s_on, s_off, r in zip(served_on, served_off, ref, strict=True):
+        np.testing.assert_array_equal(s_on["scores"], r["scores"].numpy())
+        np.testing.assert_array_equal(s_on["category_ids"], cat_ids[r["labels"].numpy()])
+        assert len(s_on["scores"]) != len(s_off["scores"]) or not np.array_equal(
+            s_on["scores"], s_off["scores"]
+        )
