@@ -399,10 +399,12 @@ def _val_images(plan: Sequence[Any], image_ids: set[int]) -> dict[int, np.ndarra
         uri = entry if isinstance(entry, (str, os.PathLike)) else entry[0]
         fs, path = resolve_uri(uri)
         with fs.open_input_file(path) as f:
-            table = pq.read_table(f, columns=["image_id", "image"])
-        table = table.filter(
-            pc.is_in(table["image_id"], value_set=pa.array(sorted(image_ids), table["image_id"].type))
-        )
+            shard = pq.ParquetFile(f)
+            ids = shard.read(columns=["image_id"])["image_id"]
+            wanted = pc.is_in(ids, value_set=pa.array(sorted(image_ids), ids.type))
+            if not pc.any(wanted).as_py():  # the image bytes of a shard are read only when it holds one
+                continue
+            table = shard.read(columns=["image_id", "image"]).filter(wanted)
         for image_id, data in zip(table["image_id"].to_pylist(), table["image"].to_pylist(), strict=True):
             try:
                 found[int(image_id)] = decode_image(data)
