@@ -185,6 +185,9 @@ def match_detections(
     for key, idx in dets_by.items():
         objs = gts_by.get(key, [])
         ix = np.asarray(idx, np.int64)
+        if not objs and ix.size <= MAX_DETS:  # nothing to take: all false positives (most groups, quickly)
+            ignored[ix] = False
+            continue
         matched, ign = match_image(
             boxes[ix],
             scores[ix],
