@@ -7,6 +7,10 @@ The served detections are compared with ray-retina's own detection path in this 
 `ray-retina predict` runs it (predict.preprocess_batch, then serving.detect_images, one image per
 batch) and written in predict's records format (evaluate.coco_records): the same boxes and category ids,
 scores within 1e-4. (`ray-retina predict` itself needs a Ray cluster; its Ray Data steps are these functions.)
+
+The served model's limits under a small concurrent load (oversized requests mixed in: each a 400 naming the
+limit, no 5xx); then `ray-retina serve models:/NAME@champion` (Ray Serve on a local Ray) answers the same
+request with the same detections, a plain image upload too, and batches concurrent requests' images.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +43,7 @@ SCORE_ATOL = 1e-4  # the served process may sum convolutions with another thread
 BOX_ATOL = 1e-3  # pixels
 SERVER_START_S = 120
 SERVE_START_S = 300  # imports torch, Ray Data and the model on two shared cores
+SERVED: dict[str, list[dict]] = {}  # what `mlflow models serve` answered, for the Ray Serve comparison
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
@@ -244,12 +252,90 @@ def _assert_same(served: list[list[dict]], ref: list[list[dict]]) -> None:
         )
 
 
+def _assert_rows_close(got: list[dict], ref: list[dict]) -> None:
+    """Two answers' rows: the same images, categories and names in the same order; boxes within BOX_ATOL
+    px and scores within 1e-5 (a batch of several images may sum convolutions in another order)."""
+    for key in ("image_index", "category_id", "category_name"):
+        assert [r[key] for r in got] == [r[key] for r in ref], key
+    cols = ("x1", "y1", "x2", "y2")
+    np.testing.assert_allclose(
+        [[r[c] for c in cols] for r in got], [[r[c] for c in cols] for r in ref], atol=BOX_ATOL, rtol=0
+    )
+    np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in ref], atol=1e-5, rtol=0)
+
+
 def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(
         f"{url}/invocations", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
     with urllib.request.urlopen(req, timeout=300) as r:
         return json.loads(r.read())
+
+
+def _status(url: str, body: dict) -> tuple[int, str]:
+    """(HTTP status, body text) of a POST to /invocations, errors included."""
+    req = urllib.request.Request(
+        f"{url}/invocations", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def _bomb_png(width: int = 11000, height: int = 11000) -> bytes:
+    """A ~100-byte PNG whose header claims width x height (the pixel data cut short): costs a server that
+    decodes it ~1 GB; a server that checks the header first refuses it at once."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64)[:-4])
+        + chunk(b"IEND", b"")
+    )
+
+
+def _frame_body(images: list[bytes], **params) -> dict:
+    body: dict = {
+        "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b).decode()] for b in images]}
+    }
+    if params:
+        body["params"] = params
+    return body
+
+
+def _load_with_oversized(
+    url: str, images: list[bytes], clients: int = 4, per_client: int = 4
+) -> list[tuple[str, int, str]]:
+    """``clients`` threads x ``per_client`` requests, every fourth one oversized (a 121 MP PNG header, or 17
+    images: serve.max_images is 16): [(kind, status, body)]."""
+    kinds = ["ok", "ok", "pixels", "ok", "ok", "ok", "images", "ok"]
+
+    def one(i: int) -> tuple[str, int, str]:
+        kind = kinds[i % len(kinds)]
+        batch = {
+            "ok": [images[i % len(images)]],
+            "pixels": [images[0], _bomb_png()],
+            "images": images[:1] * 17,
+        }
+        return (kind, *_status(url, _frame_body(batch[kind])))
+
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(one, range(clients * per_client)))
+
+
+def _assert_bounded(results: list[tuple[str, int, str]]) -> None:
+    assert not [r for r in results if r[1] >= 500], "5xx under load"
+    for kind, status, text in results:
+        if kind == "ok":
+            assert status == 200, text[-500:]
+        else:  # every oversized request refused, naming the limit it broke
+            assert status == 400 and f"serve.max_{kind}" in text, (kind, status, text[-500:])
 
 
 def test_export_register_serve(mlflow_server, checkpoints, images, free_port, tmp_path):
@@ -356,6 +442,7 @@ def test_export_register_serve(mlflow_server, checkpoints, images, free_port, tm
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(bad, timeout=60)
         assert err.value.code == 400 and "image 0 is not an image" in err.value.read().decode()
+        _assert_bounded(_load_with_oversized(url, images))
     finally:
         _stop(proc)
 
@@ -369,6 +456,70 @@ def test_export_register_serve(mlflow_server, checkpoints, images, free_port, tm
     # The alias moved: checkpoint a's detections are not what is served.
     ref_a = _reference(load_checkpoint_state(runs["a"]), images, 0.0, 100)
     assert [d["score"] for d in ref_a[0][:5]] != [d["score"] for d in _served_records(rows, n)[0][:5]]
+    SERVED.update(rows=rows, few=few, thresh=[thresh])
+
+
+def test_ray_serve_answers_as_mlflow_serve(mlflow_server, checkpoints, images, ray_local, free_port):
+    """`ray-retina serve models:/NAME@champion` (Ray Serve, local Ray): the same request as
+    test_export_register_serve sent to `mlflow models serve` gets the same detections; a plain image upload
+    gets that image's; concurrent single-image requests are batched together (batches of more than one image
+    formed), each answered with its own image's detections; the limits are 400s here too."""
+    from ray import serve
+
+    from ray_retina.checkpoint import load_checkpoint_state
+    from ray_retina.predict import category_names_of
+    from ray_retina.serve import batch_sizes, run
+    from ray_retina.serving import Detector
+
+    if not SERVED:
+        pytest.fail(
+            "run with test_export_register_serve, which registers the model and serves it with MLflow"
+        )
+    port = free_port()
+    url = run(
+        f"models:/{NAME}@champion",
+        tracking_uri=mlflow_server,
+        overrides=[f"serve.port={port}", "serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.5"],
+        blocking=False,
+    )
+    try:
+        data = [[base64.b64encode(b).decode()] for b in images]
+        rows = _post(url, {"dataframe_split": {"columns": ["image"], "data": data}})["predictions"]
+        few = _post(
+            url,
+            {
+                "dataframe_split": {"columns": ["image"], "data": data},
+                "params": {"score_thresh": SERVED["thresh"][0], "detections_per_img": 5},
+            },
+        )["predictions"]
+        upload = urllib.request.Request(
+            f"{url}/invocations?detections_per_img=5", data=images[2], headers={"Content-Type": "image/jpeg"}
+        )
+        with urllib.request.urlopen(upload, timeout=120) as r:
+            uploaded = json.loads(r.read())["predictions"]
+        before = batch_sizes(url)
+        with ThreadPoolExecutor(8) as pool:  # 8 single-image requests at once, the three images in turn
+            answers = list(
+                pool.map(lambda i: _post(url, _frame_body([images[i % 3]], detections_per_img=5)), range(8))
+            )
+        after = batch_sizes(url)
+        _assert_bounded(_load_with_oversized(url, images, clients=2, per_client=4))
+    finally:
+        serve.shutdown()
+
+    _assert_rows_close(rows, SERVED["rows"])
+    _assert_rows_close(few, SERVED["few"])
+    # in-process reference: serving.Detector, one image at a time
+    state_b = load_checkpoint_state(checkpoints[1]["b"])
+    detector = Detector(state_b, "cpu", names=category_names_of(state_b))
+    alone = [detector.frame([b], {"detections_per_img": 5}).to_dict(orient="records") for b in images]
+    _assert_rows_close(uploaded, alone[2])
+    for i, answer in enumerate(answers):
+        _assert_rows_close(answer["predictions"], alone[i % 3])
+    formed = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    print(f"batch sizes formed under 8 concurrent requests: {formed}")
+    assert sum(k * v for k, v in formed.items()) == 8  # every image went through the batcher once
+    assert any(k > 1 and v > 0 for k, v in formed.items()), formed
 
 
 def test_registry_in_mlflow_ui(mlflow_server, open_mlflow_page, shot_dir):
