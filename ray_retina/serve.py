@@ -67,7 +67,8 @@ def load_model_state(source: str, tracking_uri: str | None = None) -> dict[str, 
     (downloaded from ``tracking_uri``'s registry), else whatever ``export.resolve_source`` takes."""
     if source.startswith(MODEL_URI_SCHEMES):
         uri = tracking_uri or tracking.resolve_tracking_uri()
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri, registry_uri=uri)
+        with tracking.using_uri(uri):  # the models:/ resolver reads the process's registry URI
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri)
         return torch.load(Path(local) / "artifacts" / MODEL_FILE, map_location="cpu", weights_only=True)
     state = load_checkpoint_state(resolve_source(source, tracking_uri=tracking_uri).checkpoint)
     return slim_state(state, category_names_of(state))
