@@ -5,10 +5,13 @@ state that holds a reported round, the whole process group (driver, GCS, raylet,
 what a lost head node or a killed `ray job` driver leaves behind. `ray-retina tune --resume DIR` must then
 finish every trial to its last round, each trial's TorchTrainer continuing from its own checkpoint, with
 one MLflow child run per trial (found again by name, not a new run per restart) and a closed parent run.
+The sweep's constants come back from its folder (``tune.with_parameters`` is given them again): Tune's own
+record of each trial holds the searched key only.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,8 +27,8 @@ from _train_utils import tiny_config
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SWEEP = "it-resume"
-ROUNDS = 3
-EVAL_PERIOD = 6
+ROUNDS = 2
+EVAL_PERIOD = 4
 
 
 def _cli() -> list[str]:
@@ -127,6 +130,8 @@ def test_killed_sweep_resumes_to_the_end(tmp_path, mlflow_uri):
         # step again, so compare the set of steps.
         assert sorted(set(steps)) == [EVAL_PERIOD * (i + 1) for i in range(ROUNDS)], steps
         assert "loss.gamma" in child.data.params
+    params = [json.loads(p.read_text()) for p in sweep_dir.glob("*/params.json")]
+    assert len(params) == 2 and all(set(p) == {"loss.gamma"} for p in params), params
     assert client.get_run(parent_id).info.status == "FINISHED"
     assert client.get_run(parent_id).data.tags.get("ray_retina.best_trial")
     # The summary table lists both trials at the final iteration.
