@@ -63,7 +63,7 @@ def main() -> None:
         {name: (lambda t=tta: run(t)) for name, tta in MODES.items()}, repeats=args.repeats
     )
     n = args.timed_images
-    print(f"checkpoint {args.checkpoint}; detection of {n} val images, load {load_average()}")
+    print(f"checkpoint {args.checkpoint}; detection of {n} val images, {load_average()}")
     print(f"{'mode':<24}{'ms/img':>9}{'CPU ms':>9}{'x plain':>9}{'CPU x':>7}")
     for name in MODES:
         print(
@@ -76,7 +76,7 @@ def main() -> None:
     # AP after the timing: the longer part, one evaluation per mode (deterministic).
     print(f"{'mode':<24}{'AP':>7}{'AP50':>7}{'AP75':>7}{'APs':>7}{'APm':>7}")
     for name, tta in MODES.items():
-        st = evaluate_checkpoint(args.checkpoint, args.shards, tta=tta, device="cpu")
+        st = evaluate_checkpoint(args.checkpoint, args.shards, tta=tta, device="cpu").metrics
         print(
             f"{name:<24}" + "".join(f"{100 * st[k]:7.2f}" for k in ("AP", "AP50", "AP75", "APs", "APm")),
             flush=True,
