@@ -62,7 +62,7 @@ MODEL = {
     "data.test_min_size": 384,
     "data.max_size": 512,
 }
-RAY_SERVE = ["serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.02", "serve.num_cpus=2"]
+RAY_SERVE = ["serve.max_batch_size=8", "serve.num_cpus=2"]
 
 
 def make_checkpoint(out: Path) -> Path:
@@ -223,6 +223,7 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=30.0, help="and at most this long")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-abuse", action="store_true", help="skip the 8 x 25 abuse load")
+    ap.add_argument("--batch-wait", type=float, default=0.02, help="Ray Serve's serve.batch_wait_timeout_s")
     args = ap.parse_args()
 
     import ray
@@ -264,7 +265,9 @@ def main() -> None:
         os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
         ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
         servers["Ray Serve (batch 8)"] = run(
-            str(ckpt.parent.parent), overrides=[*RAY_SERVE, f"serve.port={ray_port}"], blocking=False
+            str(ckpt.parent.parent),
+            overrides=[*RAY_SERVE, f"serve.batch_wait_timeout_s={args.batch_wait}", f"serve.port={ray_port}"],
+            blocking=False,
         )
         wait_http(f"http://127.0.0.1:{mlflow_port}/ping", proc, 300)
         answers = {name: post(url, bodies[0])[1] for name, url in servers.items()}
@@ -283,7 +286,8 @@ def main() -> None:
                             closed_loop(url, bodies, c, max(args.requests, 2 * c), args.max_seconds)
                         )
             print(
-                f"{load_average()} at end; medians of {args.repeats} repeats, one 640 x 480 JPEG per request"
+                f"{load_average()} at end; medians of {args.repeats} repeats, one 640 x 480 JPEG per request; "
+                f"Ray Serve batch wait {args.batch_wait} s"
             )
             print(f"{'server':<22} {'clients':>7} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
             rows = []
@@ -302,7 +306,9 @@ def main() -> None:
                 )
             hist = batch_sizes(servers[names[1]])
             print(f"Ray Serve batch sizes formed (size: count): {hist}")
-            rec.update(rows=rows, batch_sizes=hist, model=MODEL, ray_serve=RAY_SERVE)
+            rec.update(
+                rows=rows, batch_sizes=hist, model=MODEL, ray_serve=RAY_SERVE, batch_wait=args.batch_wait
+            )
             if not args.no_abuse:
                 print("abuse load: 8 clients x 25 requests, every tenth oversized")
                 rec["abuse"] = {}
