@@ -1,78 +1,37 @@
-"""A 4-trial ASHA sweep against a real `mlflow server`, checked through MlflowClient, and the
-MLflow UI driven in headless Chromium to compare the trials."""
+"""A 4-trial ASHA sweep with 2 noise repeats of its base config against a real `mlflow server`, checked
+through MlflowClient (trials, noise floor, ties, parameter importance), and the MLflow UI driven in headless
+Chromium to compare the trials."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-import urllib.request
+import statistics
 from pathlib import Path
 
 import pytest
+from _mlflow_server import MlflowServer
 
 from _train_utils import tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 PARAMS = ("loss.gamma", "loss.alpha", "model.prior", "optim.lr")
+EVAL_PERIOD = 4
+ROUNDS = 3
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory, free_port):
     """A real tracking server: SQLite backend, local artifact store, 127.0.0.1 on a free port."""
-    d = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(d / "server.log", "w")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{d / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(d / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"), free_port())
+    server.start()
+    yield server.url
+    server.kill()
 
 
 @pytest.fixture(scope="module")
 def sweep(ray_local, mlflow_server, tmp_path_factory):
-    from ray_retina.tune import run_sweep
+    from ray_retina.sweep.run import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
     cfg = tiny_config(
@@ -82,9 +41,9 @@ def sweep(ray_local, mlflow_server, tmp_path_factory):
         **{
             "scaling.num_workers": 1,
             "data.batch_size": 8,
-            "optim.max_iters": 24,
-            "optim.steps": [24],
-            "train.eval_period": 6,
+            "optim.max_iters": ROUNDS * EVAL_PERIOD,
+            "optim.steps": [ROUNDS * EVAL_PERIOD],
+            "train.eval_period": EVAL_PERIOD,
             "postprocess.score_thresh": 0.0,
             "tune.search_space": {
                 "loss.gamma": {"type": "uniform", "low": 0.0, "high": 5.0},
@@ -98,6 +57,7 @@ def sweep(ray_local, mlflow_server, tmp_path_factory):
             "tune.max_concurrent_trials": 2,
             # Optuna's TPE here (the random default runs in test_tune_resume and the benchmark).
             "tune.search_alg": "optuna",
+            "tune.noise_repeats": 2,
         },
     )
     return run_sweep(cfg, sweep_name="it-sweep")
@@ -108,7 +68,7 @@ def test_sweep_in_mlflow(sweep, mlflow_server, tmp_path):
 
     assert sweep.num_trials == 4 and sweep.num_errors == 0
     assert any(r.stopped_early for r in sweep.rows), "ASHA stopped no trial early"
-    assert any(r.rounds == 4 for r in sweep.rows), "no trial ran all its eval rounds"
+    assert any(r.rounds == ROUNDS for r in sweep.rows), "no trial ran all its eval rounds"
     client = MlflowClient(mlflow_server)
     parent = client.get_run(sweep.parent_run_id)
     assert parent.info.status == "FINISHED"
@@ -120,15 +80,23 @@ def test_sweep_in_mlflow(sweep, mlflow_server, tmp_path):
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}'"
     )
-    assert len(children) == 4
+    # the 4 searched trials and the 2 noise repeats (the base config under seeds 0 and 1), each run to the end
+    assert len(children) == 6
+    repeats = [c for c in children if c.data.tags["ray_retina.noise_repeat"] == "true"]
+    assert sorted(c.data.params["seed"] for c in repeats) == ["0", "1"]
+    assert all(c.info.status == "FINISHED" and c.data.tags["last_round"] == str(ROUNDS) for c in repeats)
+    assert all(c.info.run_name.startswith("seed=") for c in repeats)
+    children = [c for c in children if c not in repeats]
     by_trial = {r.trial_id: r for r in sweep.rows}
     for child in children:
         row = by_trial[child.data.tags["ray_retina.trial_id"]]
+        # the trial's params: the flattened config, nothing the sweep smuggled in
+        assert not [k for k in child.data.params if k.startswith("__")]
         for key in PARAMS:
             assert float(child.data.params[key]) == pytest.approx(row.params[key])
         hist = client.get_metric_history(child.info.run_id, "val/AP")
         assert [m.step for m in sorted(hist, key=lambda m: m.step)] == [
-            6 * (i + 1) for i in range(row.rounds)
+            EVAL_PERIOD * (i + 1) for i in range(row.rounds)
         ]
         assert child.data.tags["stopped_early"] == str(row.stopped_early).lower()
         assert child.info.status == ("KILLED" if row.stopped_early else "FINISHED")
@@ -146,12 +114,34 @@ def test_sweep_in_mlflow(sweep, mlflow_server, tmp_path):
     summary = Path(
         client.download_artifacts(sweep.parent_run_id, "sweep_summary.md", str(tmp_path))
     ).read_text()
-    header = summary.splitlines()[0]
+    header = next(line for line in summary.splitlines() if line.startswith("| trial |"))
     for name in ("rectangle", "ellipse", "triangle"):
         assert f"| AP {name} |" in header, header
         assert f"val/AP/{name}" in children[0].data.metrics
     plots = {a.path for a in client.list_artifacts(sweep.parent_run_id, "plots")}
-    assert {"plots/parallel_coordinates.png", "plots/ap_vs_params.png"} <= plots
+    assert {
+        "plots/parallel_coordinates.png",
+        "plots/ap_vs_params.png",
+        "plots/ap_per_round_noise.png",
+    } <= plots
+    # The noise floor per round on the parent run, equal to the std of the repeats' val/AP there.
+    std = client.get_metric_history(sweep.parent_run_id, "noise/val/AP/std")
+    assert [m.step for m in sorted(std, key=lambda m: m.step)] == [
+        EVAL_PERIOD * (i + 1) for i in range(ROUNDS)
+    ]
+    last = max(std, key=lambda m: m.step)
+    aps = [client.get_run(c.info.run_id).data.metrics["val/AP"] for c in repeats]
+    assert last.value == pytest.approx(statistics.stdev(aps))
+    assert "noise/val/AP/triangle/std" in parent.data.metrics
+    # Ties: the tag lists the trials within 2 floors of the best, and the summary marks the same ones.
+    tied = json.loads(parent.data.tags["ray_retina.tied_trials"])
+    assert parent.data.tags["ray_retina.best_trial"] in tied
+    assert tied == [r.trial_id for r in sweep.rows if r.tied]
+    assert "## Noise floor" in summary and "## Parameter importance" in summary
+    assert "| tied with best |" in header
+    # Parameter importance: a fit over 4 trials + 2 repeats needs 4 + 2 rows, so it is at round 1.
+    assert sweep.importance is not None and sweep.importance.round == 1
+    assert {f"importance/{k}/effect" for k in PARAMS} <= set(parent.data.metrics)
 
 
 def test_compare_trials_in_mlflow_ui(sweep, mlflow_server, open_mlflow_page, shot_dir):
@@ -163,7 +153,9 @@ def test_compare_trials_in_mlflow_ui(sweep, mlflow_server, open_mlflow_page, sho
     client = MlflowClient(mlflow_server)
     exp_id = client.get_run(sweep.parent_run_id).info.experiment_id
     children = client.search_runs(
-        [exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}'"
+        [exp_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}' "
+        "and tags.`ray_retina.noise_repeat` = 'false'",
     )
     run_ids = [c.info.run_id for c in children]
     classes = sorted({k for c in children for k in c.data.metrics if k.startswith("val/AP/")})
