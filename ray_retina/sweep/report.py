@@ -182,7 +182,7 @@ def noise_table(floor: NoiseFloor, repeats: list[TrialRow]) -> str:
     """The noise floor per round: the repeats' mean and std of val/AP, and the std of each class's AP."""
     classes = sorted(floor.class_std)
     head = ["round", "iteration", "mean val/AP", "std val/AP", *(f"std AP {c}" for c in classes)]
-    seeds = ", ".join(str(r.params.get("seed")) for r in repeats)
+    seeds = ", ".join(str(s) for s in sorted(r.params.get("seed") for r in repeats))
     lines = [
         f"Noise floor: the base config trained {floor.repeats} times (seeds {seeds}); tied within noise = a gap of "
         f"at most {TIE_SIGMAS:g} x the std at that round.",
@@ -220,17 +220,21 @@ def paper_table(rows: list[TrialRow]) -> str:
 def importance_of(
     rows: list[TrialRow], repeats: list[TrialRow], base: dict[str, float], floor: NoiseFloor | None
 ) -> ImportanceFit | None:
-    """:func:`fit_importance` at the deepest round that enough trials reached (parameters + 2 rows: one degree of freedom at least; the noise
-    repeats counted at the base config's values)."""
+    """:func:`fit_importance` at the deepest round that enough trials reached (the noise repeats counted at
+    the base config's values)."""
     points = [(r.params, r.history) for r in rows if r.error is None] + [
         (base, r.history) for r in repeats if r.error is None
     ]
     keys = [k for k in FOCAL_KEYS if any(k in r.params for r in rows)]  # the searched ones
-    for rnd in sorted({x for _, h in points for x in h}, reverse=True):
-        at = [{**p, "val/AP": h[rnd]["val/AP"]} for p, h in points if "val/AP" in h.get(rnd, {})]
-        if len(at) >= len(keys) + 2:
-            fl = None if floor is None else floor.at(rnd)
-            return fit_importance(at, keys, round_=rnd, noise_floor=fl)
+    rounds = sorted({x for _, h in points for x in h}, reverse=True)
+    at = {r: [{**p, "val/AP": h[r]["val/AP"]} for p, h in points if "val/AP" in h.get(r, {})] for r in rounds}
+    # The deepest round with 3 residual degrees of freedom (1 leaves intervals of +-12 residual stds: no
+    # answer), else the deepest with 1.
+    for dof in (3, 1):
+        for rnd in rounds:
+            if len(at[rnd]) >= len(keys) + 1 + dof:
+                fl = None if floor is None else floor.at(rnd)
+                return fit_importance(at[rnd], keys, round_=rnd, noise_floor=fl)
     return None
 
 

@@ -155,3 +155,19 @@ def test_champion_among_tied_trials_by_a_stated_rule(mlflow_uri):
     assert paper.trial_id == "b" and client.get_run(paper.run_id).data.tags[tracking.TRIAL_TAG] == "b"
     with pytest.raises(ValueError, match="unknown champion rule"):
         choose_champion(mlflow_uri, parent, "luck")
+
+
+def test_importance_prefers_a_round_with_three_degrees_of_freedom():
+    """Round 2 reached by 3 of 6 rows (1 degree of freedom for one parameter), round 1 by all 6: round 1."""
+    rows = [
+        _row(
+            f"t{i}",
+            0.1,
+            2 if i < 3 else 1,
+            _history(*([0.1 + 0.01 * i] * (2 if i < 3 else 1))),
+            **{"loss.gamma": float(i)},
+        )
+        for i in range(6)
+    ]
+    fit = importance_of(rows, [], {"loss.gamma": 2.0}, None)
+    assert fit is not None and fit.round == 1 and fit.dof == 4
