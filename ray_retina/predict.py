@@ -30,13 +30,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
+import ray
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ray_retina.checkpoint import load_checkpoint_state
 from ray_retina.config import Config, TTASection, apply_overrides, config_from_dict
-from ray_retina.data.augment import object_array
+from ray_retina.data.augment import augment_batch, object_array
+from ray_retina.data.decode import decode_image, header_size
 from ray_retina.data.formats.files import IMAGE_EXTENSIONS
-from ray_retina.engine.evaluate import coco_records
+from ray_retina.data.shards import manifest_exists, read_manifest, shard_files
+from ray_retina.engine.evaluate import AMP_DTYPES, coco_records
+from ray_retina.engine.restore import model_from_state
+from ray_retina.model import build_postprocessor
+from ray_retina.plots import class_colour
 from ray_retina.serving import detect_images
 from ray_retina.uri import absolute, is_uri, join_uri, resolve_uri, write_bytes_atomic
 
@@ -56,7 +64,6 @@ def manifest_category_names(
 ) -> dict[int, str]:
     """id -> name from the first readable manifest among ``shard_dirs`` and the run's own shards; ids
     without a name are named by their number."""
-    from ray_retina.data.shards import read_manifest
 
     names: dict[int, str] = {}
     for d in (*shard_dirs, cfg.data.val_shards, cfg.data.train_shards):
@@ -95,7 +102,6 @@ def draw_detections(
     """The image (HxWx3 uint8 RGB) with its detections drawn: a box per detection in its class colour
     and "name score" on a filled tag. ``boxes`` (D, 4) XYXY in the image's pixels; ``labels`` are the keys
     of ``names`` (category ids); colours follow the order of ``names``."""
-    from ray_retina.plots import class_colour
 
     im = Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
     draw = ImageDraw.Draw(im)
@@ -124,7 +130,6 @@ def draw_detections(
 
 def _read_header(data: bytes) -> tuple[tuple[int, int], str]:
     """((height, width), "") when the image header reads (EXIF applied), else ((0, 0), the reason)."""
-    from ray_retina.data.decode import header_size
 
     try:
         return header_size(data), ""
@@ -149,7 +154,6 @@ def preprocess_batch(
     why it did not (its ``image`` is then (0, 0, 3) and its sizes 0): unreadable inputs are kept as rows so
     that the driver counts them.
     """
-    from ray_retina.data.augment import augment_batch
 
     if files is not None:  # a folder of image files
         meta = [files[str(p)] for p in batch["path"]]
@@ -224,11 +228,6 @@ class Predictor:
     def __init__(
         self, state: list[Any], *, score_thresh: float, use_gpu: bool, tta: TTASection | None = None
     ) -> None:
-        import ray
-
-        from ray_retina.engine.evaluate import AMP_DTYPES
-        from ray_retina.engine.restore import model_from_state
-        from ray_retina.model import build_postprocessor
 
         # The checkpoint comes through the object store (wrapped in a list so Ray hands over the ref):
         # actors on other nodes cannot read the driver's files.
@@ -292,7 +291,6 @@ def draw_batch(
     """Ray Data step (CPU tasks): draw each readable image's detections on the original image and write it as
     ``png_name`` under ``out_dir`` (a local path or any URI pyarrow writes; written by this task, so nothing
     stays on the node that ran it); passes the rows on without the image bytes."""
-    from ray_retina.data.decode import decode_image
 
     fs, root = resolve_uri(out_dir)
     fs.create_dir(root, recursive=True)
@@ -341,7 +339,6 @@ class PredictSummary:
 def _list_images(folder: str | os.PathLike[str]) -> tuple[Any, list[tuple[str, str]]]:
     """(filesystem, sorted [(path, name relative to folder)]) of the image files under ``folder`` (every
     extension ``prepare`` takes: ``data.formats.files.IMAGE_EXTENSIONS``)."""
-    import pyarrow.fs as pafs
 
     fs, root = resolve_uri(folder)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
@@ -408,11 +405,6 @@ def predict(
       * ``images/<name>.png`` (unless ``draw`` is False): each image at its original size with boxes,
         category names and scores drawn.
     """
-    import pyarrow.fs as pafs
-    import ray
-
-    from ray_retina.checkpoint import load_checkpoint_state
-    from ray_retina.data.shards import manifest_exists, read_manifest, shard_files
 
     if not 0.0 <= score_thresh <= 1.0:
         raise ValueError(f"score_thresh must be in [0, 1], got {score_thresh}")
@@ -451,36 +443,8 @@ def predict(
     if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise ValueError("use_gpu=True but the Ray cluster has no GPU")
 
-    files: dict[str, tuple[int, str, str]] | None = None
-    if is_shards:
-        paths = shard_files(input, read_manifest(input))
-        ds = ray.data.read_parquet(
-            [resolve_uri(p)[1] for p in paths],
-            filesystem=fs,
-            columns=["image_id", "file_name", "height", "width", "image"],
-        )
-    else:
-        fs, listed = _list_images(input)
-        if not listed:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {os.fspath(input)}")
-        pngs = _png_names([rel for _, rel in listed])
-        files = {p: (i + 1, rel, png) for i, ((p, rel), png) in enumerate(zip(listed, pngs, strict=True))}
-        ds = ray.data.read_binary_files([p for p, _ in listed], include_paths=True, filesystem=fs)
-
-    ds = ds.map_batches(
-        preprocess_batch,
-        fn_kwargs={"min_size": cfg.data.test_min_size, "max_size": cfg.data.max_size, "files": files},
-        batch_format="numpy",
-        batch_size=batch_size,
-    )
-    ds = ds.map_batches(
-        Predictor,
-        fn_constructor_args=([ray.put(state)],),
-        fn_constructor_kwargs={"score_thresh": score_thresh, "use_gpu": use_gpu, "tta": tta},
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_gpus=1 if use_gpu else 0,
-        batch_format="numpy",
-        batch_size=batch_size,
+    ds = _detections_dataset(
+        input, fs, is_shards, cfg, state, score_thresh, batch_size, num_actors, use_gpu, tta
     )
     if draw:
         ds = ds.map_batches(
@@ -488,28 +452,7 @@ def predict(
         )
     else:
         ds = ds.drop_columns(["bytes"])
-
-    records: list[dict[str, Any]] = []
-    images: list[dict[str, Any]] = []
-    unreadable: list[dict[str, Any]] = []
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for i in range(len(batch["image_id"])):
-            image_id, file_name = int(batch["image_id"][i]), str(batch["file_name"][i])
-            if batch["error"][i]:
-                unreadable.append({"id": image_id, "file_name": file_name, "reason": str(batch["error"][i])})
-                continue
-            h, w = (int(v) for v in batch["orig_size"][i])
-            images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
-            recs = coco_records(
-                image_id,
-                np.asarray(batch["boxes"][i]).reshape(-1, 4),
-                np.asarray(batch["scores"][i]).reshape(-1),
-                np.asarray(batch["category_ids"][i]).reshape(-1),
-            )
-            records.extend({**r, "file_name": file_name} for r in recs)
-    images.sort(key=lambda r: r["id"])
-    unreadable.sort(key=lambda r: r["id"])
-    records.sort(key=lambda r: (r["image_id"], -r["score"]))
+    images, records, unreadable = _collect(ds)
     for u in unreadable:
         logger.warning("%s could not be read, skipped: %s", u["file_name"], u["reason"])
     write_json(out, IMAGES_FILE, images, indent=1)
@@ -532,6 +475,80 @@ def predict(
     )
     logger.info("%s", summary.line())
     return summary
+
+
+def _detections_dataset(
+    input: str | os.PathLike[str],
+    fs: Any,
+    is_shards: bool,
+    cfg: Config,
+    state: dict[str, Any],
+    score_thresh: float,
+    batch_size: int,
+    num_actors: int,
+    use_gpu: bool,
+    tta: TTASection | None,
+) -> Any:
+    """The Ray Data pipeline of :func:`predict` up to the detections: read (shards or image files), decode
+    and resize (:func:`preprocess_batch`), detect (``num_actors`` :class:`Predictor` actors)."""
+
+    files: dict[str, tuple[int, str, str]] | None = None
+    if is_shards:
+        paths = shard_files(input, read_manifest(input))
+        ds = ray.data.read_parquet(
+            [resolve_uri(p)[1] for p in paths],
+            filesystem=fs,
+            columns=["image_id", "file_name", "height", "width", "image"],
+        )
+    else:
+        fs, listed = _list_images(input)
+        if not listed:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {os.fspath(input)}")
+        pngs = _png_names([rel for _, rel in listed])
+        files = {p: (i + 1, rel, png) for i, ((p, rel), png) in enumerate(zip(listed, pngs, strict=True))}
+        ds = ray.data.read_binary_files([p for p, _ in listed], include_paths=True, filesystem=fs)
+    ds = ds.map_batches(
+        preprocess_batch,
+        fn_kwargs={"min_size": cfg.data.test_min_size, "max_size": cfg.data.max_size, "files": files},
+        batch_format="numpy",
+        batch_size=batch_size,
+    )
+    return ds.map_batches(
+        Predictor,
+        fn_constructor_args=([ray.put(state)],),
+        fn_constructor_kwargs={"score_thresh": score_thresh, "use_gpu": use_gpu, "tta": tta},
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_gpus=1 if use_gpu else 0,
+        batch_format="numpy",
+        batch_size=batch_size,
+    )
+
+
+def _collect(ds: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(images, COCO result records, unreadable inputs)`` from the detections stream, each sorted (images and
+    unreadable by id, records by image id then descending score)."""
+    records: list[dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
+    unreadable: list[dict[str, Any]] = []
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for i in range(len(batch["image_id"])):
+            image_id, file_name = int(batch["image_id"][i]), str(batch["file_name"][i])
+            if batch["error"][i]:
+                unreadable.append({"id": image_id, "file_name": file_name, "reason": str(batch["error"][i])})
+                continue
+            h, w = (int(v) for v in batch["orig_size"][i])
+            images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
+            recs = coco_records(
+                image_id,
+                np.asarray(batch["boxes"][i]).reshape(-1, 4),
+                np.asarray(batch["scores"][i]).reshape(-1),
+                np.asarray(batch["category_ids"][i]).reshape(-1),
+            )
+            records.extend({**r, "file_name": file_name} for r in recs)
+    images.sort(key=lambda r: r["id"])
+    unreadable.sort(key=lambda r: r["id"])
+    records.sort(key=lambda r: (r["image_id"], -r["score"]))
+    return images, records, unreadable
 
 
 # ----------------------------------------------------------------------------------------- video
@@ -591,7 +608,7 @@ class VideoWriter:
     """Annotated frames -> a video file (yuv420p, so the frame is cropped to even sides)."""
 
     def __init__(self, path: str, rate: Fraction, height: int, width: int) -> None:
-        import av
+        import av  # PyAV loads FFmpeg: only the video path pays for it
 
         self.container = av.open(path, "w")
         codec = next(c for c in VIDEO_CODECS if c in av.codecs_available)
@@ -600,7 +617,7 @@ class VideoWriter:
         self.stream.pix_fmt = "yuv420p"
 
     def write(self, rgb: np.ndarray) -> None:
-        import av
+        import av  # PyAV loads FFmpeg: only the video path pays for it
 
         rgb = np.ascontiguousarray(rgb[: self.stream.height, : self.stream.width])
         for packet in self.stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
@@ -697,7 +714,7 @@ def run_video(
 
 
 def _frame_rate(path: str) -> Fraction:
-    import av
+    import av  # PyAV loads FFmpeg: only the video path pays for it
 
     with av.open(path) as container:
         rate = container.streams.video[0].average_rate
@@ -718,7 +735,6 @@ def predict_video(
     max_frames: int | None,
 ) -> Any:
     """:func:`run_video` in one Ray task (one GPU with ``use_gpu``); returns ``predict.PredictSummary``."""
-    import ray
 
     if frame_stride < 1 or (max_frames is not None and max_frames < 1):
         raise ValueError(f"frame_stride and max_frames must be >= 1, got {frame_stride}, {max_frames}")
