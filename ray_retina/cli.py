@@ -2,14 +2,20 @@
 
 ``ray-retina train`` with no arguments runs the CPU demo (configs/smoke.yaml): synthetic COCO set, shards,
 2 Ray Train workers, COCO AP, MLflow.
+
+Each command imports the modules it runs (torch, Ray, MLflow behind them) inside its own function: ``--help``
+and a mistyped argument answer at once, and ``synth`` / ``prepare`` never load the training stack.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+from ray_retina.config import ConfigError, TTASection, apply_overrides, load_config, to_yaml
 
 DEFAULT_TRAIN_CONFIG = "configs/smoke.yaml"
 DEFAULT_TUNE_CONFIG = "configs/tune_focal.yaml"
@@ -47,7 +53,6 @@ def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def _print_config(cfg) -> int:  # noqa: ANN001
-    from ray_retina.config import to_yaml
     from ray_retina.tracking import redact
 
     print(redact(to_yaml(cfg)), end="")  # credentials in URIs shown as ***
@@ -128,15 +133,12 @@ def _print_summary(outcome, cfg) -> None:  # noqa: ANN001
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ray_retina.config import load_config
     from ray_retina.engine.trainer import train
 
     cfg = load_config(_config_path(args.config, DEFAULT_TRAIN_CONFIG), args.overrides)
     if args.print_config:
         return _print_config(cfg)
     if args.resume:
-        from ray_retina.config import apply_overrides
-
         cfg = apply_overrides(cfg, {"run.name": args.resume})
     outcome = train(cfg, resume=bool(args.resume), verbose=args.verbose)
     _print_summary(outcome, cfg)
@@ -147,7 +149,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ray_retina.config import load_config
     from ray_retina.sweep.run import run_sweep
 
     overrides = list(args.overrides or [])
@@ -186,7 +187,6 @@ def _add_tta_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tta_arg(args: argparse.Namespace):  # noqa: ANN202 - a TTASection, imported lazily with the config
-    from ray_retina.config import TTASection
 
     return TTASection(enabled=True, flip=True, scales=args.tta_scales) if args.tta else None
 
@@ -251,7 +251,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import os
 
     from ray_retina.export import export
 
@@ -498,7 +497,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:  # `ray-retina` alone: the demo
         args = build_parser().parse_args(["train"])
     _configure_logging(getattr(args, "verbose", False))
-    from ray_retina.config import ConfigError
 
     try:
         return int(args.func(args) or 0)
@@ -520,7 +518,6 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if verbose:
         return
-    import os
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its loggers' level on import
     for name in ("ray", "mlflow", "alembic", "urllib3", "filelock"):

@@ -172,6 +172,11 @@ def _orientation(im: Image.Image) -> int:
     """The EXIF orientation (1..8) of an open image; 1 when absent or out of range."""
     if im.format not in EXIF_FORMATS:
         return 1
+    if im.format == "PNG" and "exif" not in im.info:
+        # Pillow looks for an eXIf chunk after the pixel data by decoding the whole image; the header-only
+        # checks (prepare's size check, a served model's pixel limit) must never decode, so only an eXIf
+        # chunk before the pixel data counts, the same on every path.
+        return 1
     value = im.getexif().get(EXIF_ORIENTATION, 1)
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -149,3 +150,17 @@ def test_exif_rotated_image_trains_on_its_boxes_in_either_annotation_frame(tmp_p
     np.testing.assert_allclose(
         gt, np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]), atol=1.5 * scale
     )
+
+
+def test_png_header_is_read_without_decoding_pixels():
+    """A PNG's size and orientation come from its header: a file whose pixel data is garbage still has a header
+    (a decode would raise), and an 11000 x 11000 PNG costs no pixel buffer."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    ihdr = (11000).to_bytes(4, "big") + (11000).to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"not zlib data") + chunk(b"IEND", b"")
+    head = read_header(png)
+    assert (head.height, head.width, head.orientation) == (11000, 11000, 1)
+    with pytest.raises(Exception):  # noqa: B017 - Pillow's error type for a broken stream varies
+        decode_image(png)
