@@ -155,6 +155,7 @@ def test_exif_rotated_image_trains_on_its_boxes_in_either_annotation_frame(tmp_p
 def test_png_header_is_read_without_decoding_pixels():
     """A PNG's size and orientation come from its header: a file whose pixel data is garbage still has a header
     (a decode would raise), and an 11000 x 11000 PNG costs no pixel buffer."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
 
