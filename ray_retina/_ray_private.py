@@ -13,6 +13,9 @@ elsewhere in the package is a review error.
 
 from __future__ import annotations
 
+import importlib
+import logging
+
 # Ray Train V2 writes this file in the run directory with the registered checkpoints (checkpoint_results[].
 # checkpoint_dir_name), in place (a kill can truncate it); ray_retina.checkpoint reads it to delete directories
 # that were uploaded but never registered (a run that died between the two), and only when it reads cleanly.
@@ -23,7 +26,7 @@ EXECUTION_INDEX_ATTR = "_execution_idx"
 def ray_data_execution_index() -> int:
     """Ray Data's execution index (one per pass over a data set) inside a data task; 0 elsewhere."""
     try:
-        from ray.data import DataContext
+        from ray.data import DataContext  # deferred: callable from a Ray-free data step
 
         return int(getattr(DataContext.get_current(), EXECUTION_INDEX_ATTR, 0))
     except Exception:  # pragma: no cover - checked by tests/unit/test_ray_private.py
@@ -38,9 +41,6 @@ def quiet_train_report_logs() -> bool:
     its module's *file path* (``logging.getLogger(__file__)``), under the root logger, so neither
     ``LoggingConfig`` nor the ``ray.train`` logger's level reaches it. Raise that logger to WARNING.
     Returns whether the module was found."""
-    import importlib
-    import logging
-
     try:
         module = importlib.import_module(REPORT_LOGGER_MODULE)
     except ImportError:  # pragma: no cover - checked by tests/unit/test_ray_private.py

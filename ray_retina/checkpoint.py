@@ -106,7 +106,7 @@ def _run_checkpoint(uri: str, fs: pafs.FileSystem, p: str, which: str) -> str | 
     if problem is not None and problem != "missing":
         logger.warning("%s: Ray's checkpoint snapshot is %s", uri, problem)
     if registered is not None:
-        import ray.train
+        import ray.train  # deferred: reading and writing checkpoints needs no Ray
 
         result = ray.train.Result.from_path(uri)
         ckpt = None

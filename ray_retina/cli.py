@@ -303,6 +303,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # One piece: the whole command line in one table of subcommands and flags, as argparse declares it.
     ap = argparse.ArgumentParser(prog="ray-retina", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command")
 

@@ -325,6 +325,8 @@ def export(
     ``serve_overrides``: ``serve.KEY=VALUE`` pairs (``--set``) replacing the checkpoint config's serve
     section in the exported model: its limits (``serve.max_pixels``, ``max_images``, ``max_batch_size``).
     """
+    # One piece: the argument checks, then the steps in the order a user reads them in the log (which
+    # checkpoint, which run, the files or the MLflow model, the registry); each step is a function already.
     if format not in ("mlflow", "onnx", "torchscript"):
         raise ValueError(f"format must be mlflow, onnx or torchscript, got {format!r}")
     if format != "mlflow" and (register or alias):
@@ -376,7 +378,7 @@ def export(
     with tempfile.TemporaryDirectory() as tmp, tracking.using_uri(uri):
         # deferred: mlflow's fluent module and Model class pull in the whole logging stack
         import mlflow
-        from mlflow.models import Model
+        from mlflow.models import Model  # deferred with mlflow above
 
         mlflow.set_experiment(experiment_id=tracking.run_experiment_id(uri, run_id))
         info = Model.log(

@@ -148,6 +148,8 @@ class _FusedFocalLoss(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, logits: Tensor, labels: Tensor, row_weight: Tensor, alpha: float, gamma: float, need_grad: bool
     ) -> Tensor:
+        # One piece: the fused focal loss's forward computes the loss and, in the same pass, the gradient
+        # its backward returns; splitting it would materialise the intermediates it exists to avoid.
         num_classes = logits.shape[-1]
         x_all = logits.reshape(-1, num_classes)
         lab = labels.reshape(-1)

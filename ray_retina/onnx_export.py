@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from ray_retina import __version__
+from ray_retina.config import config_from_dict
+from ray_retina.engine.restore import model_from_state
+from ray_retina.model import SCALE_CLAMP
+from ray_retina.model.retinanet import build_box_coder
 from ray_retina.predict import category_names_of
 from ray_retina.serving import DEFAULT_TABLE, EVAL_THRESHOLDS, THRESHOLDS_KEY, class_thresholds
 
@@ -86,7 +91,6 @@ class EndToEndRetinaNet(nn.Module):
     def __init__(
         self, model: nn.Module, cfg: Any, cat_ids: Sequence[int], class_thresh: Sequence[float] | None = None
     ) -> None:
-        from ray_retina.model.retinanet import build_box_coder
 
         super().__init__()
         self.model = model
@@ -102,7 +106,7 @@ class EndToEndRetinaNet(nn.Module):
         self, images: Tensor, image_size: Tensor, orig_size: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         from torchvision.models.detection._utils import _topk_min  # min(k, n) that a trace keeps dynamic
-        from torchvision.ops import batched_nms
+        from torchvision.ops import batched_nms  # deferred with _topk_min above
 
         m = self.model
         x = (images.float() - m.pixel_mean) / m.pixel_std
@@ -144,7 +148,8 @@ def onnx_meta(
     (``generator``: the model's ``AnchorGenerator``), box decoding, post-process, the per-class operating
     thresholds (``thresholds``: the checkpoint's tables, ``{"f1": {"<category id>": score}, ...}``) and
     categories (label i of ``cls_logits`` is ``categories[i]``)."""
-    from ray_retina.model import SCALE_CLAMP
+    # One piece: the JSON that travels beside an exported graph, built field by field in the order it is
+    # written, so that a reader sees the whole contract at once.
 
     d, pc = cfg.data, cfg.postprocess
     return {
@@ -227,7 +232,6 @@ def _traceable(
 ) -> tuple[ExportableRetinaNet, Tensor, Path]:
     """The checkpoint's network ready to trace (CPU, float32, contiguous), a trace input, and ``out_dir``
     (created) with the JSON of :func:`onnx_meta` written in it."""
-    from ray_retina.engine.restore import model_from_state
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,8 +259,6 @@ def export_onnx(
 
     The TorchScript-based exporter (``dynamo=False``): it needs only ``onnx``; the torch.export-based one
     needs ``onnxscript`` besides."""
-    import warnings
-
     module, example, out = _traceable(state, out_dir)
     written = [out / ONNX_FILE, out / META_FILE]
     with warnings.catch_warnings(), torch.no_grad():
@@ -285,8 +287,6 @@ def export_onnx(
             },
         )
         if end_to_end:
-            from ray_retina.config import config_from_dict
-
             cfg = config_from_dict(dict(state["config"]), source="checkpoint config")
             cat_ids = [int(c) for c in state["cat_ids"]]
             tables = class_thresholds(state, cat_ids)
@@ -317,8 +317,6 @@ def export_torchscript(state: Mapping[str, Any], out_dir: str | os.PathLike[str]
 
     torch 2.14 marks ``torch.jit`` deprecated (a FutureWarning); ``torch.export`` of this module works but
     specialises a feature map of size 1 (images under 2 x 128 px a side), so it is not offered yet."""
-    import warnings
-
     module, example, out = _traceable(state, out_dir)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -197,6 +197,8 @@ def detection_grid(
     padding (skipped); None draws no truth. numpy arrays (or anything ``np.asarray`` reads, such as CPU
     tensors). At most ``max_images`` images.
     """
+    # One piece: one matplotlib figure laid out, drawn and saved; splitting it would pass the figure and its
+    # axes around for no reader's gain.
     n = min(len(images), max_images)
     if len(detections) < n or (ground_truth is not None and len(ground_truth) < n):
         raise ValueError(

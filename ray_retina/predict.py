@@ -647,6 +647,8 @@ def run_video(
     Frames go through ``predict.Predictor.detect`` ``batch_size`` at a time. Writes ``detections.json`` (COCO
     results, ``image_id`` = frame index), ``frames.json`` (``frame``, ``time``, ``detections`` per frame run),
     ``summary.json`` and, with ``draw``, ``detections.mp4`` (at the input's frame rate / ``frame_stride``)."""
+    # One piece: the one Ray task of a video (decode, detect, draw, encode, write) shares its open container
+    # and writer; the per-frame work is Predictor.detect and draw_detections.
     predictor = Predictor([state], score_thresh=score_thresh, use_gpu=use_gpu, tta=tta)
     cfg = predictor.cfg
     names = category_names_of(state)

@@ -32,8 +32,10 @@ import torch
 from torch import Tensor
 
 from ray_retina import plots
+from ray_retina.data.datasets import iter_eval_batches
 from ray_retina.data.decode import decode_image
 from ray_retina.losses import sigmoid_focal_loss
+from ray_retina.model import build_criterion
 from ray_retina.operating_point import ErrorAnalysis, ValDetections
 from ray_retina.uri import resolve_uri
 
@@ -239,8 +241,6 @@ def write_run_pictures(
     boxes, Figure 4 for the model and, given the eval's matched detections ``val`` (and ``with_truth``),
     the error analysis (:func:`write_error_pictures`), as PNGs in ``out_dir``; returns their paths.
     ``plan``: val shard files or ``(file, rows)`` pairs (``datasets.eval_plan``)."""
-    from ray_retina.data.datasets import iter_eval_batches
-    from ray_retina.model import build_criterion
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,9 @@ The driver creates the run and logs params and the resolved config (credentials 
 worker group keeps writing to one continuous run) through :class:`RunLogger`: each point is appended to a
 spool file in the run directory and sent by a background thread in ``log_batch`` requests with short HTTP
 timeouts, so a tracking server that is down or slow costs a training step nothing and loses no point.
+
+mlflow is imported inside the functions that talk to a server: it takes seconds to import, and what needs no
+server (:func:`redact` for the CLI and ``--print-config``, the spool) should not pay for it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_retina.config import Config, ConfigError, flatten, to_yaml
+from ray_retina.uri import dir_exists, join_uri, resolve_uri
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> str | None:
     store needs no server), else one line saying why not."""
     if not uri.startswith(("http://", "https://")):
         return None
-    import requests
+    import requests  # deferred: requests comes with mlflow; only the reachability check uses it
 
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
@@ -437,7 +441,6 @@ def run_checkpoint_location(uri: str, run_id: str) -> str:
     tag ``ray_retina.best_checkpoint``; param ``run.storage_path`` + the run's name (a sweep trial, whose Ray
     Train run is named after its MLflow run). The first that exists wins. Raises ``FileNotFoundError``
     naming the run and the places looked at."""
-    from ray_retina.uri import dir_exists, join_uri, resolve_uri
 
     run = _client(uri).get_run(run_id)
     tags, params = run.data.tags, run.data.params

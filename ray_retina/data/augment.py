@@ -624,6 +624,6 @@ def object_array(items: list[np.ndarray]) -> np.ndarray:
 
 def _ray_data_epoch() -> int:
     """Ray Data's execution index (one per pass over a data set) inside a data task; 0 elsewhere."""
-    from ray_retina._ray_private import ray_data_execution_index
+    from ray_retina._ray_private import ray_data_execution_index  # deferred: augment imports no Ray module
 
     return ray_data_execution_index()

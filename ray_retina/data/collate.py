@@ -58,7 +58,7 @@ class RetinaCollate(NumpyBatchCollateFn):
         self.pad_value = pad_value
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        import torch
+        import torch  # deferred: the collate module is importable by Ray-free, torch-free data code
 
         padded, sizes = pad_images(list(batch["image"]), self.size_divisibility, self.pad_value)
         b = len(sizes)

@@ -92,7 +92,7 @@ def build_dataset(
     Add a local shuffle buffer when iterating (``iter_torch_batches(local_shuffle_buffer_size=...)``)
     to mix images of different row groups within a batch.
     """
-    import ray
+    import ray  # deferred: the module's functions also run without Ray (tests, in-process data steps)
 
     manifest = read_manifest(shard_dir)
     cat_ids = [int(c["id"]) for c in manifest["categories"]]
@@ -169,7 +169,7 @@ def read_and_augment(
     A generator yielding one augmented batch per ``batch_size`` rows of each row group (``None``: the
     whole row group at once, as :func:`build_dataset` asks).
     """
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: parquet's reader loads only where shards are read
 
     for path, rg in zip(fragments["path"], fragments["row_group"], strict=True):
         fs, p = resolve_uri(str(path))
@@ -186,7 +186,7 @@ def read_and_augment(
 
 def _num_row_groups(paths: Sequence[str]) -> list[int]:
     """Row groups per Parquet file, from the footers (read concurrently: object stores have latency)."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: parquet's reader loads only where shards are read
 
     def count(uri: str) -> int:
         fs, p = resolve_uri(uri)
@@ -219,7 +219,7 @@ def iter_eval_batches(
     Batches never span two files: a file's images are batched (and so padded) the same way whichever rank
     reads it, so the detections do not depend on the number of workers.
     """
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: parquet's reader loads only where shards are read
 
     plan = [(f, None) if isinstance(f, (str, os.PathLike)) else (f[0], f[1]) for f in files]
     if not plan:

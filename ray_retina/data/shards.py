@@ -498,7 +498,7 @@ def prepare_dataset(
     ``kwargs`` go to :func:`prepare_shards` (``rows_per_shard``, ``use_ray``, ``overwrite``, ...).
     """
     from ray_retina.data.formats import read_source  # deferred: the readers are not needed for a COCO json
-    from ray_retina.data.formats.split import split_keys
+    from ray_retina.data.formats.split import split_keys  # deferred with read_source above
 
     if split_overlap not in SPLIT_OVERLAP:
         raise ValueError(f"split_overlap must be one of {SPLIT_OVERLAP}, got {split_overlap!r}")

@@ -32,7 +32,7 @@ def warn_skip(image_id: int, err: Exception) -> None:
 
 
 def _counter_class():
-    import ray
+    import ray  # deferred: the counters are read where Ray may not be running (tests, Ray-free steps)
 
     @ray.remote(num_cpus=0, max_restarts=-1)
     class DataCounters:
@@ -56,7 +56,7 @@ def new_counter(name: str | None = None) -> str:
     process (a named, non-detached actor dies with its creator's handle)."""
     name = name or f"{COUNTER_PREFIX}{uuid.uuid4().hex[:12]}"
     try:
-        import ray
+        import ray  # deferred: the counters are read where Ray may not be running (tests, Ray-free steps)
 
         if ray.is_initialized() and name not in _handles:
             _handles[name] = _counter_class().options(name=name, get_if_exists=True).remote()
@@ -71,7 +71,7 @@ def count_skipped(ids: list[int], counter: str | None = None) -> None:
     if counter is None:
         return
     try:
-        import ray
+        import ray  # deferred: the counters are read where Ray may not be running (tests, Ray-free steps)
 
         if ray.is_initialized():
             # Wait for it (rare path): the count is in before this batch's rows reach any consumer.
@@ -87,7 +87,7 @@ def skipped_images(counter: str | None = None) -> int:
     the count over all Ray Data tasks when the counter actor exists, else this process's own."""
     if counter is not None:
         try:
-            import ray
+            import ray  # deferred: the counters are read where Ray may not be running (tests, Ray-free steps)
 
             if ray.is_initialized():
                 return int(ray.get(ray.get_actor(counter).count.remote()))

@@ -30,7 +30,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ray_retina.checkpoint import load_checkpoint_state
+from ray_retina.engine.restore import model_from_state
 from ray_retina.engine.tta import detect_tta
+from ray_retina.model import build_postprocessor
 from ray_retina.operating_point import ValDetections, review_val_detections
 
 if TYPE_CHECKING:
@@ -59,10 +62,11 @@ STAT_NAMES: tuple[str, ...] = (
 
 def _classes(backend: Backend) -> tuple[type, type]:
     if backend == "faster_coco_eval":
-        from faster_coco_eval import COCO, COCOeval_faster
+        from faster_coco_eval import COCO, COCOeval_faster  # deferred: only the backend asked for loads
 
         return COCO, COCOeval_faster
     if backend == "pycocotools":
+        # deferred: only the backend asked for loads
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
 
@@ -418,7 +422,10 @@ def evaluate_distributed(
     the AP with no detections, so they count against it, never silently out of the denominator) and
     ``val/num_detections``; and the per-class results and thresholds (the checkpoint's ``"thresholds"``).
     The COCOeval and the matched detections (for the pictures) on rank 0 only."""
-    from ray_retina.data.datasets import iter_eval_batches
+    # deferred: the served model imports this module for detect() and needs no Ray Data stream
+    from ray_retina.data.datasets import (
+        iter_eval_batches,  # deferred: serving imports this module for detect()
+    )
 
     mine = list(plan[rank::world])
     dets: list[dict[str, Any]] = []
@@ -472,11 +479,11 @@ def evaluate_checkpoint(
     With ``plots_dir`` it also writes the run's pictures (``report.write_run_pictures``), the error
     analysis at the F1-optimal thresholds included.
     """
-    from ray_retina.checkpoint import load_checkpoint_state
+    # One piece: `ray-retina eval` from a checkpoint path to its result, the same steps as training's eval
+    # pass (model, plan, stream, detect, score, pictures) read in order.
+    # Deferred: the served model imports this module for detect() and needs no shards or Ray Data stream.
     from ray_retina.data.datasets import eval_plan, iter_eval_batches
     from ray_retina.data.shards import coco_gt_from_shards, read_manifest
-    from ray_retina.engine.restore import model_from_state
-    from ray_retina.model import build_postprocessor
 
     device = torch.device(device)
     model, cfg, cat_ids = model_from_state(load_checkpoint_state(checkpoint), device)
@@ -524,7 +531,7 @@ def evaluate_checkpoint(
     stats["num_images"] = float(len(ids))
     stats["skipped_images"] = float(len(set(skipped)))
     if plots_dir is not None:
-        from ray_retina.report import write_run_pictures
+        from ray_retina.report import write_run_pictures  # deferred: matplotlib only when pictures are asked
 
         written = write_run_pictures(
             model,

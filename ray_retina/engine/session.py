@@ -13,12 +13,15 @@ import os
 import secrets
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ray_retina.config import Config, ConfigError, apply_overrides
-from ray_retina.uri import absolute
+from ray_retina.data.shards import manifest_exists, write_shards
+from ray_retina.data.synthetic import make_synthetic_coco
+from ray_retina.uri import absolute, dir_exists, is_uri, join_uri, resolve_uri
 
 # A custom resource that only Tune trial drivers ask for: a driver just waits on its TorchTrainer, so it
 # must not hold a CPU the trainers or Ray Data need. `ray-retina` declares it on the local Ray it starts;
@@ -68,8 +71,6 @@ def ensure_data(cfg: Config) -> None:
 
     Real data sets are prepared explicitly with ``ray-retina prepare``; a missing manifest then is an error.
     """
-    from ray_retina.data.shards import manifest_exists, write_shards
-    from ray_retina.data.synthetic import make_synthetic_coco
 
     need = [s for s in (cfg.data.train_shards, cfg.data.val_shards) if not manifest_exists(s)]
     if not need:
@@ -112,12 +113,10 @@ def ensure_ray(cfg: Config, *, verbose: bool = False) -> None:
 
     Unless ``verbose``, Ray Data's progress bars are turned off for this driver (our own progress lines
     say how training goes)."""
-    import ray
+    import ray  # deferred: paths and synthetic data are resolved before Ray is imported
 
     if not verbose:
         quiet_ray_data()
-        import warnings
-
         from ray.util.annotations import RayDeprecationWarning
 
         # Ray warns about its own internal calls (e.g. ExecutionOptions.exclude_resources): not the user's.
@@ -172,7 +171,7 @@ def free_port() -> int:
 def quiet_ray_data() -> None:
     """Ray Data's progress bars off in this process (they are per operator and per data set: hundreds of
     lines in a run). Workers get the same through ``RAY_DATA_DISABLE_PROGRESS_BARS`` (worker_env)."""
-    from ray.data import DataContext
+    from ray.data import DataContext  # deferred with ray above
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -204,7 +203,6 @@ def claim_run_name(storage: str, run_name: str, *, resume: bool) -> Iterator[Non
     """One writer per run name: a new run creates its run directory (refused when it exists: that name ran
     before), a resume needs it; both hold the driver lock while inside the block. Raises ``RunNameTaken``
     (one line, before Ray starts)."""
-    from ray_retina.uri import dir_exists, is_uri, join_uri, resolve_uri
 
     fs, root = resolve_uri(storage)
     run_dir = join_uri(root, run_name)

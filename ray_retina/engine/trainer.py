@@ -11,9 +11,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ray_retina import tracking
 from ray_retina.checkpoint import SAVE_PAUSE_ENV, prepare_resume
 from ray_retina.config import Config
+from ray_retina.data.datasets import build_dataset, eval_plan
+from ray_retina.data.shards import read_manifest
+from ray_retina.data.skips import new_counter
+from ray_retina.engine.restore import check_init
 from ray_retina.engine.session import (
+    QUIET_ENV,
     RunNameTaken,
     abs_storage,
     claim_run_name,
@@ -22,6 +28,7 @@ from ray_retina.engine.session import (
     ensure_ray,
     resolve_paths,
 )
+from ray_retina.engine.worker import FAIL_ENV, train_loop_per_worker
 from ray_retina.uri import join_uri
 
 if TYPE_CHECKING:
@@ -46,8 +53,6 @@ class TrainOutcome:
 def _worker_env(verbose: bool) -> dict[str, Any] | None:
     """Environment the driver passes on to train workers: Ray Data's progress bars off unless ``verbose``,
     and the test-only fault-injection hooks."""
-    from ray_retina.engine.session import QUIET_ENV
-    from ray_retina.engine.worker import FAIL_ENV
 
     env = {} if verbose else dict(QUIET_ENV)
     for key in (FAIL_ENV, SAVE_PAUSE_ENV):
@@ -69,13 +74,11 @@ def build_trainer(
     """A TorchTrainer for `cfg` (paths resolved): scaling, storage, checkpoint retention (best by val/AP),
     failure policy, the training data set and its skip counter. ``console_tag`` goes into the prefix of the
     progress lines (a sweep passes the trial id)."""
+    # One piece: the Ray Train TorchTrainer of a run, its configs built from our config field by field;
+    # reading them together shows what a run asks of Ray.
+    # deferred: config checks and user errors answer before Ray Train loads
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ray_retina.data.datasets import build_dataset, eval_plan
-    from ray_retina.data.shards import read_manifest
-    from ray_retina.data.skips import new_counter
-    from ray_retina.engine.worker import train_loop_per_worker
 
     manifest = read_manifest(cfg.data.train_shards)
     cat_ids = sorted(int(c["id"]) for c in manifest["categories"])
@@ -139,7 +142,7 @@ def build_trainer(
 def ingest_config(cfg: Config) -> Any:
     """Ray Train's DataConfig: split "train" across the workers. Ray Train replaces each data set's execution
     options with its ingest defaults, so ``data.deterministic`` (preserve_order) is passed here too."""
-    import ray.train
+    import ray.train  # deferred: as in build_trainer
 
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = options.preserve_order or cfg.data.deterministic
@@ -155,7 +158,6 @@ def train(
     unless ``resume``, a name that is running now always (``session.claim_run_name``). An http(s) tracking
     server that does not answer at the start stops the run here, in one line, before Ray starts; one that
     goes down later never holds up training (``tracking.RunLogger``)."""
-    from ray_retina import tracking
 
     t0 = time.perf_counter()
     cfg = resolve_paths(cfg)
@@ -179,7 +181,6 @@ def train(
         ensure_data(cfg)
         # Before Ray and MLflow start: the initial weights exist and fit the model config (else one message
         # naming the keys to set), a weights name is fetched once, and which classes match is logged.
-        from ray_retina.engine.restore import check_init
 
         cfg = check_init(cfg)
         ensure_ray(cfg, verbose=verbose)

@@ -96,6 +96,8 @@ class Matcher:
     def __call__(
         self, anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor, gt_crowd: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
+        # One piece: the batched IoU matching (thresholds, ignore band, crowd regions, low-quality matches)
+        # as one sequence of tensor ops on (B, G, R) tensors.
         anchors = anchors.float()
         gt_boxes = gt_boxes.float()
         b, g = gt_valid.shape

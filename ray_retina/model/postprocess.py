@@ -73,6 +73,8 @@ class PostProcessor:
     def __call__(
         self, outputs: Any, image_sizes: Tensor, target_sizes: Tensor | None = None
     ) -> list[dict[str, Tensor]]:
+        # One piece: the paper's inference on a whole batch (per-level threshold and top-k, decode, merge,
+        # per-class NMS, cap, map back) as one sequence of batched tensor ops.
         logits, deltas, anchors = outputs.cls_logits, outputs.box_deltas, outputs.anchors
         b, r, k = logits.shape
         device = logits.device

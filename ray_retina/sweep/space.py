@@ -116,6 +116,7 @@ def search_alg(cfg: Config, max_concurrent_trials: int, *, grid: bool = False) -
     if grid or cfg.tune.search_alg == "random":
         return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=max_concurrent_trials)
     try:  # optuna is an optional extra
+        # deferred: Optuna is an optional dependency, loaded only for the tpe searcher
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as err:  # pragma: no cover - depends on the optional extra

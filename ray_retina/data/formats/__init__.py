@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from ray_retina.data.formats.coco import check_coco_inputs, load_coco, read_coco_source
 from ray_retina.data.formats.source import Source
+from ray_retina.data.formats.voc import read_voc
+from ray_retina.data.formats.yolo import read_yolo
 
 FORMATS = ("coco", "voc", "yolo")
 
@@ -29,8 +32,6 @@ def read_source(
     """Read a data set of ``format``: ``coco`` from ``annotations`` + ``images``; ``voc`` from ``root``
     (+ ``classes``); ``yolo`` from ``root`` (+ ``data`` yaml, or ``classes`` without one)."""
     if format == "coco":
-        from ray_retina.data.formats.coco import check_coco_inputs, load_coco, read_coco_source
-
         if annotations is None or images is None:
             raise ValueError("format coco needs annotations (a COCO json) and images (its image folder)")
         if classes is not None:
@@ -46,11 +47,7 @@ def read_source(
     if root is None:
         raise ValueError(f"format {format} needs root (the data set's folder)")
     if format == "voc":
-        from ray_retina.data.formats.voc import read_voc
-
         return read_voc(root, classes=classes)
     if format == "yolo":
-        from ray_retina.data.formats.yolo import read_yolo
-
         return read_yolo(root, data=data, classes=classes)
     raise ValueError(f"unknown format {format!r}; one of {FORMATS}")
