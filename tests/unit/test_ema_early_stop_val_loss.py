@@ -7,14 +7,15 @@ import math
 
 import pytest
 import torch
+from _engine_utils import batch, make_engine
 from torch import nn
 
 from ray_retina.config import Config, apply_overrides
 from ray_retina.engine.ema import ModelEMA
 from ray_retina.engine.hooks import EarlyStopping
-from ray_retina.engine.loop import Engine, unwrap
+from ray_retina.engine.loop import unwrap
 from ray_retina.engine.restore import model_from_state
-from ray_retina.model import build_criterion, build_model, build_postprocessor
+from ray_retina.model import build_criterion
 
 
 def small_cfg(**over) -> Config:
@@ -33,33 +34,6 @@ def small_cfg(**over) -> Config:
             **over,
         },
     )
-
-
-def make_engine(cfg: Config) -> Engine:
-    torch.manual_seed(0)
-    model = build_model(cfg, 3)
-    return Engine(
-        cfg, model, build_criterion(cfg, 3), build_postprocessor(cfg), torch.device("cpu"), [3, 17, 42]
-    )
-
-
-def batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "images": torch.randint(0, 255, (2, 3, 64, 96), generator=g, dtype=torch.uint8),
-        "image_sizes": torch.tensor([[64, 96], [60, 80]]),
-        "orig_sizes": torch.tensor([[64, 96], [120, 160]]),
-        "gt_boxes": torch.tensor(
-            [
-                [[4.0, 6.0, 40.0, 50.0], [50.0, 10.0, 90.0, 30.0]],
-                [[10.0, 10.0, 30.0, 30.0], [0.0, 0.0, 0.0, 0.0]],
-            ]
-        ),
-        "gt_labels": torch.tensor([[0, 2], [1, -1]]),
-        "gt_crowd": torch.zeros(2, 2, dtype=torch.bool),
-        "image_id": torch.tensor([1, 2]),
-        "scale": torch.tensor([1.0, 0.5]),
-    }
 
 
 def test_model_ema_matches_a_hand_computed_average():
