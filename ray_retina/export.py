@@ -56,6 +56,7 @@ from ray_retina.serving import (
     THRESHOLDS_KEY,
     default_table,
     example_image,
+    threshold_tables,
 )
 from ray_retina.sweep.champion import choose_champion
 from ray_retina.uri import file_exists, resolve_uri
@@ -87,8 +88,12 @@ def slim_state(state: Mapping[str, Any], names: Mapping[int, str]) -> dict[str, 
     state (a third of the size with Adam); still a ``checkpoint.pt`` that ``load_checkpoint_state``,
     ``ray-retina predict`` and ``model.init_from`` read."""
     cat_ids = [int(c) for c in state["cat_ids"]]
+    # With optim.ema on, the EMA weights are the ones eval scored, so they are the model that ships.
+    weights = state["ema"]["state_dict"] if "ema" in state else state["model"]
+    if "ema" in state:
+        logger.info("exporting the checkpoint's EMA weights (%d updates)", int(state["ema"]["updates"]))
     slim = {
-        "model": state["model"],
+        "model": weights,
         "config": dict(state["config"]),
         "cat_ids": cat_ids,
         "cat_names": [str(names.get(c, c)) for c in cat_ids],
@@ -96,10 +101,9 @@ def slim_state(state: Mapping[str, Any], names: Mapping[int, str]) -> dict[str, 
         "categories": [{"id": c, "name": str(names.get(c, c))} for c in cat_ids],
     }
     if state.get(THRESHOLDS_KEY):
-        slim[THRESHOLDS_KEY] = {
-            str(table): {str(c): float(t) for c, t in dict(by_class).items()}
-            for table, by_class in state[THRESHOLDS_KEY].items()
-        }
+        chosen = state[THRESHOLDS_KEY]
+        settings = {str(k): float(v) for k, v in chosen.items() if not isinstance(v, Mapping)}
+        slim[THRESHOLDS_KEY] = {**threshold_tables(chosen), **settings}
     return slim
 
 

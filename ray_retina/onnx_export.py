@@ -27,7 +27,13 @@ from ray_retina.engine.restore import model_from_state
 from ray_retina.model import SCALE_CLAMP
 from ray_retina.model.retinanet import build_box_coder
 from ray_retina.predict import category_names_of
-from ray_retina.serving import DEFAULT_TABLE, EVAL_THRESHOLDS, THRESHOLDS_KEY, class_thresholds
+from ray_retina.serving import (
+    DEFAULT_TABLE,
+    EVAL_THRESHOLDS,
+    THRESHOLDS_KEY,
+    class_thresholds,
+    threshold_tables,
+)
 
 ONNX_FILE = "retinanet.onnx"
 END_TO_END_FILE = "retinanet_end2end.onnx"  # one image in, detections out
@@ -205,9 +211,7 @@ def onnx_meta(
         },
         "thresholds": {
             "default": DEFAULT_TABLE if DEFAULT_TABLE in (thresholds or {}) else EVAL_THRESHOLDS,
-            "tables": {
-                str(k): {str(c): float(t) for c, t in v.items()} for k, v in (thresholds or {}).items()
-            },
+            "tables": threshold_tables(thresholds),
             "rule": "after the post-process keep a detection when its score > its class's threshold in the "
             "default table (a class not in it: 0); 'eval': the post-process's score_thresh only; the "
             "end-to-end graph applies the default table",

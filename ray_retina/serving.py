@@ -225,17 +225,27 @@ def _stored_pixels(data: bytes, index: int, max_pixels: int) -> int:
     return h * w
 
 
+def threshold_tables(thresholds: Mapping[str, Any] | None) -> dict[str, dict[str, float]]:
+    """The per-class tables of a checkpoint's ``thresholds`` entry (``{"f1": {"<category id>": score}, "precision":
+    {...}, "precision_target": 0.9}``): the mappings only (its scalars, such as ``precision_target``, are
+    settings, not tables), values as floats, missing or non-finite ones left out."""
+    return {
+        str(name): {
+            str(c): float(t) for c, t in dict(table).items() if t is not None and math.isfinite(float(t))
+        }
+        for name, table in (thresholds or {}).items()
+        if isinstance(table, Mapping)
+    }
+
+
 def class_thresholds(state: Mapping[str, Any], cat_ids: Sequence[int]) -> dict[str, np.ndarray]:
     """The checkpoint's per-class threshold tables as arrays (K,) in label order: ``state["thresholds"]`` =
     ``{"f1": {"<category id>": score, ...}, "precision": {...}}``; a class missing from a table gets 0 (only
     the other thresholds apply to it). Empty when the checkpoint has none."""
-    tables = state.get(THRESHOLDS_KEY) or {}
     out: dict[str, np.ndarray] = {}
-    for name, table in tables.items():
-        by_id = {
-            int(k): float(v) for k, v in dict(table).items() if v is not None and math.isfinite(float(v))
-        }
-        out[str(name)] = np.asarray([by_id.get(int(c), 0.0) for c in cat_ids], dtype=np.float32)
+    for name, table in threshold_tables(state.get(THRESHOLDS_KEY)).items():
+        by_id = {int(k): v for k, v in table.items()}
+        out[name] = np.asarray([by_id.get(int(c), 0.0) for c in cat_ids], dtype=np.float32)
     return out
 
 

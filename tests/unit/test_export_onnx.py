@@ -128,7 +128,7 @@ def test_end_to_end_onnx_applies_the_f1_thresholds(state, model, tmp_path):
 
     cat_ids = [int(c) for c in state["cat_ids"]]
     f1 = {str(c): t for c, t in zip(cat_ids, (0.5, 0.52, 0.9), strict=True)}
-    files = export_onnx({**state, "thresholds": {"f1": f1}}, tmp_path)
+    files = export_onnx({**state, "thresholds": {"f1": f1, "precision_target": 0.9}}, tmp_path)
     meta = json.loads(files[1].read_text())["thresholds"]
     assert meta["default"] == "f1" and meta["tables"] == {"f1": f1}
     h, w, pad_h, pad_w, height, width = END_TO_END_CASES[0]

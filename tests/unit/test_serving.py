@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from ray_retina.config import ServeSection
@@ -133,11 +134,12 @@ def test_the_exported_model_carries_the_thresholds(state, val_jpegs, tmp_path):
     from ray_retina.export import save_pyfunc
 
     cat_ids = [int(c) for c in state["cat_ids"]]
-    tables = {"f1": {str(c): 0.52 for c in cat_ids}}
-    model = mlflow.pyfunc.load_model(str(save_pyfunc({**state, "thresholds": tables}, tmp_path / "m")))
+    tables = {"f1": {str(c): 0.52 for c in cat_ids}, "precision": {str(c): 0.8 for c in cat_ids}}
+    chosen = {**tables, "precision_target": 0.9}  # what eval stores in a checkpoint
+    model = mlflow.pyfunc.load_model(str(save_pyfunc({**state, "thresholds": chosen}, tmp_path / "m")))
     params = {p.name: p.default for p in model.metadata.signature.params.params}
     assert params["thresholds"] == "f1"
-    assert model.metadata.metadata["thresholds"] == tables
+    assert model.metadata.metadata["thresholds"] == chosen
     assert model.metadata.metadata["limits"] == {
         "max_pixels": 25_000_000,
         "max_images": 16,
@@ -157,3 +159,15 @@ def test_export_takes_serve_overrides_only(untrained_checkpoint, tmp_path):
     run, _, _ = untrained_checkpoint
     with pytest.raises(ValueError, match=r"serve.\* overrides only"):
         export(str(run), format="onnx", out=tmp_path, serve_overrides=["serve.max_images=4", "loss.gamma=0"])
+
+
+def test_the_exported_model_holds_the_ema_weights_when_the_checkpoint_has_them(state):
+    """With optim.ema on, eval scored the EMA weights: they are what the export ships (the raw weights are not)."""
+    from ray_retina.export import slim_state
+    from ray_retina.predict import category_names_of
+
+    ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in state["model"].items()}
+    slim = slim_state({**state, "ema": {"state_dict": ema, "updates": 7}}, category_names_of(state))
+    for k, v in slim["model"].items():
+        assert torch.equal(v, ema[k]), k
+    assert all(torch.equal(v, state["model"][k]) for k, v in slim_state(state, {})["model"].items())
