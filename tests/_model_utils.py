@@ -36,3 +36,40 @@ def boxes_image(b: int = 2, size: int = 128, seed: int = 0):
             gt_boxes[i, j] = torch.tensor([x0, y0, x0 + w, y0 + h], dtype=torch.float32)
             gt_labels[i, j] = c
     return images, gt_boxes, gt_labels
+
+
+def reference_records(
+    state: dict, images: list[bytes], score_thresh: float, per_image: int | None = None
+) -> list[list[dict]]:
+    """Per image, predict's COCO records as predict.Predictor makes them for a batch of one image
+    (preprocess_batch, then serving.detect_images with predict's score filter); at most ``per_image`` each."""
+    import numpy as np
+
+    from ray_retina.data.augment import object_array
+    from ray_retina.engine.evaluate import AMP_DTYPES, coco_records
+    from ray_retina.engine.restore import model_from_state
+    from ray_retina.model import build_postprocessor
+    from ray_retina.predict import preprocess_batch
+    from ray_retina.serving import detect_images
+
+    model, cfg, cat_ids = model_from_state(state, "cpu")
+    out = []
+    for i, data in enumerate(images):
+        pre = preprocess_batch(
+            {"path": np.asarray(["x"]), "bytes": object_array([data])},
+            min_size=cfg.data.test_min_size,
+            max_size=cfg.data.max_size,
+            files={"x": (i, "x", "x.png")},
+        )
+        d = detect_images(
+            model,
+            build_postprocessor(cfg),
+            cfg,
+            pre,
+            device=torch.device("cpu"),
+            amp_dtype=AMP_DTYPES[cfg.optim.amp],
+            cat_ids=np.asarray(cat_ids),
+            score_thresh=score_thresh,
+        )[0]
+        out.append(coco_records(i, d["boxes"], d["scores"], d["category_ids"])[:per_image])
+    return out

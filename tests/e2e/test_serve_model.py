@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 import torch
 
+from _model_utils import reference_records
 from _train_utils import tiny_config
 
 pytestmark = [pytest.mark.slow]
@@ -178,39 +179,6 @@ def images(synth_val) -> list[bytes]:
     exif[0x0112] = 6
     im.save(sideways, format="JPEG", quality=95, exif=exif.tobytes())
     out.append(sideways.getvalue())
-    return out
-
-
-def _reference(state: dict, images: list[bytes], score_thresh: float, per_image: int) -> list[list[dict]]:
-    """predict's records of each image, as predict.Predictor makes them for a batch of one (preprocess_batch,
-    then detect_images with predict's score filter)."""
-    from ray_retina.data.augment import object_array
-    from ray_retina.engine.evaluate import AMP_DTYPES, coco_records
-    from ray_retina.engine.restore import model_from_state
-    from ray_retina.model import build_postprocessor
-    from ray_retina.predict import preprocess_batch
-    from ray_retina.serving import detect_images
-
-    model, cfg, cat_ids = model_from_state(state, "cpu")
-    out = []
-    for i, data in enumerate(images):
-        pre = preprocess_batch(
-            {"path": np.asarray(["x"]), "bytes": object_array([data])},
-            min_size=cfg.data.test_min_size,
-            max_size=cfg.data.max_size,
-            files={"x": (i, "x", "x.png")},
-        )
-        d = detect_images(
-            model,
-            build_postprocessor(cfg),
-            cfg,
-            pre,
-            device=torch.device("cpu"),
-            amp_dtype=AMP_DTYPES[cfg.optim.amp],
-            cat_ids=np.asarray(cat_ids),
-            score_thresh=score_thresh,
-        )[0]
-        out.append(coco_records(i, d["boxes"], d["scores"], d["category_ids"])[:per_image])
     return out
 
 
@@ -450,11 +418,11 @@ def test_export_register_serve(mlflow_server, checkpoints, images, free_port, tm
     n = len(images)
     assert {r["image_index"] for r in rows} == set(range(n))
     assert {r["category_name"] for r in rows} <= {"rectangle", "ellipse", "triangle"}
-    _assert_same(_served_records(rows, n), _reference(state_b, images, 0.0, 100))
-    _assert_same(_served_records(few, n), _reference(state_b, images, thresh, 5))
+    _assert_same(_served_records(rows, n), reference_records(state_b, images, 0.0, 100))
+    _assert_same(_served_records(few, n), reference_records(state_b, images, thresh, 5))
     assert 0 < len(few) <= 5 * n and all(r["score"] > thresh for r in few)
     # The alias moved: checkpoint a's detections are not what is served.
-    ref_a = _reference(load_checkpoint_state(runs["a"]), images, 0.0, 100)
+    ref_a = reference_records(load_checkpoint_state(runs["a"]), images, 0.0, 100)
     assert [d["score"] for d in ref_a[0][:5]] != [d["score"] for d in _served_records(rows, n)[0][:5]]
     SERVED.update(rows=rows, few=few, thresh=[thresh])
 

@@ -17,6 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
+from _model_utils import reference_records
+
 ONNX_ATOL = 1e-4
 
 
@@ -191,39 +193,6 @@ def test_torchscript_matches_pytorch(state, model, tmp_path):
 # ----------------------------------------------------------------------------------------- the pyfunc model
 
 
-def _reference_records(state, images: list[bytes], score_thresh: float) -> list[list[dict]]:
-    """Per image, predict's records (evaluate.coco_records) as predict.Predictor makes them for a batch of
-    one image: preprocess_batch, then detect_images with predict's score filter."""
-    from ray_retina.data.augment import object_array
-    from ray_retina.engine.evaluate import AMP_DTYPES, coco_records
-    from ray_retina.engine.restore import model_from_state
-    from ray_retina.model import build_postprocessor
-    from ray_retina.predict import preprocess_batch
-    from ray_retina.serving import detect_images
-
-    model, cfg, cat_ids = model_from_state(state, "cpu")
-    out = []
-    for i, data in enumerate(images):
-        pre = preprocess_batch(
-            {"path": np.asarray(["x"]), "bytes": object_array([data])},
-            min_size=cfg.data.test_min_size,
-            max_size=cfg.data.max_size,
-            files={"x": (i, "x", "x.png")},
-        )
-        d = detect_images(
-            model,
-            build_postprocessor(cfg),
-            cfg,
-            pre,
-            device=torch.device("cpu"),
-            amp_dtype=AMP_DTYPES[cfg.optim.amp],
-            cat_ids=np.asarray(cat_ids),
-            score_thresh=score_thresh,
-        )[0]
-        out.append(coco_records(i, d["boxes"], d["scores"], d["category_ids"]))
-    return out
-
-
 def _as_records(frame: pd.DataFrame, n: int) -> list[list[dict]]:
     from ray_retina.engine.evaluate import coco_records
 
@@ -249,7 +218,7 @@ def test_pyfunc_detections_are_predicts(pyfunc, state, val_jpegs):
     frame = pyfunc.predict(pd.DataFrame({"image": val_jpegs}), params={"score_thresh": thresh})
     assert list(frame.columns) == list(OUTPUT_COLUMNS)
     assert 0 < len(frame) < 100 * len(val_jpegs)
-    ref = _reference_records(state, val_jpegs, thresh)
+    ref = reference_records(state, val_jpegs, thresh)
     got = _as_records(frame, len(val_jpegs))
     assert got == ref  # the same boxes (1e-3 px), scores (1e-5) and category ids, in the same order
     names = dict(
