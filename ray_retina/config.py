@@ -35,6 +35,8 @@ class SynthSection(_Section):
     min_object_size: int = Field(8, ge=2)
     max_object_size: int = Field(96, ge=4)
     max_objects: int = Field(6, ge=1)
+    class_weights: list[float] | None = None
+    """Relative frequency of rectangle, ellipse, triangle (None: equal): ``[1, 1, 0.1]`` makes a rare class."""
 
 
 class PhotometricSection(_Section):
@@ -113,10 +115,11 @@ class DataSection(_Section):
     prefetch_batches: int = Field(2, ge=0)
     shuffle_buffer: int = Field(0, ge=0)
     """Local shuffle buffer in rows for training (0: only the file order is shuffled per epoch)."""
-    deterministic: bool = False
+    deterministic: bool = True
     """Deliver the training rows in the seeded order (Ray Data ``preserve_order``) instead of the order the
-    decode tasks finish in, so that the same config and seed train on the same batches: reproducible
-    trials (e.g. comparing sweeps). Costs some throughput (a slow task holds back the ones after it)."""
+    decode tasks finish in, so that the same config, seed and world size train on the same batches: on CPU
+    the same losses and AP to the last bit. On by default (``benchmarks/determinism.py``: no measurable cost
+    on an idle machine); ``false`` lets a fast task overtake a slow one when decoding is the bottleneck."""
     val_max_images: int | None = None
     """Evaluate on the first N val images only (None: all)."""
     augment: AugmentSection = AugmentSection()
@@ -301,7 +304,7 @@ class TrainSection(_Section):
     deterministic: bool = False
     """Deterministic kernels: ``torch.use_deterministic_algorithms`` and cuDNN's deterministic, non-benchmark
     mode (on GPU, where kernels otherwise pick atomics and autotuned algorithms). CPU training is already
-    reproducible with ``data.deterministic``; a sweep turns both on for its trials."""
+    reproducible with ``data.deterministic`` (the default); a sweep turns both on for its trials."""
     eval_backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval"
     """faster_coco_eval: same 12 stats as pycocotools (tested), about 10x faster on COCO val."""
     early_stop: EarlyStopSection = EarlyStopSection()

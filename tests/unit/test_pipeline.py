@@ -352,8 +352,8 @@ def test_ray_train_ingest_keeps_deterministic_order():
     from ray_retina.config import Config, apply_overrides
     from ray_retina.engine.trainer import ingest_config
 
-    on = ingest_config(apply_overrides(Config(), {"data.deterministic": True}))
-    off = ingest_config(Config())
+    on = ingest_config(Config())  # on by default
+    off = ingest_config(apply_overrides(Config(), {"data.deterministic": False}))
     assert on._resolve_execution_options("train").preserve_order is True
     assert off._resolve_execution_options("train").preserve_order is False
 
