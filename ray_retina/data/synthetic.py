@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,15 @@ def make_synthetic_coco(
     min_object_size: int = 8,
     max_object_size: int = 96,
     max_objects: int = 6,
+    class_weights: Sequence[float] | None = None,
 ) -> SyntheticPaths:
     """Write ``out_dir/{train,val}/*.jpg`` and ``out_dir/annotations/instances_{train,val}.json``.
 
     Image sides are drawn uniformly from ``[min_image_size, max_image_size]`` (independently, so
     aspect ratios vary); each image holds 1..``max_objects`` objects whose sides are between
     ``min_object_size`` and ``max_object_size`` pixels (log-uniform size, aspect ratio 1:2..2:1).
+    Each object's class is drawn uniformly, or in proportion to ``class_weights`` (one weight per class, in
+    the order rectangle, ellipse, triangle: ``[1, 1, 0.1]`` makes triangles a rare class).
     """
     if num_train < 0 or num_val < 0:
         raise ValueError(f"num_train and num_val must be >= 0, got {num_train}, {num_val}")
@@ -78,6 +82,15 @@ def make_synthetic_coco(
         raise ValueError(f"min_object_size {min_object_size} exceeds min_image_size {min_image_size}")
     if max_objects < 1:
         raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+    class_p = None
+    if class_weights is not None:
+        weights = np.asarray(class_weights, dtype=np.float64)
+        if weights.shape != (len(CATEGORIES),) or not np.all(weights >= 0) or weights.sum() <= 0:
+            raise ValueError(
+                f"class_weights needs {len(CATEGORIES)} weights >= 0 with a positive sum "
+                f"({', '.join(c[1] for c in CATEGORIES)}), got {list(class_weights)}"
+            )
+        class_p = weights / weights.sum()
 
     root = Path(out_dir)
     paths = SyntheticPaths(
@@ -93,6 +106,7 @@ def make_synthetic_coco(
         min_object_size=min_object_size,
         max_object_size=max_object_size,
         max_objects=max_objects,
+        class_p=class_p,
     )
     for split, n, img_dir, ann_path in (
         ("train", num_train, paths.train_images, paths.train_annotations),
@@ -147,6 +161,7 @@ def _draw_image(
     min_object_size: int,
     max_object_size: int,
     max_objects: int,
+    class_p: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     h = int(rng.integers(min_image_size, max_image_size + 1))
     w = int(rng.integers(min_image_size, max_image_size + 1))
@@ -158,7 +173,10 @@ def _draw_image(
     full_area: list[int] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         for _try in range(MAX_TRIES):
-            cls = int(rng.integers(len(CATEGORIES)))
+            if class_p is None:
+                cls = int(rng.integers(len(CATEGORIES)))
+            else:
+                cls = int(rng.choice(len(CATEGORIES), p=class_p))
             mask, polygon = _shape_mask(rng, cls, h, w, min_object_size, max_object_size)
             if not mask.any():
                 continue

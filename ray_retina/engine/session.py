@@ -94,6 +94,7 @@ def ensure_data(cfg: Config) -> None:
             min_object_size=s.min_object_size,
             max_object_size=s.max_object_size,
             max_objects=s.max_objects,
+            class_weights=s.class_weights,
         )
         print(
             f"[ray-retina] synthetic COCO set: {s.num_train} train + {s.num_val} val images in {root} "

@@ -99,3 +99,53 @@ def test_bad_arguments_are_named(tmp_path):
         make_synthetic_coco(tmp_path, 1, 1, 0, min_image_size=300, max_image_size=200)
     with pytest.raises(ValueError, match="max_objects"):
         make_synthetic_coco(tmp_path, 1, 1, 0, max_objects=0)
+
+
+def test_class_weights_make_a_rare_class():
+    """class_weights [1, 1, 0.1]: triangles about 1 object in 21, the other two about 10 in 21 each."""
+    rng = np.random.default_rng(0)
+    p = np.array([1.0, 1.0, 0.1]) / 2.1
+    counts = dict.fromkeys((cid for cid, _, _ in CATEGORIES), 0)
+    for _ in range(150):
+        _, objects = synthetic._draw_image(
+            rng,
+            min_image_size=128,
+            max_image_size=160,
+            min_object_size=12,
+            max_object_size=48,
+            max_objects=5,
+            class_p=p,
+        )
+        for obj in objects:
+            counts[obj["category_id"]] += 1
+    n = sum(counts.values())
+    share = {cid: c / n for cid, c in counts.items()}
+    assert n > 300
+    assert 0 < share[42] < 0.1  # triangle: expected 0.048
+    assert 0.38 < share[3] < 0.57 and 0.38 < share[17] < 0.57  # expected 0.476 each
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0], [1.0, -1.0, 1.0], [0.0, 0.0, 0.0]])
+def test_class_weights_are_checked(tmp_path, weights):
+    with pytest.raises(ValueError, match="class_weights needs 3 weights >= 0 .*rectangle, ellipse, triangle"):
+        make_synthetic_coco(tmp_path, num_train=1, num_val=0, seed=0, class_weights=weights)
+
+
+def test_config_class_weights_reach_the_set(tmp_path):
+    """data.synth.class_weights in a config: the set made on demand has the rare class rare."""
+    from ray_retina.config import Config, apply_overrides
+    from ray_retina.engine.session import ensure_data
+
+    root = tmp_path / "synth"
+    cfg = apply_overrides(
+        Config(),
+        {
+            "data.root": str(root),
+            "data.train_shards": str(root / "shards" / "train"),
+            "data.val_shards": str(root / "shards" / "val"),
+            "data.synth": {"num_train": 40, "num_val": 1, "seed": 0, "class_weights": [1.0, 1.0, 0.0]},
+        },
+    )
+    ensure_data(cfg)
+    anns = json.loads((root / "annotations" / "instances_train.json").read_text())["annotations"]
+    assert len(anns) > 40 and {a["category_id"] for a in anns} == {3, 17}
