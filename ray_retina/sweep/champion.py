@@ -12,11 +12,13 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from ray_retina import tracking
-from ray_retina.sweep.noise import TIE_SIGMAS
+from ray_retina.sweep.noise import TIE_SIGMAS, default_verdict
 
 TIED_TAG = "ray_retina.tied_trials"  # on a sweep's parent run: JSON list of the trial ids tied with the best
 # on a sweep's parent run: the floor (std of val/AP over the noise repeats) at the best trial's last round
 NOISE_FLOOR_TAG = "ray_retina.noise_floor"
+# on a sweep's parent run: the best trial against the base config's repeats, {"ap_points": d, "beyond_noise": b}
+VS_DEFAULT_TAG = "ray_retina.best_vs_default"
 CHAMPION_RULES = ("best", "most-rounds", "paper-defaults")
 # The paper's defaults (gamma 2, alpha 0.25, pi 0.01), in the space the distance is measured in (log10 pi).
 PAPER_DEFAULTS = {"loss.gamma": 2.0, "loss.alpha": 0.25, "model.prior": math.log10(0.01)}
@@ -31,7 +33,7 @@ class ChampionChoice:
     tied: list[str]
     """The trials tied with the best within the noise floor, the best included (empty: no floor measured)."""
     note: str
-    """One line for the user: the tie and the rule applied."""
+    """One line for the user: the tie and the rule applied, and the best trial against the base config."""
 
 
 def choose_champion(uri: str, parent_run_id: str, rule: str = "best") -> ChampionChoice:
@@ -56,9 +58,14 @@ def choose_champion(uri: str, parent_run_id: str, rule: str = "best") -> Champio
     by_id = {r.data.tags.get(tracking.TRIAL_TAG): r for r in runs}
     if best not in by_id:
         raise ValueError(f"sweep {parent_run_id}: no child run of its best trial {best}")
+    vs_default = ""
+    if VS_DEFAULT_TAG in tags:
+        vs = json.loads(tags[VS_DEFAULT_TAG])
+        vs_default = "; " + default_verdict(vs["ap_points"] / 100, vs["beyond_noise"])
     if len(ids) <= 1:
         why = "no noise floor measured" if TIED_TAG not in tags else "no other trial within the noise floor"
-        return ChampionChoice(best, by_id[best].info.run_id, ids, f"champion {best}: the best val/AP ({why})")
+        note = f"champion {best}: the best val/AP ({why}){vs_default}"
+        return ChampionChoice(best, by_id[best].info.run_id, ids, note)
     cands = [by_id[t] for t in ids if t in by_id]
 
     def key(run: Any) -> tuple[float, float]:
@@ -76,6 +83,6 @@ def choose_champion(uri: str, parent_run_id: str, rule: str = "best") -> Champio
     floor = tags.get(NOISE_FLOOR_TAG, "?")
     note = (
         f"champion tied within noise: {len(ids)} trials ({', '.join(ids)}) lie within {TIE_SIGMAS:g} x the noise "
-        f"floor (std {floor}) of the best val/AP ({best}); rule '{rule}' picks {pick}"
+        f"floor (std {floor}) of the best val/AP ({best}); rule '{rule}' picks {pick}{vs_default}"
     )
     return ChampionChoice(pick, by_id[pick].info.run_id, ids, note)

@@ -12,6 +12,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from ray_retina.sweep.noise import default_verdict
 from ray_retina.sweep.space import trial_label, trial_overrides
 
 TUNE_PREFIX = "[tune]"
@@ -60,15 +61,21 @@ def format_noise_floor(std_by_round: Mapping[int, float], repeats: int, metric: 
     return f"{TUNE_PREFIX} noise floor (std of {metric} over {repeats} seeds of the base config, AP points): {cells}"
 
 
-def format_ranking(rows: Sequence[Any], best_label: str | None) -> list[str]:
-    """Closing lines: the best trial and the trials tied with it within the noise floor."""
+def format_ranking(
+    rows: Sequence[Any], best_label: str | None, vs_default: tuple[float, bool] | None = None
+) -> list[str]:
+    """Closing lines: the best trial, the trials tied with it within the noise floor, and (with a floor) the
+    best trial against the base config's repeats (``vs_default``: difference, beyond noise)."""
     tied = [r for r in rows if getattr(r, "tied", False) and r.label != best_label]
     if best_label is None:
         return [f"{TUNE_PREFIX} no trial reported a metric"]
     line = f"{TUNE_PREFIX} best: {best_label}"
     if tied:
         line += f"; tied within noise with {len(tied)}: " + ", ".join(r.label for r in tied)
-    return [line]
+    lines = [line]
+    if vs_default is not None:
+        lines.append(f"{TUNE_PREFIX} {default_verdict(*vs_default)}")
+    return lines
 
 
 class SweepProgress(Callback):

@@ -80,12 +80,34 @@ def tied(gap: float, threshold: float | None) -> bool | None:
     return None if threshold is None else gap <= threshold
 
 
-def beyond_default(value: float, floor: NoiseFloor, round_: int) -> str:
-    """How ``value`` at ``round_`` compares with the base config's mean there: ``+1.2 (beyond noise)``,
-    ``-0.3 (within noise)`` in AP points, or ``n/a`` without a floor."""
+def versus_default(value: float, floor: NoiseFloor, round_: int) -> tuple[float, bool] | None:
+    """``value`` at ``round_`` minus the base config's mean there, and whether the difference is beyond
+    noise (more than the tie threshold); None without a floor at that round."""
     t = floor.threshold(round_)
     mean = floor.mean.get(round_)
     if t is None or mean is None:
-        return "n/a"
+        return None
     d = value - mean
-    return f"{100 * d:+.1f} ({'beyond' if abs(d) > t else 'within'} noise)"
+    return d, abs(d) > t
+
+
+def beyond_default(value: float, floor: NoiseFloor, round_: int) -> str:
+    """How ``value`` at ``round_`` compares with the base config's mean there: ``+1.2 (beyond noise)``,
+    ``-0.3 (within noise)`` in AP points, or ``n/a`` without a floor."""
+    vs = versus_default(value, floor, round_)
+    if vs is None:
+        return "n/a"
+    return f"{100 * vs[0]:+.1f} ({'beyond' if vs[1] else 'within'} noise)"
+
+
+def default_verdict(diff: float, beyond: bool) -> str:
+    """One sentence on the best trial against the base config (the noise repeats' mean at its round)."""
+    points = f"{100 * diff:+.1f} AP points against the base config's repeats"
+    if not beyond:
+        return f"the best trial is {points}, within noise: no trial beat the base config beyond noise"
+    if diff > 0:
+        return f"the best trial is {points}, beyond noise: it beat the base config"
+    return (
+        f"the best trial is {points}, beyond noise: the base config (the defaults the sweep started from) beat "
+        "every trial; shipping a trial would ship a worse model"
+    )

@@ -17,9 +17,9 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from ray_retina import plots, tracking
-from ray_retina.sweep.champion import NOISE_FLOOR_TAG, TIED_TAG
+from ray_retina.sweep.champion import NOISE_FLOOR_TAG, TIED_TAG, VS_DEFAULT_TAG
 from ray_retina.sweep.importance import ImportanceFit, fit_importance, importance_table
-from ray_retina.sweep.noise import TIE_SIGMAS, NoiseFloor, beyond_default, tied
+from ray_retina.sweep.noise import TIE_SIGMAS, NoiseFloor, beyond_default, tied, versus_default
 from ray_retina.sweep.space import FOCAL_KEYS, PAPER_TABLE1, trial_label, trial_overrides
 
 logger = logging.getLogger(__name__)
@@ -335,6 +335,9 @@ def log_to_parent(
         if floor is not None and floor.at(best.rounds) is not None:
             tags[TIED_TAG] = json.dumps([r.trial_id for r in summary.rows if r.tied])
             tags[NOISE_FLOOR_TAG] = f"{floor.at(best.rounds):.6g}"
+            vs = versus_default(best.ap, floor, best.rounds)
+            if vs is not None:
+                tags[VS_DEFAULT_TAG] = json.dumps({"ap_points": round(100 * vs[0], 4), "beyond_noise": vs[1]})
         log.set_tags(tags)
     log.end("FINISHED" if summary.num_errors == 0 else "FAILED")
     return [f"plots/{Path(a).name}" for a in artifacts]

@@ -12,8 +12,10 @@ every round is exactly one ``ray.train.report``).
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ray import tune
@@ -24,7 +26,7 @@ from ray_retina.config import Config, apply_overrides, config_from_dict
 from ray_retina.engine.restore import check_init
 from ray_retina.engine.session import abs_storage, ensure_data, ensure_ray, resolve_paths
 from ray_retina.sweep.console import SweepProgress, format_noise_floor, format_ranking
-from ray_retina.sweep.noise import NoiseFloor, noise_floor
+from ray_retina.sweep.noise import NoiseFloor, noise_floor, versus_default
 from ray_retina.sweep.report import (
     SweepSummary,
     close_children,
@@ -47,6 +49,7 @@ from ray_retina.sweep.trial import NOISE_SUFFIX, SweepSetup, trainable
 from ray_retina.uri import join_uri
 
 REPRODUCIBLE = {"data.deterministic": True, "train.deterministic": True}
+NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"  # Tune's choice of console engine (ray.tune.experimental.output)
 
 
 def run_sweep(
@@ -124,9 +127,30 @@ def _parent_run(cfg: Config, setup: SweepSetup) -> str:
 
 def _fit(sweep_dir: str, setup: SweepSetup, make: Callable[[], tune.Tuner]) -> Any:
     """Restore the experiment in ``sweep_dir`` when Tune saved one (a resumed sweep), else start it."""
-    if tune.Tuner.can_restore(sweep_dir):
-        return tune.Tuner.restore(sweep_dir, trainable=trainable(setup), resume_errored=True).fit()
-    return make().fit()
+    with _tune_console(setup.verbose):
+        if tune.Tuner.can_restore(sweep_dir):
+            return tune.Tuner.restore(sweep_dir, trainable=trainable(setup), resume_errored=True).fit()
+        return make().fit()
+
+
+@contextmanager
+def _tune_console(verbose: bool) -> Iterator[None]:
+    """Tune's console inside the ``fit`` call: without ``verbose`` none of it (our :class:`SweepProgress`
+    lines say what happens). Tune's default output engine prints its experiment box and "View detailed
+    results" lines even at ``verbose=0``; its older engine (``RAY_AIR_NEW_OUTPUT=0``, read when ``fit``
+    starts) honours ``verbose=0``. The variable is set for the call only and put back after it."""
+    if verbose:
+        yield
+        return
+    old = os.environ.get(NEW_OUTPUT_ENV)
+    os.environ[NEW_OUTPUT_ENV] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(NEW_OUTPUT_ENV, None)
+        else:
+            os.environ[NEW_OUTPUT_ENV] = old
 
 
 def _noise_phase(cfg: Config, setup: SweepSetup, noise_dir: str, rounds: int) -> list[Any]:
@@ -247,7 +271,10 @@ def _summarize(
     text = summary_markdown(summary, setup.preset, setup.sweep_name)
     if floor is not None:
         print(format_noise_floor(floor.std, floor.repeats, cfg.tune.metric), flush=True)
-    for line in format_ranking(rows, best.label if best else None):
+    vs_default = (
+        versus_default(best.ap, floor, best.rounds) if best and floor and best.ap is not None else None
+    )
+    for line in format_ranking(rows, best.label if best else None, vs_default):
         print(line, flush=True)
     if setup.mlflow_uri and setup.parent_run_id:
         close_children(setup.mlflow_uri, setup.parent_run_id, rows + repeats, best)

@@ -138,6 +138,12 @@ def test_sweep_in_mlflow(sweep, mlflow_server, tmp_path):
     assert parent.data.tags["ray_retina.best_trial"] in tied
     assert tied == [r.trial_id for r in sweep.rows if r.tied]
     assert "## Noise floor" in summary and "## Parameter importance" in summary
+    # The best trial against the base config's repeats at the best trial's last round.
+    vs = json.loads(parent.data.tags["ray_retina.best_vs_default"])
+    best_row = next(r for r in sweep.rows if r.trial_id == parent.data.tags["ray_retina.best_trial"])
+    if best_row.rounds == ROUNDS:
+        assert vs["ap_points"] == pytest.approx(100 * (best_row.ap - statistics.mean(aps)), abs=1e-3)
+    assert vs["beyond_noise"] == (abs(vs["ap_points"]) > 100 * 2 * last.value) or best_row.rounds != ROUNDS
     assert "| tied with best |" in header
     # Parameter importance: a fit over 4 trials + 2 repeats needs 4 + 2 rows, so it is at round 1.
     assert sweep.importance is not None and sweep.importance.round == 1

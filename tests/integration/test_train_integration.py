@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,9 @@ def test_tune_two_trials(ray_session, tiny_data, tmp_path, mlflow_uri, capsys):
         assert any(" round 1/" in line for line in mine), (row.trial_id, tune_lines)
         assert any(" finished " in line or " stopped by the scheduler " in line for line in mine), mine
     assert "Current best trial" not in out and "__base__" not in out
+    # nor Tune's experiment box and "View detailed results" lines (printed by its default engine at verbose=0)
+    assert "Configuration for experiment" not in out and "View detailed results" not in out
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ  # set for the fit call only
     client = MlflowClient(mlflow_uri)
     parent = client.get_run(summary.parent_run_id)
     children = client.search_runs(

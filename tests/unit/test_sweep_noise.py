@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ray_retina.sweep.champion import NOISE_FLOOR_TAG, TIED_TAG, choose_champion
-from ray_retina.sweep.console import format_noise_floor
+from ray_retina.sweep.champion import NOISE_FLOOR_TAG, TIED_TAG, VS_DEFAULT_TAG, choose_champion
+from ray_retina.sweep.console import format_noise_floor, format_ranking
 from ray_retina.sweep.importance import fit_importance, importance_table
-from ray_retina.sweep.noise import TIE_SIGMAS, noise_floor
+from ray_retina.sweep.noise import TIE_SIGMAS, noise_floor, versus_default
 from ray_retina.sweep.report import TrialRow, importance_of, mark_ties, markdown_table
 from ray_retina.sweep.trial import SweepSetup
 
@@ -155,6 +155,35 @@ def test_champion_among_tied_trials_by_a_stated_rule(mlflow_uri):
     assert paper.trial_id == "b" and client.get_run(paper.run_id).data.tags[tracking.TRIAL_TAG] == "b"
     with pytest.raises(ValueError, match="unknown champion rule"):
         choose_champion(mlflow_uri, parent, "luck")
+    # The base config's repeats beat the best trial beyond noise: the note says so, whatever the rule.
+    client.set_tag(parent, VS_DEFAULT_TAG, json.dumps({"ap_points": -2.1, "beyond_noise": True}))
+    worse = choose_champion(mlflow_uri, parent, "most-rounds")
+    assert worse.trial_id == "b"
+    assert "-2.1 AP points against the base config's repeats, beyond noise" in worse.note
+    assert "the base config (the defaults the sweep started from) beat every trial" in worse.note
+
+
+def test_best_trial_against_the_base_config():
+    """The closing lines and the verdict: beyond noise above, within noise, beyond noise below the repeats'
+    mean at the best trial's round (threshold 2 x std)."""
+    floor = noise_floor([_history(0.20, 0.30), _history(0.22, 0.34)], 2)  # r2: mean 0.32, std 0.0283
+    best = _row("best", 0.40, 2, _history(0.25, 0.40))
+    assert versus_default(0.40, floor, 2) == (pytest.approx(0.08), True)
+    assert versus_default(0.30, floor, 2) == (pytest.approx(-0.02), False)
+    assert versus_default(0.20, floor, 2) == (pytest.approx(-0.12), True)
+    assert versus_default(0.40, floor, 3) is None  # no repeat reached round 3
+    lines = format_ranking([best], best.label, versus_default(0.40, floor, 2))
+    assert (
+        lines[1]
+        == "[tune] the best trial is +8.0 AP points against the base config's repeats, beyond noise: it beat the base config"
+    )
+    within = format_ranking([best], best.label, versus_default(0.30, floor, 2))[1]
+    assert within.endswith(
+        "-2.0 AP points against the base config's repeats, within noise: no trial beat the base config beyond noise"
+    )
+    below = format_ranking([best], best.label, versus_default(0.20, floor, 2))[1]
+    assert "-12.0 AP points" in below and "beat every trial" in below
+    assert format_ranking([best], best.label) == [f"[tune] best: {best.label}"]  # no floor: no verdict
 
 
 def test_importance_prefers_a_round_with_three_degrees_of_freedom():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ray_retina.config import Config, ConfigError, apply_overrides
@@ -131,3 +133,23 @@ def test_summary_table_has_a_column_per_class():
     )
     assert lines[2] == "| t1 | 2 | 0.4000 | n/a | n/a | 0.3000 | 0.5000 | 3 | 300 | no |  |"
     assert lines[3] == "| t0 | 0 | 0.3100 | n/a | n/a | n/a | 0.2000 | 1 | 100 | yes | n/a |"
+
+
+@pytest.mark.parametrize("before", [None, "1"])
+def test_tune_console_is_quiet_for_the_fit_call_only(monkeypatch, before):
+    """Without --verbose Tune's older console engine (which honours verbose=0) runs the fit call; the
+    variable that picks it is put back afterwards, as it was."""
+    from ray_retina.sweep.run import NEW_OUTPUT_ENV, _tune_console
+
+    if before is None:
+        monkeypatch.delenv(NEW_OUTPUT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(NEW_OUTPUT_ENV, before)
+    with _tune_console(verbose=False):
+        assert os.environ[NEW_OUTPUT_ENV] == "0"
+    assert os.environ.get(NEW_OUTPUT_ENV) == before
+    with _tune_console(verbose=True):
+        assert os.environ.get(NEW_OUTPUT_ENV) == before
+    with pytest.raises(RuntimeError), _tune_console(verbose=False):
+        raise RuntimeError("a failed fit")
+    assert os.environ.get(NEW_OUTPUT_ENV) == before
