@@ -74,8 +74,11 @@ def test_deterministic_training_order_repeats_for_a_seed(ray_session, synth_shar
     first = two_epochs(0)
     assert two_epochs(0) == first
     assert sorted(first[0]) == sorted(first[1]) and first[0] != first[1]
-    assert not build_dataset(
+    assert build_dataset(  # on by default
         synth_shards / "train", _data_cfg(), train=True, seed=0
+    ).context.execution_options.preserve_order
+    assert not build_dataset(
+        synth_shards / "train", _data_cfg(deterministic=False), train=True, seed=0
     ).context.execution_options.preserve_order
 
 
