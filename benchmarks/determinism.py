@@ -71,6 +71,16 @@ def step_parts(cfg, k: int = 3):  # noqa: ANN001, ANN201
     return grads, step
 
 
+def _synth_in(tmp: str) -> dict[str, object]:
+    """Overrides that put the smoke config's synthetic set (with 8 val images) under ``tmp``."""
+    return {
+        "data.root": f"{tmp}/synth",
+        "data.train_shards": f"{tmp}/synth/shards/train",
+        "data.val_shards": f"{tmp}/synth/shards/val",
+        "data.synth.num_val": 8,
+    }
+
+
 def data_pass(cfg, deterministic: bool) -> list[int]:  # noqa: ANN001
     from ray_retina.data.datasets import build_dataset
 
@@ -127,10 +137,7 @@ def end_to_end(cfg, iters: int, repeats: int) -> dict:  # noqa: ANN001
         run_cfg = apply_overrides(
             cfg,
             {
-                "data.root": f"{tmp}/synth",
-                "data.train_shards": f"{tmp}/synth/shards/train",
-                "data.val_shards": f"{tmp}/synth/shards/val",
-                "data.synth.num_val": 8,
+                **_synth_in(tmp),
                 "optim.max_iters": iters,
                 "optim.steps": [iters],
                 "train.eval_period": iters,
@@ -196,10 +203,7 @@ def main() -> None:
         dcfg = apply_overrides(
             cfg,
             {
-                "data.root": f"{tmp}/synth",
-                "data.train_shards": f"{tmp}/synth/shards/train",
-                "data.val_shards": f"{tmp}/synth/shards/val",
-                "data.synth.num_val": 8,
+                **_synth_in(tmp),
             },
         )
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)

@@ -118,8 +118,9 @@ class DataSection(_Section):
     deterministic: bool = True
     """Deliver the training rows in the seeded order (Ray Data ``preserve_order``) instead of the order the
     decode tasks finish in, so that the same config, seed and world size train on the same batches: on CPU
-    the same losses and AP to the last bit. On by default (``benchmarks/determinism.py``: no measurable cost
-    on an idle machine); ``false`` lets a fast task overtake a slow one when decoding is the bottleneck."""
+    the same losses and AP to the last bit. On by default (``benchmarks/determinism.py``: about 3 % of a demo
+    run's wall time, inside its run-to-run spread); ``false`` lets a fast task overtake a slow one when
+    decoding is the bottleneck."""
     val_max_images: int | None = None
     """Evaluate on the first N val images only (None: all)."""
     augment: AugmentSection = AugmentSection()
