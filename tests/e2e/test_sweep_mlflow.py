@@ -1,10 +1,13 @@
 """A 4-trial ASHA sweep with 2 noise repeats of its base config against a real `mlflow server`, checked
-through MlflowClient (trials, noise floor, ties, parameter importance), and the MLflow UI driven in headless
-Chromium to compare the trials."""
+through MlflowClient (trials, noise floor, ties, parameter importance) and on its console (our sweep lines,
+not Tune's), and the MLflow UI driven in headless Chromium to compare the trials."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -17,7 +20,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 PARAMS = ("loss.gamma", "loss.alpha", "model.prior", "optim.lr")
 EVAL_PERIOD = 4
-ROUNDS = 3
+ROUNDS = 2
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,8 @@ def mlflow_server(tmp_path_factory, free_port):
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_local, mlflow_server, tmp_path_factory):
+def swept(ray_local, mlflow_server, tmp_path_factory):
+    """The sweep's summary and everything it printed."""
     from ray_retina.sweep.run import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
@@ -60,7 +64,32 @@ def sweep(ray_local, mlflow_server, tmp_path_factory):
             "tune.noise_repeats": 2,
         },
     )
-    return run_sweep(cfg, sweep_name="it-sweep")
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        summary = run_sweep(cfg, sweep_name="it-sweep")
+    print(console.getvalue())  # shown by pytest when a test of the module fails
+    return summary, console.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sweep(swept):
+    return swept[0]
+
+
+def test_sweep_console_shows_our_lines_not_tunes(swept):
+    """The console: the sweep's header, a round line and an end line per trial; not Tune's status table
+    (whose "current best trial" line dumps the whole base config), experiment box or "View detailed results"
+    lines, which its default engine prints even at verbose=0."""
+    summary, out = swept
+    tune_lines = [line for line in out.splitlines() if line.startswith("[tune]")]
+    assert any(line.startswith("[tune] sweep it-sweep: 4 trials, 2 at a time, ASHA") for line in tune_lines)
+    for row in summary.rows:
+        mine = [line for line in tune_lines if line.split("  ")[0].endswith(f"[{row.trial_id}]")]
+        assert any(" round 1/" in line for line in mine), (row.trial_id, tune_lines)
+        assert any(" finished " in line or " stopped by the scheduler " in line for line in mine), mine
+    assert "Current best trial" not in out and "__base__" not in out
+    assert "Configuration for experiment" not in out and "View detailed results" not in out
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ  # set for the fit call only
 
 
 def test_sweep_in_mlflow(sweep, mlflow_server, tmp_path):
