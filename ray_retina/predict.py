@@ -406,6 +406,8 @@ def predict(
         category names and scores drawn.
     """
 
+    # One piece: the driver's steps in the order a user meets them (the checks before Ray starts, a video or
+    # images, the pipeline, its files); the pipeline and the writing are functions of their own.
     if not 0.0 <= score_thresh <= 1.0:
         raise ValueError(f"score_thresh must be in [0, 1], got {score_thresh}")
     if batch_size < 1 or num_actors < 1:
@@ -453,24 +455,35 @@ def predict(
     else:
         ds = ds.drop_columns(["bytes"])
     images, records, unreadable = _collect(ds)
+    settings = {
+        "input": os.fspath(input),
+        "score_thresh": score_thresh,
+        "tta": with_tta(cfg, tta).eval.tta.model_dump(),
+        "drawn": join_uri(out, DRAWN_DIR) if draw else None,
+    }
+    return _write_outputs(out, images, records, unreadable, settings)
+
+
+def _write_outputs(
+    out: str,
+    images: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    unreadable: list[dict[str, Any]],
+    settings: dict[str, Any],
+) -> PredictSummary:
+    """Write what :func:`predict` found on a folder or shard set into ``out`` (``images.json``,
+    ``detections.json``, ``summary.json`` with the counts, ``settings`` and the unreadable inputs); log it."""
     for u in unreadable:
         logger.warning("%s could not be read, skipped: %s", u["file_name"], u["reason"])
     write_json(out, IMAGES_FILE, images, indent=1)
     results = write_json(out, RESULTS_FILE, records)
     summary = PredictSummary(out, results, len(images), len(unreadable), len(records))
+    counts = {"images": summary.images, "unreadable": summary.unreadable, "detections": summary.detections}
     write_json(
         out,
         SUMMARY_FILE,
-        {
-            "input": os.fspath(input),
-            "images": summary.images,
-            "unreadable": summary.unreadable,
-            "detections": summary.detections,
-            "score_thresh": score_thresh,
-            "tta": with_tta(cfg, tta).eval.tta.model_dump(),
-            "drawn": join_uri(out, DRAWN_DIR) if draw else None,
-            "unreadable_files": unreadable,
-        },
+        # "input" first, then the counts, the other settings and the unreadable files, in that order
+        {"input": settings["input"], **counts, **settings, "unreadable_files": unreadable},
         indent=1,
     )
     logger.info("%s", summary.line())

@@ -100,8 +100,6 @@ def build_dataset(
     if not paths:
         raise ValueError(f"{os.fspath(shard_dir)}: the manifest lists no shards")
     skip_counter = new_counter(skip_counter)
-    batch_size = data_cfg.map_batch_size
-    num_cpus = data_cfg.map_num_cpus
     aug = augment_kwargs(data_cfg, train=train, cat_ids=cat_ids, seed=seed, skip_counter=skip_counter)
     # Per-epoch order: a seed plus Ray's execution index (reseed_after_execution), or fresh entropy.
     order_seed = (
@@ -109,30 +107,54 @@ def build_dataset(
     )
 
     if reader == "row_groups":
-        fragments = [
-            {"path": p, "row_group": rg}
-            for p, n in zip(paths, _num_row_groups(paths), strict=True)
-            for rg in range(n)
-        ]
-        if not fragments:
-            raise ValueError(f"{os.fspath(shard_dir)}: the shards hold no rows")
-        ds = ray.data.from_items(fragments, override_num_blocks=len(fragments))
-        _preserve_order(ds, data_cfg)
-        if train:
-            ds = ds.randomize_block_order(seed=order_seed)
-        return ds.map_batches(
-            read_and_augment,
-            # The whole row group in one augment call: one packed pixel buffer, one block per task. Smaller
-            # batches would not reach the consumer any sooner (Ray's block shaping gathers a task's outputs
-            # up to target_max_block_size, 128 MiB) and their blocks of several chunks were concatenated
-            # again, pixel by pixel, by whoever turned them into numpy.
-            fn_kwargs={"augment": aug, "batch_size": None},
-            batch_format="numpy",
-            batch_size=1,  # one row group per task
-            num_cpus=num_cpus,
-        )
+        return _row_group_dataset(shard_dir, paths, data_cfg, train=train, aug=aug, order_seed=order_seed)
     if reader != "read_parquet":
         raise ValueError(f"reader must be 'row_groups' or 'read_parquet', got {reader!r}")
+    return _read_parquet_dataset(paths, data_cfg, train=train, aug=aug, seed=seed)
+
+
+def _row_group_dataset(
+    shard_dir: str | os.PathLike[str],
+    paths: Sequence[str],
+    data_cfg: DataSection,
+    *,
+    train: bool,
+    aug: dict[str, Any],
+    order_seed: Any,
+) -> ray.data.Dataset:
+    """``reader="row_groups"`` of :func:`build_dataset`: one read-and-augment task per row group."""
+    import ray  # deferred: as in build_dataset
+
+    fragments = [
+        {"path": p, "row_group": rg}
+        for p, n in zip(paths, _num_row_groups(paths), strict=True)
+        for rg in range(n)
+    ]
+    if not fragments:
+        raise ValueError(f"{os.fspath(shard_dir)}: the shards hold no rows")
+    ds = ray.data.from_items(fragments, override_num_blocks=len(fragments))
+    _preserve_order(ds, data_cfg)
+    if train:
+        ds = ds.randomize_block_order(seed=order_seed)
+    return ds.map_batches(
+        read_and_augment,
+        # The whole row group in one augment call: one packed pixel buffer, one block per task. Smaller
+        # batches would not reach the consumer any sooner (Ray's block shaping gathers a task's outputs
+        # up to target_max_block_size, 128 MiB) and their blocks of several chunks were concatenated
+        # again, pixel by pixel, by whoever turned them into numpy.
+        fn_kwargs={"augment": aug, "batch_size": None},
+        batch_format="numpy",
+        batch_size=1,  # one row group per task
+        num_cpus=data_cfg.map_num_cpus,
+    )
+
+
+def _read_parquet_dataset(
+    paths: Sequence[str], data_cfg: DataSection, *, train: bool, aug: dict[str, Any], seed: int | None
+) -> ray.data.Dataset:
+    """``reader="read_parquet"`` of :func:`build_dataset`: Ray's native reader, then ``augment_batch``."""
+    import ray  # deferred: as in build_dataset
+
     shuffle: Any = None
     if train:
         shuffle = (
@@ -146,11 +168,16 @@ def build_dataset(
     # Ray packs small Parquet files into one read block (one map task: no parallelism) and large
     # ones into blocks of hundreds of images (long tasks, coarse balance): cut the encoded rows into
     # blocks of a few map batches so the decode tasks spread over every CPU Ray Data has.
+    batch_size = data_cfg.map_batch_size
     ds = ds.select_columns(READ_COLUMNS).repartition(
         target_num_rows_per_block=batch_size * MAP_BATCHES_PER_TASK
     )
     return ds.map_batches(
-        augment_batch, fn_kwargs=aug, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus
+        augment_batch,
+        fn_kwargs=aug,
+        batch_format="numpy",
+        batch_size=batch_size,
+        num_cpus=data_cfg.map_num_cpus,
     )
 
 

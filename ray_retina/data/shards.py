@@ -219,28 +219,11 @@ def prepare_shards(
     extra = {k: int(v) for k, v in (extra_counts or {}).items()}
     if unknown := sorted(set(extra) - set(VALIDATION_REASONS)):
         raise ValueError(f"extra_counts has unknown reasons {unknown}; known: {sorted(VALIDATION_REASONS)}")
-    if isinstance(annotations, Mapping):
-        coco, ann_name = dict(annotations), None
-        img_fs, img_path = resolve_uri(images)
-        if not dir_exists(img_fs, img_path):
-            raise FileNotFoundError(f"image folder not found: {images}")
-    else:
-        ann_name = os.fspath(annotations)
-        check_coco_inputs(ann_name, images)
-        coco = load_coco(ann_name)
+    coco, ann_name = _load_annotations(annotations, images)
     desc = dict(source or {"format": "coco", "annotations": ann_name, "images": images})
     records, counts = build_records(coco, ann_name or str(desc.get("root") or images))
     counts.update(extra)
-    chunks = [records[i : i + rows_per_shard] for i in range(0, len(records), rows_per_shard)]
-    plans = [
-        {
-            "index": i,
-            "file": SHARD_PATTERN.format(i),
-            "records": [asdict(r) for r in chunk],
-            "fingerprint": _fingerprint(chunk),
-        }
-        for i, chunk in enumerate(chunks)
-    ]
+    plans = _plan_shards(records, rows_per_shard)
 
     out_fs, out_path = resolve_uri(out)
     out_fs.create_dir(out_path, recursive=True)
@@ -470,6 +453,34 @@ def _describe(desc: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {desc[k]}" for k in keys if desc.get(k))
 
 
+def _load_annotations(
+    annotations: str | os.PathLike[str] | Mapping[str, Any], images: str
+) -> tuple[dict[str, Any], str | None]:
+    """The COCO dict and the json's name (None for a dict given in memory), after checking the inputs exist."""
+    if isinstance(annotations, Mapping):
+        img_fs, img_path = resolve_uri(images)
+        if not dir_exists(img_fs, img_path):
+            raise FileNotFoundError(f"image folder not found: {images}")
+        return dict(annotations), None
+    ann_name = os.fspath(annotations)
+    check_coco_inputs(ann_name, images)
+    return load_coco(ann_name), ann_name
+
+
+def _plan_shards(records: Sequence[ImageRecord], rows_per_shard: int) -> list[dict[str, Any]]:
+    """The shards to write: ``rows_per_shard`` records each, in order, with the fingerprint a rerun checks."""
+    chunks = [records[i : i + rows_per_shard] for i in range(0, len(records), rows_per_shard)]
+    return [
+        {
+            "index": i,
+            "file": SHARD_PATTERN.format(i),
+            "records": [asdict(r) for r in chunk],
+            "fingerprint": _fingerprint(chunk),
+        }
+        for i, chunk in enumerate(chunks)
+    ]
+
+
 def prepare_dataset(
     out: str | os.PathLike[str],
     *,
@@ -498,8 +509,9 @@ def prepare_dataset(
     ``kwargs`` go to :func:`prepare_shards` (``rows_per_shard``, ``use_ray``, ``overwrite``, ...).
     """
     from ray_retina.data.formats import read_source  # deferred: the readers are not needed for a COCO json
-    from ray_retina.data.formats.split import split_keys  # deferred with read_source above
 
+    # One piece: the source's shape decides (a COCO json, a tree without splits, splits), each branch a few
+    # checks ending in prepare_shards; which splits there are is _split_parts.
     if split_overlap not in SPLIT_OVERLAP:
         raise ValueError(f"split_overlap must be one of {SPLIT_OVERLAP}, got {split_overlap!r}")
     out = os.fspath(out)
@@ -522,16 +534,7 @@ def prepare_dataset(
                 f"{source.description.get('root')} has its own splits ({', '.join(source.splits)}): "
                 "drop --val-fraction"
             )
-        parts = source.splits
-        how: dict[str, Any] = {"split_by": "source"}
-        overlap: Counter[str] = Counter()
-        if parts is not None:
-            parts, overlap = _disjoint(parts, keep_first=split_overlap == "first", root=source.description)
-        if parts is None and val_fraction is not None:
-            parts, how = (
-                split_keys(source.keys, val_fraction, seed),
-                {"val_fraction": val_fraction, "seed": seed},
-            )
+        parts, how, overlap = _split_parts(source, val_fraction, seed, split_overlap)
         if parts is None:
             if splits:
                 raise ValueError(
@@ -557,6 +560,28 @@ def prepare_dataset(
                 coco, source.images, dest, extra_counts=counts, source=desc, **kwargs
             )
         return manifests
+
+
+def _split_parts(
+    source: Any, val_fraction: float | None, seed: int, split_overlap: str
+) -> tuple[dict[str, Any] | None, dict[str, Any], Counter[str]]:
+    """``(parts, how, overlap)`` of :func:`prepare_dataset`: the source's own splits made disjoint (the images
+    counted out of each by ``split_overlap="first"``), or train/val by ``val_fraction``, or None; ``how``
+    says which for the manifests."""
+    from ray_retina.data.formats.split import split_keys  # deferred: as in prepare_dataset
+
+    if source.splits is not None:
+        parts, overlap = _disjoint(
+            source.splits, keep_first=split_overlap == "first", root=source.description
+        )
+        return parts, {"split_by": "source"}, overlap
+    if val_fraction is not None:
+        return (
+            split_keys(source.keys, val_fraction, seed),
+            {"val_fraction": val_fraction, "seed": seed},
+            Counter(),
+        )
+    return None, {"split_by": "source"}, Counter()
 
 
 SPLIT_OVERLAP = ("error", "first")  # an image in two source splits: refuse, or keep it in the first only
