@@ -280,6 +280,17 @@ class RunLogger:
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
         return self.summary(log=True)
 
+    @property
+    def resumed(self) -> int:
+        """Items this logger found in the spool at its start (left unsent by an earlier logger of the run)."""
+        return self._resumed
+
+    @property
+    def all_sent(self) -> bool:
+        """Nothing of this logger (nor of the spool it took over) is waiting: every point, tag and artifact out."""
+        with self._lock:
+            return not self._pending and not self.unsent_artifacts
+
     def summary(self, *, log: bool = False) -> str:
         with self._lock:
             points = sum(1 for p in self._pending if "m" in p)

@@ -47,7 +47,9 @@ class TrainOutcome:
     error: BaseException | None
     seconds: float
     tracking_summary: str | None = None
-    """One line: every metric point reached MLflow, or how many could not and where they wait."""
+    """The driver's tracking line when it has news: it sent what a worker left unsent (then "everything
+    sent"), or how many items could not be sent and where they wait. None when rank 0's own line (every point
+    sent) is the whole story."""
 
 
 def _worker_env(verbose: bool) -> dict[str, Any] | None:
@@ -210,5 +212,9 @@ def train(
         if best:
             tags["ray_retina.best_checkpoint"] = best
         log.set_tags(tags)
-        outcome.tracking_summary = log.end("FAILED" if result.error is not None else "FINISHED")
+        closing = log.end("FAILED" if result.error is not None else "FINISHED")
+        # Rank 0 already said that its points went out: the driver speaks when it sent what a worker left
+        # behind (a killed rank's spool) or could not send something.
+        if log.resumed or not log.all_sent:
+            outcome.tracking_summary = closing
     return outcome

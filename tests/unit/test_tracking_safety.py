@@ -65,6 +65,7 @@ def test_credentials_stay_out_of_params_tags_config_and_console(tmp_path, store,
     logger = tracking.RunLogger(store, run_id, spool_dir=tmp_path)
     logger.set_tags({"ray_retina.storage_path": cfg.run.storage_path})
     assert "everything sent" in logger.end()
+    assert logger.all_sent and logger.resumed == 0  # the driver has no news to print
 
     client = MlflowClient(store)
     run = client.get_run(run_id)
@@ -98,13 +99,16 @@ def test_a_dead_server_costs_a_log_call_nothing_and_loses_no_point(tmp_path, sto
     assert summary.startswith(
         "MLflow: 40 metric points and 0 tags/status could not be sent to http://127.0.0.1"
     )
+    assert not logger.all_sent
     spool = tmp_path / f"mlflow-pending-{run_id}.jsonl"
     assert len(spool.read_text().splitlines()) == 40
 
     # The server back (here: the store itself): the next logger of the run sends what waited, in order.
     again = tracking.RunLogger(store, run_id, spool_dir=tmp_path)
+    assert again.resumed == 40  # what the earlier logger left: the driver says it sent them
     again.log_metrics({"train/loss_cls": 0.01}, step=21)
     assert "everything sent" in again.end()
+    assert again.all_sent
     history = MlflowClient(store).get_metric_history(run_id, "train/loss_cls")
     assert sorted(m.step for m in history) == list(range(1, 22))
     assert {m.step: m.value for m in history}[4] == pytest.approx(0.25)
