@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from mlflow.tracking import MlflowClient
 
 from ray_retina import plots, tracking
@@ -254,6 +255,14 @@ def summary_markdown(summary: SweepSummary, preset: str | None, sweep_name: str 
 
 def noise_band_plot(rows: list[TrialRow], floor: NoiseFloor, out: Path, metric: str = "val/AP") -> Path:
     """val/AP per round of every trial, over the base config's mean +- 1 and 2 noise floors (bands)."""
+    fig = noise_band_figure(rows, floor, metric)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def noise_band_figure(rows: list[TrialRow], floor: NoiseFloor, metric: str = "val/AP") -> Figure:
+    """The figure of :func:`noise_band_plot`."""
     fig = Figure(figsize=(7.0, 4.2))
     ax = fig.subplots()
     rs = sorted(r for r in floor.mean if r in floor.std)
@@ -269,14 +278,13 @@ def noise_band_plot(rows: list[TrialRow], floor: NoiseFloor, out: Path, metric: 
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", ms=3, lw=1, alpha=0.8)
     ax.set_xlabel("round (eval)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers: no tick at 1.5
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per round of each trial, with the noise floor")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return fig
 
 
 def sweep_plots(rows: list[TrialRow], floor: NoiseFloor | None, out: Path, preset: str | None) -> list[str]:

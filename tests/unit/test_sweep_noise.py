@@ -200,3 +200,16 @@ def test_importance_prefers_a_round_with_three_degrees_of_freedom():
     ]
     fit = importance_of(rows, [], {"loss.gamma": 2.0}, None)
     assert fit is not None and fit.round == 1 and fit.dof == 4
+
+
+def test_noise_band_plot_ticks_whole_rounds(tmp_path):
+    """Rounds are whole numbers: the per-round plot's x-axis has no tick at 1.5 even with two rounds."""
+    from ray_retina.sweep.report import noise_band_figure, noise_band_plot
+
+    floor = noise_floor([_history(0.20, 0.30), _history(0.22, 0.34)], 2)
+    rows = [_row("a", 0.31, 2, _history(0.21, 0.31)), _row("b", 0.25, 1, _history(0.25))]
+    fig = noise_band_figure(rows, floor)
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if 1 <= t <= 2]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    assert noise_band_plot(rows, floor, tmp_path / "p.png").stat().st_size > 5_000
