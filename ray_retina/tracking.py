@@ -259,14 +259,14 @@ class RunLogger:
         kept.write_text(text)
         self.unsent_artifacts.append(str(kept))
 
-    def end(self, status: str = "FINISHED") -> str:
+    def end(self, status: str = "FINISHED", *, log: bool = True) -> str:
         """Flush (bounded), mark the run terminated; the summary line of :meth:`close`."""
         self._add([{"end": status}])
-        return self.close()
+        return self.close(log=log)
 
-    def close(self) -> str:
-        """Send what is pending for at most ``flush_s`` seconds, stop the thread; returns (and logs) one line:
-        what was sent and what could not be, and where the rest waits."""
+    def close(self, *, log: bool = True) -> str:
+        """Send what is pending for at most ``flush_s`` seconds, stop the thread; returns (and, with ``log``,
+        logs) one line: what was sent and what could not be, and where the rest waits."""
         deadline = time.monotonic() + self.flush_s
         self._wake.set()
         while time.monotonic() < deadline:
@@ -278,7 +278,7 @@ class RunLogger:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
-        return self.summary(log=True)
+        return self.summary(log=log)
 
     @property
     def resumed(self) -> int:
@@ -296,7 +296,7 @@ class RunLogger:
             points = sum(1 for p in self._pending if "m" in p)
             others = len(self._pending) - points
         if not points and not others and not self.unsent_artifacts:
-            line = f"MLflow: everything sent to run {self.run_id} ({self.sent} items)"
+            line = f"MLflow: everything sent to run {self.run_id} ({self.sent} item{'' if self.sent == 1 else 's'})"
             if log:
                 logger.info(line)
             return line

@@ -212,9 +212,9 @@ def train(
         if best:
             tags["ray_retina.best_checkpoint"] = best
         log.set_tags(tags)
-        closing = log.end("FAILED" if result.error is not None else "FINISHED")
-        # Rank 0 already said that its points went out: the driver speaks when it sent what a worker left
-        # behind (a killed rank's spool) or could not send something.
+        closing = log.end("FAILED" if result.error is not None else "FINISHED", log=False)
+        # Rank 0 already said that its points went out: the driver speaks (the CLI prints the line) when it
+        # sent what a worker left behind (a killed rank's spool) or could not send something.
         if log.resumed or not log.all_sent:
             outcome.tracking_summary = closing
     return outcome

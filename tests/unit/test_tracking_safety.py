@@ -116,6 +116,18 @@ def test_a_dead_server_costs_a_log_call_nothing_and_loses_no_point(tmp_path, sto
     assert not spool.exists()
 
 
+def test_end_logs_its_line_unless_told_not_to(tmp_path, store, caplog):
+    """Rank 0 logs its closing line; the driver's logger returns it unlogged (the CLI prints it when news)."""
+    run_id = tracking.create_run(_config(tmp_path, store), run_name="lines", uri=store)
+    with caplog.at_level("INFO", logger="ray_retina.tracking"):
+        line = tracking.RunLogger(store, run_id, spool_dir=tmp_path).end(log=False)
+        assert "everything sent" in line and not caplog.records
+        tracking.RunLogger(store, run_id, spool_dir=tmp_path).end()
+        assert [r.getMessage() for r in caplog.records] == [
+            f"MLflow: everything sent to run {run_id} (1 item)"
+        ]
+
+
 def test_train_refuses_a_name_that_has_an_mlflow_run_before_ray_starts(tmp_path, store):
     from ray_retina.engine.trainer import train
 
