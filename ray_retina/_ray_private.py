@@ -9,6 +9,7 @@ elsewhere in the package is a review error.
 | ``ray.data.DataContext._execution_idx`` | per-epoch augmentation draws (``data/augment.py``) | every epoch sees epoch 0's draws |
 | ``checkpoint_manager_snapshot.json`` (Ray Train's run dir): ``checkpoint_results[].checkpoint_dir_name`` | which checkpoints Ray registered (``checkpoint.py``) | nothing is deleted (doubt); a resume starts from the newest checkpoint that loads |
 | logger named ``ray.train.v2._internal.execution.context.__file__`` | silencing the per-report metrics dump (``engine/worker.py``) | "Reporting training result ..." lines come back |
+| logger ``ray._private.authentication.authentication_token_setup`` and its "Token authentication is enabled" text | dropping Ray's notice that a new local instance has token auth on (``engine/session.py``) | the notice comes back at every local start |
 """
 
 from __future__ import annotations
@@ -47,3 +48,25 @@ def quiet_train_report_logs() -> bool:
         return False
     logging.getLogger(module.__file__).setLevel(logging.WARNING)
     return True
+
+
+# Ray announces, as a warning, the token auth it turns on for every new local instance. Auth stays on; the
+# notice goes unless verbose. Its other warnings (auth off, a token missing) still show.
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+AUTH_ON_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_auth_notice() -> None:
+    """Drop Ray's "token authentication is enabled" notice in this process (idempotent); auth is unchanged."""
+    log = logging.getLogger(AUTH_LOGGER)
+    if not any(isinstance(f, _DropNotice) for f in log.filters):
+        log.addFilter(_DropNotice(AUTH_ON_NOTICE))

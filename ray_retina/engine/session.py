@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ray_retina._ray_private import quiet_auth_notice
 from ray_retina.config import Config, ConfigError, apply_overrides
 from ray_retina.data.shards import manifest_exists, write_shards
 from ray_retina.data.synthetic import make_synthetic_coco
@@ -139,6 +140,7 @@ def ensure_ray(cfg: Config, *, verbose: bool = False) -> None:
         kwargs["num_cpus"] = cfg.run.ray_num_cpus
     if not verbose:
         kwargs["logging_level"] = logging.WARNING  # no "Started a local Ray instance ..." banner
+        quiet_auth_notice()  # Ray's notice that the new instance has token auth on (it stays on)
     # Ray Train's placement-group cleaner asks the state API without an address; on a host with several Ray
     # instances it fails ("Found multiple active Ray instances") and the placement groups of ASHA-stopped
     # trials leak. Our instance's processes inherit RAY_API_SERVER_ADDRESS naming its own dashboard.

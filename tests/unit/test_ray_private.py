@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
+
 from ray_retina import _ray_private
 
 
@@ -62,3 +65,17 @@ def test_train_report_logger_is_the_one_we_silence():
     assert _ray_private.quiet_train_report_logs()
     assert not module.logger.isEnabledFor(logging.INFO)
     module.logger.setLevel(logging.NOTSET)
+
+
+def test_rays_auth_on_notice_is_dropped_and_its_other_auth_warnings_kept(caplog):
+    """The logger and the text are Ray's: its notice for a new local instance goes, the warning that auth is
+    off (or any other line of that logger) still shows."""
+    auth = importlib.import_module(_ray_private.AUTH_LOGGER)
+    _ray_private.quiet_auth_notice()
+    _ray_private.quiet_auth_notice()  # idempotent: one filter
+    assert len(logging.getLogger(_ray_private.AUTH_LOGGER).filters) == 1
+    with caplog.at_level(logging.WARNING, logger=_ray_private.AUTH_LOGGER):
+        auth._warn_token_auth_enabled()
+        auth._warn_token_auth_disabled()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and messages[0].startswith("Token authentication is disabled"), messages
