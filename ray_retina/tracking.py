@@ -516,6 +516,25 @@ def run_experiment_id(uri: str, run_id: str) -> str:
 # ----------------------------------------------------------------------------------------- the model registry
 
 
+SUPPRESS_LINKS_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+
+
+@contextlib.contextmanager
+def no_run_links() -> Iterator[None]:
+    """Inside the block, ending a run on a tracking server prints nothing: MLflow writes a "View run" and a
+    "View experiment" link to stdout for every run it closes, and a sweep closes one per trial (the parent
+    run's link, printed as the sweep ends, is the one to follow). The variable is restored after."""
+    saved = os.environ.get(SUPPRESS_LINKS_ENV)
+    os.environ[SUPPRESS_LINKS_ENV] = "true"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(SUPPRESS_LINKS_ENV, None)
+        else:
+            os.environ[SUPPRESS_LINKS_ENV] = saved
+
+
 @contextlib.contextmanager
 def using_uri(uri: str) -> Iterator[None]:
     """MLflow's fluent API (``Model.log``, ``register_model``) on ``uri`` for tracking and registry. Both

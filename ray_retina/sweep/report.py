@@ -374,4 +374,5 @@ def close_children(uri: str, parent_id: str, rows: Sequence[TrialRow], best: Tri
             client.set_tag(run.info.run_id, "tied_with_best", str(r.tied).lower())
         status = "FAILED" if r.error else ("KILLED" if r.stopped_early else "FINISHED")
         if run.info.status == "RUNNING" or (r.stopped_early and run.info.status != "KILLED"):
-            client.set_terminated(run.info.run_id, status=status)
+            with tracking.no_run_links():  # the parent run's link is the one printed
+                client.set_terminated(run.info.run_id, status=status)

@@ -97,7 +97,8 @@ def run_trial(trial_params: dict[str, Any], setup: SweepSetup) -> None:
         # The trial's workers spool into its run directory: what they could not send goes out here.
         spool = join_uri(abs_storage(cfg.run.storage_path), run_name)
         log = tracking.RunLogger(setup.mlflow_uri, run_id, spool_dir=spool)
-        log.end("FAILED" if result.error is not None else "FINISHED")
+        with tracking.no_run_links():  # one link per trial would crowd the sweep's console
+            log.end("FAILED" if result.error is not None else "FINISHED")
     if result.error is not None:
         raise result.error
 

@@ -90,6 +90,10 @@ def test_sweep_console_shows_our_lines_not_tunes(swept):
     assert "Current best trial" not in out and "__base__" not in out
     assert "Configuration for experiment" not in out and "View detailed results" not in out
     assert "RAY_AIR_NEW_OUTPUT" not in os.environ  # set for the fit call only
+    # MLflow's "View run" link for the parent run only, not one per trial it closes
+    links = [line for line in out.splitlines() if "View run" in line]
+    assert len(links) == 1 and "View run it-sweep at: " in links[0], links
+    assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ  # restored
 
 
 def test_sweep_in_mlflow(sweep, mlflow_server, tmp_path):
