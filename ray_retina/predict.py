@@ -456,23 +456,24 @@ def predict(
         ds = ds.drop_columns(["bytes"])
     images, records, unreadable = _collect(ds)
     settings = {
-        "input": os.fspath(input),
         "score_thresh": score_thresh,
         "tta": with_tta(cfg, tta).eval.tta.model_dump(),
         "drawn": join_uri(out, DRAWN_DIR) if draw else None,
     }
-    return _write_outputs(out, images, records, unreadable, settings)
+    return _write_outputs(out, os.fspath(input), images, records, unreadable, settings)
 
 
 def _write_outputs(
     out: str,
+    source: str,
     images: list[dict[str, Any]],
     records: list[dict[str, Any]],
     unreadable: list[dict[str, Any]],
     settings: dict[str, Any],
 ) -> PredictSummary:
     """Write what :func:`predict` found on a folder or shard set into ``out`` (``images.json``,
-    ``detections.json``, ``summary.json`` with the counts, ``settings`` and the unreadable inputs); log it."""
+    ``detections.json``, ``summary.json`` with the input, the counts, ``settings`` and the unreadable inputs);
+    log it."""
     for u in unreadable:
         logger.warning("%s could not be read, skipped: %s", u["file_name"], u["reason"])
     write_json(out, IMAGES_FILE, images, indent=1)
@@ -482,8 +483,7 @@ def _write_outputs(
     write_json(
         out,
         SUMMARY_FILE,
-        # "input" first, then the counts, the other settings and the unreadable files, in that order
-        {"input": settings["input"], **counts, **settings, "unreadable_files": unreadable},
+        {"input": source, **counts, **settings, "unreadable_files": unreadable},
         indent=1,
     )
     logger.info("%s", summary.line())

@@ -292,14 +292,14 @@ class RunLogger:
             return not self._pending and not self.unsent_artifacts
 
     def summary(self, *, log: bool = False) -> str:
-        with self._lock:
-            points = sum(1 for p in self._pending if "m" in p)
-            others = len(self._pending) - points
-        if not points and not others and not self.unsent_artifacts:
+        if self.all_sent:
             line = f"MLflow: everything sent to run {self.run_id} ({self.sent} item{'' if self.sent == 1 else 's'})"
             if log:
                 logger.info(line)
             return line
+        with self._lock:
+            points = sum(1 for p in self._pending if "m" in p)
+            others = len(self._pending) - points
         line = (
             f"MLflow: {points} metric points and {others} tags/status could not be sent to {redact(self.uri)} "
             f"(last error: {self.last_error}); kept in {self.spool}, sent when this run resumes or is logged again"
